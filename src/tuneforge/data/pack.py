@@ -1,0 +1,80 @@
+"""Pack rendered examples into rows with no padding between them.
+
+A batch of `batch_size` examples (OpenAI's meaning: examples per optimizer step) is laid out in as few
+rows of at most `max_row_tokens` as first-fit allows. Position ids restart at 0 for every example;
+with no attention mask, transformers reads that as a packed row and builds a block-diagonal causal
+mask, so no token attends across an example boundary and no FLOP is spent on padding (only the last
+few tokens of a row are padding when rows differ in length).
+
+Targets are shifted per example here (target[t] = label[t+1], and nothing at an example's last
+token), so the loss never asks one example to predict the first token of the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .render import IGNORE, Rendered
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [rows, length]
+    position_ids: torch.Tensor  # [rows, length], restarting at 0 per example
+    targets: torch.Tensor  # [rows, length], already shifted; IGNORE where no loss
+    n_examples: int
+    n_tokens: int  # real tokens (not padding)
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.targets.to(device),
+            self.n_examples,
+            self.n_tokens,
+        )
+
+
+def shifted_targets(r: Rendered) -> list[int]:
+    return r.labels[1:] + [IGNORE]
+
+
+def pack(examples: list[Rendered], max_row_tokens: int, pad_id: int) -> Batch:
+    rows: list[list[Rendered]] = []
+    room: list[int] = []
+    for r in sorted(examples, key=lambda r: len(r.input_ids), reverse=True):
+        n = min(len(r.input_ids), max_row_tokens)
+        for i, left in enumerate(room):
+            if n <= left:
+                rows[i].append(r)
+                room[i] -= n
+                break
+        else:
+            rows.append([r])
+            room.append(max_row_tokens - n)
+    length = max(max_row_tokens - left for left in room)
+    ids, pos, tgt = [], [], []
+    for row in rows:
+        i, p, t = [], [], []
+        for r in row:
+            n = min(len(r.input_ids), max_row_tokens)
+            i += r.input_ids[:n]
+            p += list(range(n))
+            t += shifted_targets(r)[:n]
+        pad = length - len(i)
+        ids.append(i + [pad_id] * pad)
+        pos.append(p + list(range(pad)))  # padding is its own "example": attends only to itself
+        tgt.append(t + [IGNORE] * pad)
+    return Batch(
+        input_ids=torch.tensor(ids),
+        position_ids=torch.tensor(pos),
+        targets=torch.tensor(tgt),
+        n_examples=len(examples),
+        n_tokens=sum(min(len(r.input_ids), max_row_tokens) for r in examples),
+    )

@@ -1,0 +1,103 @@
+"""Example -> token ids + labels, with the loss only where the model should learn.
+
+The base model's own chat template renders the conversation. To know which tokens belong to the
+assistant, we render growing prefixes of the conversation: the text a template adds between "prompt
+up to this assistant turn, with the generation prompt" and "conversation including this turn" is
+exactly what the model must produce at inference time - the answer and its end-of-turn token, which
+is what teaches the tuned model to stop. Each piece is tokenised on its own, which is also how
+inference sees it (the prompt is tokenised, then tokens are generated after it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .example import Example
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+    truncated: bool = False
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def _template_ready(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat templates want plain string content: tool calls and content parts become text."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if content is None and m.get("tool_calls"):
+            content = json.dumps(m["tool_calls"], ensure_ascii=False)
+        out.append({"role": m["role"], "content": content or ""})
+    return out
+
+
+def _chat_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, Any]], tools=None) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt (for inference)."""
+    return _encode(tokenizer, _chat_text(tokenizer, _template_ready(messages), tools, True))
+
+
+def render_chat(example: Example, tokenizer) -> Rendered:
+    messages = _template_ready(example.messages)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # template text already turned into tokens
+    for i, raw in enumerate(example.messages):
+        if raw["role"] != "assistant":
+            continue
+        prefix = _chat_text(tokenizer, messages[:i], example.tools, True)
+        full = _chat_text(tokenizer, messages[: i + 1], example.tools, False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise ValueError("chat template does not render conversations as growing prefixes")
+        context = _encode(tokenizer, prefix[len(done) :])
+        answer = _encode(tokenizer, full[len(prefix) :])
+        learn = raw.get("weight", 1) != 0
+        ids += context + answer
+        labels += [IGNORE] * len(context) + (answer if learn else [IGNORE] * len(answer))
+        done = full
+    tail = _encode(tokenizer, _chat_text(tokenizer, messages, example.tools, False)[len(done) :])
+    ids += tail
+    labels += [IGNORE] * len(tail)
+    return Rendered(ids, labels)
+
+
+def render_text(example: Example, tokenizer) -> Rendered:
+    ids = _encode(tokenizer, example.text or "") + [tokenizer.eos_token_id]
+    return Rendered(ids, list(ids))
+
+
+def render_example(example: Example, tokenizer, max_length: int | None = None) -> Rendered:
+    """Token ids and labels for one example; truncated (and flagged) past max_length.
+
+    Preference pairs train on their chosen answer here (supervised warm-up); DPO proper needs both.
+    """
+    if example.kind == "text":
+        r = render_text(example, tokenizer)
+    elif example.kind == "preference":
+        r = render_chat(Example("chat", example.messages + (example.chosen or []), example.tools), tokenizer)
+    else:
+        r = render_chat(example, tokenizer)
+    if max_length is not None and len(r.input_ids) > max_length:
+        r = Rendered(r.input_ids[:max_length], r.labels[:max_length], truncated=True)
+    return r

@@ -1,0 +1,49 @@
+"""Loss, perplexity and token accuracy of a model on rendered examples (no gradients).
+
+Used by the training loop for validation passes and by `tuneforge eval` for base-vs-tuned reports,
+so both report the same numbers the same way: means over loss-carrying (assistant) tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.pack import pack
+from ..data.render import Rendered
+from ..train.device import autocast
+from ..train.loss import batch_loss
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model,
+    rendered: list[Rendered],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    max_row_tokens: int = 4096,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n, correct = 0.0, 0, 0
+    for i in range(0, len(rendered), batch_size):
+        batch = pack(rendered[i : i + batch_size], max_row_tokens, pad_id)
+        batch = batch.to(device)
+        with autocast(device, dtype):
+            out = batch_loss(model, batch)
+        total += float(out.loss) * out.n_tokens
+        n += out.n_tokens
+        correct += out.n_correct
+    model.train(was_training)
+    loss = total / max(n, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": correct / max(n, 1),
+        "n_tokens": n,
+    }

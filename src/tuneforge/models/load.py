@@ -1,0 +1,82 @@
+"""Load a base model and its tokenizer, as fp32 weights ready to train.
+
+GGUF files are de-quantised once by transformers (with the `gguf` package) and cached as safetensors
+under the tuneforge home, so every later load reads plain safetensors in a second or two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..settings import get_settings
+from .adapters import attach
+from .catalogue import ModelSpec, resolve
+from .tiny import tiny_model
+
+
+def _gguf_cache_dir(spec: ModelSpec):
+    stat = spec.path.stat()
+    return get_settings().models_dir / f"{spec.slug}-{stat.st_size}"
+
+
+def _convert_gguf(spec: ModelSpec, out) -> None:
+    folder, filename = spec.path.parent, spec.path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as "quantized" and refuses save_pretrained on it. The
+    # weights are already de-quantised to fp32, so the marker is stale: clear it deliberately so the
+    # cached copy is an ordinary fp32 safetensors model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a crash mid-write never leaves a half cache behind
+
+
+def load_base(name: str | ModelSpec, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a catalogue name or path, in train mode off, on the CPU."""
+    spec = name if isinstance(name, ModelSpec) else resolve(name)
+    if spec.source == "tiny":
+        model, tokenizer = tiny_model()
+        return model.to(dtype), tokenizer
+    folder = spec.path
+    if spec.source == "gguf":
+        folder = _gguf_cache_dir(spec)
+        if not folder.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(spec, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def weights_dir(run_or_weights: str | Path) -> Path:
+    """The adapter/model folder of a run folder, or the folder itself if it already holds weights."""
+    p = Path(run_or_weights)
+    for name in ("adapter", "model", "weights"):
+        if (p / name).is_dir():
+            return p / name
+    return p
+
+
+def load_tuned(run_dir: str | Path, weights: str | Path | None = None):
+    """(model, tokenizer) of a finished run (or one of its checkpoints), ready for inference."""
+    from ..train.config import TrainConfig  # the run's saved config names its base model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a tuneforge run folder (no config.json)")
+    cfg = TrainConfig.load(run_dir)
+    model, _ = load_base(cfg.base)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    model = attach(model, Path(weights) if weights else weights_dir(run_dir))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,83 @@
+"""Save and restore everything needed to continue a run exactly where it stopped.
+
+A checkpoint folder holds the trained weights in their standard form (servable on its own), the
+optimizer and scheduler state, the RNG state and the loop position. Folders are written under a
+temporary name and renamed, so a kill mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.adapters import load_weights_into, save_weights
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs fully done
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    trained_tokens: int = 0
+    best_valid_loss: float | None = None
+    bad_evals: int = 0  # validation passes since the best one (early stopping)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "state.json").exists())
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, state: LoopState, kind: str, metrics: dict):
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{state.global_step:06d}"
+    tmp = root / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "weights")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        tmp / "trainer.pt",
+    )
+    meta = {"kind": kind, "state": asdict(state), "metrics": metrics}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _prune(root, keep=final)
+    return final
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Only the newest checkpoint needs optimizer state; interrupt checkpoints are superseded."""
+    for p in checkpoint_dirs(root.parent):
+        if p == keep:
+            continue
+        if json.loads((p / "state.json").read_text())["kind"] == "interrupt":
+            shutil.rmtree(p)
+        else:
+            (p / "trainer.pt").unlink(missing_ok=True)
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> LoopState:
+    load_weights_into(model, ckpt / "weights")
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return LoopState(**read_meta(ckpt)["state"])

@@ -1,0 +1,81 @@
+"""One dataclass holds everything a training run needs; the CLI, the job worker and resume all use it.
+
+Hyperparameters carry OpenAI's names (n_epochs, batch_size, learning_rate_multiplier) and may be
+"auto"; `resolve()` turns every "auto" into a number once the data is known, and the resolved config
+is what gets written to the run folder (so resume reads back exactly what ran).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from ..data.stats import resolve_n_epochs
+
+Auto = Literal["auto"]
+Method = Literal["lora", "full"]
+
+# Base learning rates; learning_rate_multiplier scales them, as OpenAI's multiplier scales theirs.
+# LoRA adapters start at zero and are small, so they take a much larger step than full weights.
+BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    base: str = "smollm2-135m-instruct"
+    method: Method = "lora"
+    validation_data: str | None = None
+    validation_split: float = 0.1  # held out from `data` when no validation_data (n >= 20)
+    n_epochs: int | Auto = "auto"
+    batch_size: int | Auto = "auto"
+    learning_rate_multiplier: float | Auto = "auto"
+    seed: int = 42
+    max_length: int = 1024  # tokens per example; longer ones are truncated (and reported)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # autocast dtype; master weights stay fp32
+    max_row_tokens: int = 4096  # one packed row's length; a batch of examples fills one or more rows
+    eval_every: int = 0  # steps between validation passes; 0 = once per epoch
+    early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0 = off
+    threads: int = 0  # torch intra-op threads; 0 = one per physical core
+
+    @property
+    def learning_rate(self) -> float:
+        mult = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
+        return BASE_LEARNING_RATE[self.method] * mult
+
+    def resolve(self, n_train: int) -> TrainConfig:
+        """A copy with every "auto" replaced by its value for a training set of n_train examples."""
+        n_epochs = resolve_n_epochs(n_train) if self.n_epochs == "auto" else int(self.n_epochs)
+        batch = auto_batch_size(n_train) if self.batch_size == "auto" else int(self.batch_size)
+        mult = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
+        return replace(self, n_epochs=n_epochs, batch_size=batch, learning_rate_multiplier=mult)
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TrainConfig:
+        raw = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def auto_batch_size(n_train: int) -> int:
+    """About 0.2% of the examples (OpenAI's rule of thumb), at least 4 and at most 32 on small sets.
+
+    Examples of one batch are packed into rows without padding, so a bigger batch costs no wasted
+    FLOPs; 4 keeps enough optimizer steps on a 50-example set.
+    """
+    return max(4, min(32, round(n_train * 0.002)))

@@ -1,0 +1,234 @@
+"""The training loop: short, readable, and ours (no transformers.Trainer).
+
+One optimizer step = `batch_size` examples packed into padding-free rows (data.pack). The loss is
+taken on assistant tokens only (data.render) and computed without the full logits tensor
+(train.loss). Everything else a run needs - events for whoever is watching, checkpoints at each epoch
+end, resume, early stopping - is here in plain sight. The loop knows nothing about HTTP or databases:
+it reports through `on_event` and asks `should_stop` whether to pause.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.pack import pack
+from ..data.render import render_example
+from ..data.validate import load_examples
+from ..evaluate.metrics import evaluate_loss
+from ..models.adapters import prepare_for_training
+from ..models.load import load_base
+from . import metrics as metrics_log
+from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
+from .config import CONFIG_FILE, TrainConfig
+from .loss import batch_loss
+from .device import autocast, autocast_dtype, pick_device, set_threads
+
+Event = dict
+RESULT_FILE = "result.json"
+
+
+class TrainingStopped(Exception):
+    """Raised after a checkpoint was saved because `should_stop` asked (or Ctrl-C/SIGTERM came)."""
+
+    def __init__(self, reason: str, checkpoint: Path):
+        super().__init__(f"training stopped ({reason}); checkpoint at {checkpoint}")
+        self.reason = reason
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    config: dict
+    steps: int
+    trained_tokens: int
+    final: dict  # last train/valid metrics
+    weights: str  # folder with the adapter or the full model
+    stopped_early: bool
+
+
+def _split(examples, cfg: TrainConfig):
+    """Hold out a seeded random slice for validation when the user gave no validation file."""
+    if cfg.validation_data:
+        return examples, load_examples(cfg.validation_data)
+    if len(examples) < 20 or cfg.validation_split <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    n_valid = max(1, round(len(examples) * cfg.validation_split))
+    held = set(order[:n_valid])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def _render(examples, tokenizer, max_length):
+    rendered = [render_example(e, tokenizer, max_length) for e in examples]
+    return [r for r in rendered if r.n_loss_tokens > 0]
+
+
+def _schedule(warmup: int, total: int):
+    """Linear warm-up, then linear decay to zero (what OpenAI-style short fine-tunes use)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def train(
+    cfg: TrainConfig,
+    on_event: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    emit = on_event or (lambda event: None)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device()
+
+    emit({"type": "message", "message": f"Loading base model {cfg.base}"})
+    model, tokenizer = load_base(cfg.base)
+    train_ex, valid_ex = _split(load_examples(cfg.data), cfg)
+    train_r = _render(train_ex, tokenizer, cfg.max_length)
+    valid_r = _render(valid_ex, tokenizer, cfg.max_length)
+    if not train_r:
+        raise ValueError(f"{cfg.data}: no example has assistant tokens to learn from")
+    cfg = cfg.resolve(len(train_r))
+    cfg.save(run_dir)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    emit({"type": "message", "message": (
+        f"{len(train_r)} training and {len(valid_r)} validation examples; "
+        f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
+
+    model = prepare_for_training(
+        model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+    ).to(device)
+    model.train()
+    dtype = autocast_dtype(cfg.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_r) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.n_epochs
+    warmup = max(1, round(total_steps * cfg.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, total_steps))
+
+    state = LoopState()
+    if resume and checkpoint_dirs(run_dir):
+        last = checkpoint_dirs(run_dir)[-1]
+        state = restore_checkpoint(last, model, optimizer, scheduler)
+        metrics_log.truncate_after(run_dir, state.global_step)
+        emit({"type": "message", "message": f"Resumed from checkpoint at step {state.global_step}"})
+    else:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / metrics_log.METRICS_FILE).unlink(missing_ok=True)
+
+    pad_id = tokenizer.pad_token_id
+    validate = lambda: evaluate_loss(  # noqa: E731
+        model, valid_r, pad_id=pad_id, batch_size=cfg.batch_size,
+        max_row_tokens=cfg.max_row_tokens, device=device, dtype=dtype,
+    )
+    last_row: dict = {}
+    stopped_early = False
+
+    def checkpoint(kind: str) -> Path:
+        return save_checkpoint(run_dir, model, optimizer, scheduler, state, kind, last_row)
+
+    emit({"type": "message", "message": f"Training started: {total_steps} steps"})
+    try:
+        for epoch in range(state.epoch, cfg.n_epochs):
+            order = torch.randperm(len(train_r), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            for s in range(state.step_in_epoch, steps_per_epoch):
+                if should_stop is not None and (reason := should_stop()):
+                    raise TrainingStopped(reason, checkpoint("interrupt"))
+                started = time.perf_counter()
+                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
+                batch = pack([train_r[i] for i in idx], cfg.max_row_tokens, pad_id).to(device)
+                with autocast(device, dtype):
+                    out = batch_loss(model, batch)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.step_in_epoch = s + 1
+                state.trained_tokens += batch.n_tokens
+                row = {
+                    "step": state.global_step,
+                    "epoch": epoch + 1,
+                    "total_steps": total_steps,
+                    "train_loss": out.loss.item(),
+                    "train_mean_token_accuracy": out.n_correct / max(out.n_tokens, 1),
+                    "learning_rate": lr,
+                    "tokens_per_second": batch.n_tokens / (time.perf_counter() - started),
+                    "trained_tokens": state.trained_tokens,
+                }
+                end_of_epoch = state.step_in_epoch == steps_per_epoch
+                periodic = cfg.eval_every and state.global_step % cfg.eval_every == 0
+                if valid_r and (end_of_epoch or periodic):
+                    v = validate()
+                    row |= {"valid_loss": v["loss"], "valid_mean_token_accuracy": v["token_accuracy"]}
+                    stopped_early = _early_stop(state, v["loss"], cfg.early_stopping_patience)
+                last_row = row
+                metrics_log.append(run_dir, row)
+                emit({"type": "metrics", "data": row})
+                if stopped_early:
+                    break
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            ckpt = checkpoint("epoch")
+            emit({"type": "checkpoint", "path": str(ckpt), "step": state.global_step, "metrics": last_row})
+            if stopped_early:
+                emit({"type": "message", "message": "Early stopping: validation loss stopped improving"})
+                break
+    except KeyboardInterrupt as interrupt:
+        raise TrainingStopped("interrupted", checkpoint("interrupt")) from interrupt
+
+    return _finish(run_dir, cfg, state, last_row, stopped_early, emit)
+
+
+def _early_stop(state: LoopState, valid_loss: float, patience: int) -> bool:
+    if state.best_valid_loss is None or valid_loss < state.best_valid_loss:
+        state.best_valid_loss, state.bad_evals = valid_loss, 0
+        return False
+    state.bad_evals += 1
+    return patience > 0 and state.bad_evals >= patience
+
+
+def _best_checkpoint(run_dir: Path, early_stopping: bool) -> Path:
+    """The last epoch checkpoint, or the one with the lowest validation loss under early stopping."""
+    epochs = [c for c in checkpoint_dirs(run_dir) if read_meta(c)["kind"] == "epoch"]
+    if not early_stopping:
+        return epochs[-1]
+    key = lambda c: read_meta(c)["metrics"].get("valid_loss", math.inf)  # noqa: E731
+    return min(epochs, key=key)
+
+
+def _finish(run_dir: Path, cfg: TrainConfig, state, last_row, stopped_early, emit) -> TrainResult:
+    src = _best_checkpoint(run_dir, cfg.early_stopping_patience > 0) / "weights"
+    dest = run_dir / ("adapter" if cfg.method == "lora" else "model")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    metrics_log.plot(run_dir)
+    result = TrainResult(
+        run_dir=str(run_dir), config=json.loads((run_dir / CONFIG_FILE).read_text()),
+        steps=state.global_step, trained_tokens=state.trained_tokens, final=last_row,
+        weights=str(dest), stopped_early=stopped_early,
+    )
+    (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    emit({"type": "message", "message": "Training finished"})
+    return result
+
