@@ -80,3 +80,25 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None):
     model = attach(model, Path(weights) if weights else weights_dir(run_dir))
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name: str):
+    """Just the tokenizer of a base model (for token counts), without loading weights when possible."""
+    spec = resolve(name)
+    if spec.source == "tiny":
+        return tiny_model()[1]
+    if spec.source == "gguf":
+        cached = _gguf_cache_dir(spec)
+        if cached.exists():
+            return AutoTokenizer.from_pretrained(cached)
+        return AutoTokenizer.from_pretrained(spec.path.parent, gguf_file=spec.path.name)
+    return AutoTokenizer.from_pretrained(spec.path)
+
+
+def load_any(name_or_run: str):
+    """A run folder (tuned model) or a base model name/path, ready for inference."""
+    path = Path(name_or_run)
+    if (path / "config.json").is_file() and (path / "tokenizer").is_dir():
+        return load_tuned(path)
+    model, tokenizer = load_base(name_or_run)
+    return model.eval(), tokenizer

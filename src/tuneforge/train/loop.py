@@ -27,6 +27,7 @@ from ..evaluate.metrics import evaluate_loss
 from ..models.adapters import prepare_for_training
 from ..models.load import load_base
 from . import metrics as metrics_log
+from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
 from .loss import batch_loss
@@ -56,10 +57,10 @@ class TrainResult:
     stopped_early: bool
 
 
-def _split(examples, cfg: TrainConfig):
+def _split(examples, cfg: TrainConfig, tokenizer):
     """Hold out a seeded random slice for validation when the user gave no validation file."""
     if cfg.validation_data:
-        return examples, load_examples(cfg.validation_data)
+        return examples, load_examples(cfg.validation_data, tokenizer, cfg.max_length)
     if len(examples) < 20 or cfg.validation_split <= 0:
         return examples, []
     order = list(range(len(examples)))
@@ -100,7 +101,7 @@ def train(
 
     emit({"type": "message", "message": f"Loading base model {cfg.base}"})
     model, tokenizer = load_base(cfg.base)
-    train_ex, valid_ex = _split(load_examples(cfg.data), cfg)
+    train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     train_r = _render(train_ex, tokenizer, cfg.max_length)
     valid_r = _render(valid_ex, tokenizer, cfg.max_length)
     if not train_r:
@@ -223,6 +224,7 @@ def _finish(run_dir: Path, cfg: TrainConfig, state, last_row, stopped_early, emi
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
     metrics_log.plot(run_dir)
+    speed.record(cfg.base, cfg.method, [r["tokens_per_second"] for r in metrics_log.read(run_dir)])
     result = TrainResult(
         run_dir=str(run_dir), config=json.loads((run_dir / CONFIG_FILE).read_text()),
         steps=state.global_step, trained_tokens=state.trained_tokens, final=last_row,

@@ -1,0 +1,387 @@
+"""Every tuneforge command, each a thin call into the library.
+
+stdout carries only the result (for `chat`, just the answer; with --json, one JSON document);
+progress bars and messages go to stderr. A user mistake exits with status 2 and one clear line,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Fine-tune language models on your own machine.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Validate and convert training data.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys of the server.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(keys_app, name="keys")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result.")]
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def user_errors(fn):
+    """Turn the library's errors about bad input into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data.validate import DataError
+        from .models.catalogue import ModelNotFound
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ModelNotFound, OSError, ValueError) as err:
+            _say(f"error: {err}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _auto_or(kind):
+    """Parse an option that is a number or the word 'auto'."""
+
+    def parse(value: str):
+        if value == "auto":
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected a number or 'auto', got {value!r}") from None
+
+    return parse
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("validate")
+@user_errors
+def data_validate(
+    file: Path,
+    base: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens.")] = "smollm2-135m-instruct",
+    max_length: Annotated[int, typer.Option(help="Tokens per example before truncation.")] = 1024,
+    json_out: JsonOpt = False,
+):
+    """Check a training file: errors by line, token statistics, epochs and cost."""
+    from .data.validate import validate_file
+    from .models.load import load_tokenizer
+
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no such file")
+    report = validate_file(file, tokenizer=load_tokenizer(base), max_length=max_length,
+                           tokens_per_second=_local_tokens_per_second())
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        typer.echo(report.format_text())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _local_tokens_per_second() -> float:
+    from .train.speed import estimated_tokens_per_second
+
+    return estimated_tokens_per_second()
+
+
+@data_app.command("convert")
+@user_errors
+def data_convert(
+    file: Path,
+    out: Annotated[Path, typer.Option("-o", "--out", help="JSONL file to write.")],
+    prompt_col: Annotated[Optional[str], typer.Option(help="Column with the prompt.")] = None,
+    completion_col: Annotated[Optional[str], typer.Option(help="Column with the answer.")] = None,
+    text_col: Annotated[Optional[str], typer.Option(help="Classification: column with the text.")] = None,
+    label_col: Annotated[Optional[str], typer.Option(help="Classification: column with the label.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message for every example.")] = None,
+    json_out: JsonOpt = False,
+):
+    """Convert a CSV file into chat JSONL (prompt/completion or text/label columns)."""
+    from .data.convert import from_csv, write_jsonl
+
+    rows = from_csv(file, prompt_col=prompt_col, completion_col=completion_col,
+                    text_col=text_col, label_col=label_col, system=system)
+    write_jsonl(rows, out)
+    if json_out:
+        _print_json({"out": str(out), "n_examples": len(rows)})
+    else:
+        typer.echo(f"wrote {len(rows)} examples to {out}")
+
+
+# ---------------------------------------------------------------- train
+
+
+class _Progress:
+    """A tqdm bar on stderr fed by the training loop's events."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        self.quiet = quiet
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        if event["type"] == "message":
+            (self.bar.write if self.bar else _say)(event["message"])
+        elif event["type"] == "metrics":
+            row = event["data"]
+            if self.bar is None:
+                self.bar = tqdm(total=row["total_steps"], initial=row["step"] - 1, file=sys.stderr,
+                                unit="step", dynamic_ncols=True, disable=self.quiet)
+            self.bar.update(1)
+            post = {"loss": f"{row['train_loss']:.3f}", "tok/s": f"{row['tokens_per_second']:.0f}"}
+            if "valid_loss" in row:
+                post["valid"] = f"{row['valid_loss']:.3f}"
+            self.bar.set_postfix(post)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def _sigterm_as_interrupt():
+    """A kill (SIGTERM) stops training the way Ctrl-C does: checkpoint first, then exit."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Optional[Path], typer.Option(help="Training file (JSONL or .txt).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to create.")] = None,
+    base: Annotated[str, typer.Option(help="Base model: catalogue name, HF folder or .gguf.")] = "smollm2-135m-instruct",
+    method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    validation_data: Annotated[Optional[Path], typer.Option(help="Validation file; default: hold out 10%.")] = None,
+    n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
+    batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
+    learning_rate_multiplier: Annotated[str, typer.Option(help="Scales the base learning rate, or auto.")] = "auto",
+    lora_rank: Annotated[int, typer.Option()] = 16,
+    lora_alpha: Annotated[int, typer.Option()] = 32,
+    lora_dropout: Annotated[float, typer.Option()] = 0.0,
+    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 1024,
+    seed: Annotated[int, typer.Option()] = 42,
+    early_stopping: Annotated[int, typer.Option(help="Stop after N validation passes without improvement (0 = off).")] = 0,
+    precision: Annotated[str, typer.Option(help="auto, bf16 or fp32.")] = "auto",
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
+    from .train.config import TrainConfig
+    from .train.loop import TrainingStopped, train as run_training
+
+    if method not in ("lora", "full"):
+        raise ValueError(f"--method must be lora or full, not {method!r}")
+    if resume:
+        cfg = TrainConfig.load(resume)
+    else:
+        if data is None or out is None:
+            raise ValueError("--data and --out are required (or --resume RUN)")
+        if not data.exists():
+            raise FileNotFoundError(f"{data}: no such file")
+        cfg = TrainConfig(
+            data=str(data), out=str(out), base=base, method=method,
+            validation_data=str(validation_data) if validation_data else None,
+            n_epochs=_auto_or(int)(n_epochs), batch_size=_auto_or(int)(batch_size),
+            learning_rate_multiplier=_auto_or(float)(learning_rate_multiplier),
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
+            precision=precision,
+        )
+    _sigterm_as_interrupt()
+    progress = _Progress(quiet)
+    try:
+        result = run_training(cfg, on_event=progress, resume=resume is not None)
+    except TrainingStopped as stop:
+        progress.close()
+        _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
+        raise typer.Exit(130) from None
+    progress.close()
+    if json_out:
+        _print_json(asdict(result))
+    else:
+        final = result.final
+        valid = f", valid loss {final['valid_loss']:.3f}" if "valid_loss" in final else ""
+        typer.echo(f"{result.run_dir}: {result.steps} steps, {result.trained_tokens} tokens, "
+                   f"train loss {final.get('train_loss', float('nan')):.3f}{valid}")
+
+
+# ---------------------------------------------------------------- evaluate, chat, export
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    run: Path,
+    data: Annotated[Path, typer.Option(help="Held-out examples (JSONL).")],
+    samples: Annotated[int, typer.Option(help="Answers to show side by side.")] = 3,
+    json_out: JsonOpt = False,
+):
+    """Compare the base and the tuned model on held-out data."""
+    from .evaluate.compare import compare
+    from .evaluate.report import format_comparison
+
+    _say("evaluating base and tuned model...")
+    report = compare(run, data, n_samples=samples)
+    if json_out:
+        _print_json(report)
+    else:
+        typer.echo(format_comparison(report))
+
+
+@app.command()
+@user_errors
+def chat(
+    model: Annotated[str, typer.Argument(help="Run folder, or a base model name.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="Message; omit for an interactive chat.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    max_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    json_out: JsonOpt = False,
+):
+    """Ask a tuned (or base) model; prints just the answer."""
+    from .models.generate import Sampling, complete, stream
+    from .models.load import load_any
+
+    llm, tokenizer = load_any(model)
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    history = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        answer = complete(llm, tokenizer, history + [{"role": "user", "content": prompt}], sampling)
+        if json_out:
+            _print_json(asdict(answer))
+        else:
+            typer.echo(answer.text)
+        return
+    _say("interactive chat; an empty line or Ctrl-D ends it")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        parts = []
+        for piece in stream(llm, tokenizer, history, sampling):
+            if isinstance(piece, str):
+                parts.append(piece)
+                typer.echo(piece, nl=False)
+        typer.echo()
+        history.append({"role": "assistant", "content": "".join(parts)})
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the merged model.")],
+    json_out: JsonOpt = False,
+):
+    """Write merged full weights of a run in Hugging Face format."""
+    from .models.adapters import merged
+    from .models.load import load_tuned
+
+    model, tokenizer = load_tuned(run)
+    full = merged(model)
+    full.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if json_out:
+        _print_json({"out": str(out)})
+    else:
+        typer.echo(f"merged model written to {out}")
+
+
+@app.command("models")
+def list_models(json_out: JsonOpt = False):
+    """Base models available on this machine."""
+    from .models.catalogue import available
+
+    names = available()
+    if json_out:
+        _print_json(names)
+    else:
+        typer.echo("\n".join(names))
+
+
+# ---------------------------------------------------------------- server
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="Training worker processes to start.")] = 1,
+    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL",
+                                                        help="Default: SQLite under the tuneforge home.")] = None,
+):
+    """Run the OpenAI-compatible API server (files, fine-tuning jobs, models, chat)."""
+    from .serve.app import serve as run_server
+
+    run_server(host, port, workers, database_url)
+
+
+@app.command()
+def worker(
+    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+):
+    """Run one training worker against the server's database."""
+    from .jobs.worker import run_worker
+
+    run_worker(database_url)
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[str, typer.Option(help="Project the key belongs to.")] = "default",
+    name: Annotated[Optional[str], typer.Option()] = None,
+):
+    """Create an API key; prints the key alone on stdout (it is not shown again)."""
+    from .store.keys import create_key
+
+    typer.echo(create_key(project, name))
+
+
+@keys_app.command("list")
+def keys_list(json_out: JsonOpt = False):
+    """List API keys (never the secrets)."""
+    from .store.keys import list_keys
+
+    keys = list_keys()
+    if json_out:
+        _print_json(keys)
+    else:
+        for k in keys:
+            typer.echo("\t".join(str(k.get(f, "")) for f in ("id", "project", "name", "created_at", "revoked")))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str):
+    """Revoke an API key by id."""
+    from .store.keys import revoke_key
+
+    revoke_key(key_id)
+    typer.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,120 @@
+"""CSV / DataFrame -> chat JSONL rows, with the columns named by the user.
+
+A table has no single obvious mapping to a conversation, so the user names the columns:
+  prompt_col + completion_col   user = prompt, assistant = completion
+  text_col + label_col          classification: user = text, assistant = label, and a system prompt
+                                listing the label set so the model knows its choices
+  text_col alone                {"text": ...} rows for continued pre-training
+Rows are numbered as in the CSV file, with the header as row 1, so errors point at the right row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CLASSIFY_SYSTEM = "Classify the text. Answer with one of: {labels}."
+SHOWN = 5  # empty cells named in one error message
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def from_dataframe(
+    df: pd.DataFrame,
+    *,
+    prompt_col: str | None = None,
+    completion_col: str | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    system: str | None = None,
+) -> list[dict[str, Any]]:
+    columns = _columns_for_mode(prompt_col, completion_col, text_col, label_col, system)
+    _require_columns(df, columns)
+    cells = _cells(df, columns)
+    if prompt_col:
+        return [_chat(system, row[prompt_col], row[completion_col]) for row in cells]
+    if label_col:
+        labels = sorted({row[label_col] for row in cells})
+        system = system or CLASSIFY_SYSTEM.format(labels=", ".join(labels))
+        return [_chat(system, row[text_col], row[label_col]) for row in cells]
+    return [{"text": row[text_col]} for row in cells]
+
+
+def from_csv(path: str | Path, **columns: Any) -> list[dict[str, Any]]:
+    """Rows of a UTF-8 CSV (a leading BOM, as Excel writes, is fine); see from_dataframe."""
+    try:
+        # dtype=str and no NA parsing: "NA", "null" or "01" in a cell are text, not missing/numbers.
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path} is not UTF-8 text; save it as CSV UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise ConvertError(f"{path} is empty") from None
+    except pd.errors.ParserError as err:
+        raise ConvertError(f"{path} is not a valid CSV: {err}") from None
+    try:
+        return from_dataframe(df, **columns)
+    except ConvertError as err:
+        raise ConvertError(f"{path}: {err}") from None
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def _columns_for_mode(prompt_col, completion_col, text_col, label_col, system) -> list[str]:
+    if prompt_col and completion_col and not (text_col or label_col):
+        return [prompt_col, completion_col]
+    if text_col and label_col and not (prompt_col or completion_col):
+        return [text_col, label_col]
+    if text_col and not (prompt_col or completion_col or label_col or system):
+        return [text_col]
+    raise ConvertError(
+        "name the columns as prompt + completion (chat), text + label (classification) "
+        "or text alone (raw text, which takes no system prompt)"
+    )
+
+
+def _require_columns(df: pd.DataFrame, columns: list[str]) -> None:
+    there = [str(c) for c in df.columns]
+    for col in columns:
+        if col not in there:
+            raise ConvertError(f"column {col!r} not found; columns there: {', '.join(there) or 'none'}")
+
+
+def _cells(df: pd.DataFrame, columns: list[str]) -> list[dict[str, str]]:
+    """The named cells as stripped strings; ConvertError naming the rows of any empty ones."""
+    if df.empty:
+        raise ConvertError("no rows under the header")
+    rows, empty = [], []
+    for i, record in enumerate(df[columns].itertuples(index=False)):
+        row = {col: _text(value) for col, value in zip(columns, record)}
+        empty += [f"row {i + 2} column {col!r}" for col, value in row.items() if not value]
+        rows.append(row)
+    if empty:
+        more = f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else ""
+        raise ConvertError(f"empty cell(s): {'; '.join(empty[:SHOWN])}{more} (the header is row 1)")
+    return rows
+
+
+def _text(value: Any) -> str:
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return str(value).strip()
+
+
+def _chat(system: str | None, user: str, assistant: str) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}

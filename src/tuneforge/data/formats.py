@@ -1,0 +1,359 @@
+"""Parse a training file into Examples, turning every malformed thing into an Issue.
+
+Accepted without conversion by the user:
+  .jsonl  OpenAI chat {"messages", "tools"?, "parallel_tool_calls"?}; legacy {"prompt", "completion"}
+          (becomes a user + assistant chat); raw {"text"} for continued pre-training; OpenAI DPO
+          {"input": {"messages", "tools"?}, "preferred_output", "non_preferred_output"}.
+  .txt    with ###Human: / ###Assistant: markers: one chat per conversation. A ###Human: marker after
+          a blank line starts a new conversation; one right after an answer continues it (multi-turn),
+          so answers may still contain blank lines. Without markers: raw text, one document per
+          blank-line-separated block.
+.csv goes through `tuneforge data convert` first (see convert.py): a CSV has no single obvious
+mapping to chat, so guessing the columns here would train on the wrong thing silently.
+
+This module checks each record on its own (shape, keys, roles, content, weights); checks across the
+whole file (example count, duplicates, token lengths) live in validate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .example import Example
+
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call")
+SUPPORTED_SUFFIXES = (".jsonl", ".txt")
+MARKER = re.compile(r"^###\s*(Human|Assistant):[ \t]?(.*)$")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in a training file. Re-exported by validate.py, which lists the codes."""
+
+    code: str
+    message: str
+    line: int | None = None  # 1-based; None for problems with the whole file
+    field: str | None = None  # e.g. "messages[1].role"
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        where = [f"line {self.line}"] if self.line is not None else []
+        where += [f"field {self.field}"] if self.field else []
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.code}: {self.message}" if prefix else f"{self.code}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Parsed:
+    format: str  # chat | prompt_completion | text | preference | instruction_txt | raw_txt | <suffix>
+    examples: list[Example]  # only records that parsed without errors
+    issues: list[Issue]
+    n_records: int = 0  # records in the file, good or bad: what the user counts as examples
+
+
+def parse_file(path: str | Path) -> Parsed:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        return Parsed(suffix.lstrip(".") or "unknown", [], [_unsupported(path, suffix)])
+    lines, encoding_issues = _decode_lines(path.read_bytes())
+    if not any(text.strip() for text in lines):
+        return Parsed(suffix.lstrip("."), [], encoding_issues + [Issue("empty_file", f"{path.name} has no examples")])
+    if suffix == ".jsonl":
+        parsed = _parse_jsonl(lines, skip={i.line for i in encoding_issues})
+    else:  # .txt: a replaced character does not change the structure, so parse on and report both
+        parsed = _parse_txt(lines)
+    parsed.issues[:0] = encoding_issues
+    return parsed
+
+
+def _unsupported(path: Path, suffix: str) -> Issue:
+    if suffix == ".csv":
+        cmd = f"tuneforge data convert {path.name} -o {path.stem}.jsonl --prompt-col ... --completion-col ..."
+        hint = f"convert it first: {cmd}"
+    else:
+        hint = "use .jsonl (one JSON object per line) or .txt"
+    return Issue("unsupported_format", f"{suffix or 'files without an extension'} is not a training format; {hint}")
+
+
+def _decode_lines(data: bytes) -> tuple[list[str], list[Issue]]:
+    """Lines decoded one by one, so a bad byte is reported at its own line, not as a whole-file failure."""
+    lines, issues = [], []
+    for n, raw in enumerate(data.removeprefix(UTF8_BOM).split(b"\n"), 1):
+        raw = raw.removesuffix(b"\r")
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            msg = f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8"
+            issues.append(Issue("invalid_encoding", msg, n))
+            lines.append(raw.decode("utf-8", "replace"))
+    return lines, issues
+
+
+# --- JSONL ----------------------------------------------------------------------------------------
+
+
+def _parse_jsonl(lines: list[str], skip: set[int | None]) -> Parsed:
+    examples, formats, issues, n_records = [], [], [], 0
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue  # blank lines (a trailing newline, spacing) are not records
+        n_records += 1
+        if n in skip:
+            continue
+        fmt, example, found = parse_record(text, n)
+        if example is not None and examples and example.kind != examples[0].kind:
+            msg = f"a {fmt} example, but line {examples[0].line} is {formats[0]}; one file holds one kind"
+            found.append(Issue("data_type", msg, n))
+        issues += found
+        if example is not None and not found:
+            examples.append(example)
+            formats.append(fmt)
+    fmt = "+".join(dict.fromkeys(formats)) or "jsonl"
+    return Parsed(fmt, examples, issues, n_records)
+
+
+def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list[Issue]]:
+    """One JSONL line -> (format name, Example or None when it cannot be built, issues)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, None, [Issue("invalid_json", f"not valid JSON: {err.msg} at column {err.colno}", line)]
+    except (ValueError, RecursionError) as err:  # huge integers, absurdly deep nesting
+        return None, None, [Issue("invalid_json", f"not valid JSON: {err}", line)]
+    if not isinstance(obj, dict):
+        return None, None, [Issue("data_type", f"each line must be a JSON object, not {_type(obj)}", line)]
+    if "messages" in obj:
+        return "chat", *_parse_chat(obj, line)
+    if any(k in obj for k in ("input", "preferred_output", "non_preferred_output")):
+        return "preference", *_parse_preference(obj, line)
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion", *_parse_prompt_completion(obj, line)
+    if "text" in obj:
+        return "text", *_parse_text(obj, line)
+    msg = (
+        "no messages list; expected {messages}, {prompt, completion}, {text} or "
+        f"{{input, preferred_output, non_preferred_output}}, found keys: {', '.join(obj) or 'none'}"
+    )
+    return None, None, [Issue("missing_messages_list", msg, line, "messages")]
+
+
+def _parse_chat(obj: dict, line: int) -> tuple[Example, list[Issue]]:
+    issues = _check_tools(obj.get("tools"), line, "tools")
+    if "parallel_tool_calls" in obj and not isinstance(obj["parallel_tool_calls"], bool):
+        issues.append(Issue("data_type", "parallel_tool_calls must be true or false", line, "parallel_tool_calls"))
+    issues += _check_messages(obj["messages"], line, "messages")
+    if not issues and not any(m.get("role") == "assistant" for m in obj["messages"]):
+        msg = "no assistant message: there is nothing to learn from this example"
+        issues.append(Issue("example_missing_assistant_message", msg, line, "messages"))
+    return Example("chat", obj["messages"], obj.get("tools"), line=line), issues
+
+
+def _parse_preference(obj: dict, line: int) -> tuple[Example, list[Issue]]:
+    prompt = obj.get("input", {})
+    if not isinstance(prompt, dict):
+        return Example("preference", line=line), [Issue("data_type", "input must be an object", line, "input")]
+    issues = _check_tools(prompt.get("tools"), line, "input.tools")
+    issues += _check_messages(prompt.get("messages"), line, "input.messages")
+    for key in ("preferred_output", "non_preferred_output"):
+        if not obj.get(key):
+            msg = f"{key} must be a non-empty list of assistant messages"
+            issues.append(Issue("example_missing_assistant_message", msg, line, key))
+        else:
+            issues += _check_messages(obj[key], line, key, roles=("assistant",))
+    example = Example(
+        "preference", prompt.get("messages") or [], prompt.get("tools"),
+        chosen=obj.get("preferred_output"), rejected=obj.get("non_preferred_output"), line=line,
+    )
+    return example, issues
+
+
+def _parse_prompt_completion(obj: dict, line: int) -> tuple[Example, list[Issue]]:
+    issues = []
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            issues.append(Issue("message_missing_key", f"prompt/completion examples need both; no {key}", line, key))
+        else:
+            issues += _check_text(obj[key], line, key)
+    messages = [
+        {"role": "user", "content": obj.get("prompt")},
+        {"role": "assistant", "content": obj.get("completion")},
+    ]
+    return Example("chat", messages, line=line), issues
+
+
+def _parse_text(obj: dict, line: int) -> tuple[Example, list[Issue]]:
+    return Example("text", text=obj["text"], line=line), _check_text(obj["text"], line, "text")
+
+
+def _check_text(value: Any, line: int, path: str) -> list[Issue]:
+    if not isinstance(value, str):
+        return [Issue("data_type", f"{path} must be a string, not {_type(value)}", line, path)]
+    if not value.strip():
+        return [Issue("missing_content", f"{path} is empty", line, path)]
+    return []
+
+
+def _check_tools(tools: Any, line: int, path: str) -> list[Issue]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        return [Issue("data_type", f"tools must be a list, not {_type(tools)}", line, path)]
+    return [
+        Issue("data_type", "each tool must be an object", line, f"{path}[{i}]")
+        for i, tool in enumerate(tools)
+        if not isinstance(tool, dict)
+    ]
+
+
+def _check_messages(messages: Any, line: int, path: str, roles: tuple[str, ...] = ROLES) -> list[Issue]:
+    if messages is None or messages == []:
+        return [Issue("missing_messages_list", f"{path} is missing or empty", line, path)]
+    if not isinstance(messages, list):
+        return [Issue("data_type", f"{path} must be a list of messages, not {_type(messages)}", line, path)]
+    return [issue for i, m in enumerate(messages) for issue in check_message(m, line, f"{path}[{i}]", roles)]
+
+
+def check_message(msg: Any, line: int, path: str, roles: tuple[str, ...] = ROLES) -> list[Issue]:
+    """Issues with one OpenAI-style message dict; `path` names it in the file, e.g. messages[2]."""
+    if not isinstance(msg, dict):
+        return [Issue("data_type", f"a message must be an object, not {_type(msg)}", line, path)]
+    allowed = ", ".join(MESSAGE_KEYS)
+    issues = [
+        Issue("message_unrecognized_key", f"unrecognized key {k!r}; allowed: {allowed}", line, f"{path}.{k}")
+        for k in msg
+        if k not in MESSAGE_KEYS
+    ]
+    if "role" not in msg:
+        issues.append(Issue("message_missing_key", "message has no role", line, f"{path}.role"))
+    elif not isinstance(msg["role"], str) or msg["role"] not in roles:
+        msg_text = f"role {msg['role']!r} is not one of {', '.join(roles)}"
+        issues.append(Issue("unrecognized_role", msg_text, line, f"{path}.role"))
+    issues += _check_content(msg, line, path)
+    issues += _check_weight(msg, line, path)
+    if msg.get("tool_calls") is not None and not isinstance(msg["tool_calls"], list):
+        issues.append(Issue("data_type", "tool_calls must be a list", line, f"{path}.tool_calls"))
+    if "name" in msg and not isinstance(msg["name"], str):
+        issues.append(Issue("data_type", "name must be a string", line, f"{path}.name"))
+    return issues
+
+
+def _check_content(msg: dict, line: int, path: str) -> list[Issue]:
+    # An assistant turn that only calls tools legitimately has no content (null or absent).
+    calls = bool(msg.get("tool_calls")) or bool(msg.get("function_call"))
+    if "content" not in msg:
+        return [] if calls else [Issue("message_missing_key", "message has no content", line, f"{path}.content")]
+    content = msg["content"]
+    if isinstance(content, list):
+        bad = [i for i, p in enumerate(content) if not _is_text_part(p)]
+        if bad:
+            msg_text = 'content parts must be {"type": "text", "text": "..."} (text models read text only)'
+            return [Issue("data_type", msg_text, line, f"{path}.content[{i}]") for i in bad]
+        content = "".join(p["text"] for p in content)
+    elif content is not None and not isinstance(content, str):
+        return [Issue("data_type", f"content must be a string, not {_type(content)}", line, f"{path}.content")]
+    if not calls and not (content or "").strip():
+        return [Issue("missing_content", "message content is empty", line, f"{path}.content")]
+    return []
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _check_weight(msg: dict, line: int, path: str) -> list[Issue]:
+    if "weight" not in msg:
+        return []
+    weight = msg["weight"]
+    if msg.get("role") != "assistant":
+        return [Issue("invalid_weight", "weight is only allowed on assistant messages", line, f"{path}.weight")]
+    if type(weight) is not int or weight not in (0, 1):  # not isinstance: true/1.0 would slip through
+        return [Issue("invalid_weight", f"weight must be 0 or 1, not {weight!r}", line, f"{path}.weight")]
+    return []
+
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+# --- TXT ------------------------------------------------------------------------------------------
+
+
+def _parse_txt(lines: list[str]) -> Parsed:
+    if any(MARKER.match(text) for text in lines):
+        return _parse_instruction_txt(lines)
+    docs = _blocks(lines)
+    examples = [Example("text", text="\n".join(doc), line=start) for start, doc in docs]
+    return Parsed("raw_txt", examples, [], len(examples))
+
+
+def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """Blank-line-separated blocks as (first line number, lines)."""
+    blocks: list[tuple[int, list[str]]] = []
+    previous_blank = True
+    for n, text in enumerate(lines, 1):
+        if text.strip():
+            if previous_blank:
+                blocks.append((n, []))
+            blocks[-1][1].append(text)
+        previous_blank = not text.strip()
+    return blocks
+
+
+def _parse_instruction_txt(lines: list[str]) -> Parsed:
+    conversations, issues = _split_conversations(lines)
+    examples = []
+    for turns in conversations:
+        example, found = _conversation_example(turns)
+        issues += found
+        if not found:
+            examples.append(example)
+    return Parsed("instruction_txt", examples, issues, len(conversations))
+
+
+Turn = tuple[str, int, list[str]]  # (role, line of its marker, content lines)
+
+
+def _split_conversations(lines: list[str]) -> tuple[list[list[Turn]], list[Issue]]:
+    conversations: list[list[Turn]] = []
+    issues: list[Issue] = []
+    previous_blank = True
+    for n, text in enumerate(lines, 1):
+        marker = MARKER.match(text)
+        if marker:
+            role = "user" if marker.group(1) == "Human" else "assistant"
+            if not conversations or (role == "user" and previous_blank):
+                conversations.append([])
+            conversations[-1].append((role, n, [marker.group(2)]))
+        elif conversations:
+            conversations[-1][-1][2].append(text)
+        elif text.strip() and not issues:
+            msg = "text before the first ###Human: marker; every turn must start with ###Human: or ###Assistant:"
+            issues.append(Issue("data_type", msg, n))
+        previous_blank = not text.strip()
+    return conversations, issues
+
+
+def _conversation_example(turns: list[Turn]) -> tuple[Example, list[Issue]]:
+    messages, issues = [], []
+    for role, n, content in turns:
+        text = "\n".join(content).strip()
+        if not text:
+            marker = "###Human:" if role == "user" else "###Assistant:"
+            issues.append(Issue("missing_content", "turn is empty", n, marker))
+        messages.append({"role": role, "content": text})
+    if not any(m["role"] == "assistant" for m in messages):
+        msg = "conversation has no ###Assistant: turn"
+        issues.append(Issue("example_missing_assistant_message", msg, turns[0][1], "###Assistant:"))
+    return Example("chat", messages, line=turns[0][1]), issues

@@ -1,0 +1,259 @@
+"""Check a training file before any GPU time is spent on it, and explain every problem.
+
+Codes follow OpenAI's data-prep cookbook names where one exists; each issue carries the 1-based line
+and the field (e.g. messages[1].role) so the user can go straight to it.
+
+Errors (the file is refused):
+  invalid_json, data_type, missing_messages_list, message_missing_key, message_unrecognized_key,
+  unrecognized_role, missing_content, invalid_weight, example_missing_assistant_message,
+  invalid_encoding, empty_file, unsupported_format            - per record / file, from formats.py
+  invalid_n_examples   fewer than 10 examples (OpenAI's minimum)
+  example_too_long     truncation to max_length removes every token the loss is taken on, so the
+                       example would train nothing; a longer example that keeps some answer is only
+                       truncated (warning). OpenAI's 65,536-token cap is not used: max_length is the
+                       limit that matters to a local run.
+  unrenderable_example the model's chat template rejects the conversation (some templates insist
+                       on alternating user/assistant turns)
+Warnings (training proceeds):
+  example_truncated, duplicate_example (names both lines), missing_system_message (only when
+  some examples have one and others do not) and missing_user_message (one warning each per file,
+  at the first such line, naming the others).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .example import Example
+from .formats import Issue, parse_file
+from .render import IGNORE, Rendered, render_example
+from .stats import TokenStats, estimate_costs, estimate_local_seconds, resolve_n_epochs
+
+__all__ = ["DataError", "Issue", "Report", "load_examples", "validate_file"]
+
+log = logging.getLogger(__name__)
+
+MIN_EXAMPLES = 10
+SHOWN = 20  # issues listed per section in the text report; the JSON has them all
+
+
+@dataclass
+class Report:
+    path: str
+    format: str
+    n_examples: int
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    max_length: int = 2048
+    stats: TokenStats | None = None  # only when a tokenizer was given
+    n_epochs: int | None = None
+    billing_tokens: int | None = None
+    costs: list[dict[str, Any]] = field(default_factory=list)
+    tokens_per_second: float | None = None
+    estimated_local_seconds: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "ok": self.ok,
+            "n_examples": self.n_examples,
+            "errors": [i.to_dict() for i in self.errors],
+            "warnings": [i.to_dict() for i in self.warnings],
+            "max_length": self.max_length,
+            "stats": self.stats.to_dict() if self.stats else None,
+            "n_epochs": self.n_epochs,
+            "billing_tokens": self.billing_tokens,
+            "costs": self.costs,
+            "tokens_per_second": self.tokens_per_second,
+            "estimated_local_seconds": self.estimated_local_seconds,
+        }
+
+    def format_text(self) -> str:
+        lines = [f"{self.path}: {self.format}, {self.n_examples} example(s)"]
+        lines += _issue_section("Errors", self.errors) + _issue_section("Warnings", self.warnings)
+        lines += _stats_lines(self)
+        lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+class DataError(ValueError):
+    """A training file with errors; `.report` holds all of them."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        shown = "; ".join(str(i) for i in report.errors[:5])
+        more = f"; and {len(report.errors) - 5} more" if len(report.errors) > 5 else ""
+        super().__init__(
+            f"{report.path}: {len(report.errors)} error(s): {shown}{more}. "
+            f"Run `tuneforge data validate {report.path}` for the full report."
+        )
+
+
+def validate_file(
+    path: str | Path, tokenizer=None, max_length: int = 2048, tokens_per_second: float | None = None
+) -> Report:
+    return _validate(path, tokenizer, max_length, tokens_per_second)[0]
+
+
+def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048) -> list[Example]:
+    """The examples of a file that passes validation; DataError otherwise (trainer and server use this)."""
+    report, examples = _validate(path, tokenizer, max_length, None)
+    if not report.ok:
+        raise DataError(report)
+    if report.warnings:
+        log.warning("%s: %d warning(s), first: %s", report.path, len(report.warnings), report.warnings[0])
+    return examples
+
+
+def _validate(path, tokenizer, max_length, tokens_per_second) -> tuple[Report, list[Example]]:
+    parsed = parse_file(path)
+    examples = parsed.examples
+    issues = parsed.issues + _count_issues(parsed.n_records, parsed.issues)
+    issues += _duplicate_issues(examples) + _missing_role_issues(examples)
+    report = Report(str(path), parsed.format, parsed.n_records, max_length=max_length)
+    if parsed.n_records:
+        report.n_epochs = resolve_n_epochs(parsed.n_records)
+    if tokenizer is not None and examples:
+        examples, rendered, found = _render_all(examples, tokenizer, max_length)
+        issues += found
+        _add_token_numbers(report, TokenStats.from_rendered(examples, rendered, max_length), tokens_per_second)
+    issues.sort(key=lambda i: (i.line is not None, i.line or 0))  # whole-file problems first
+    report.errors = [i for i in issues if i.severity == "error"]
+    report.warnings = [i for i in issues if i.severity == "warning"]
+    return report, examples
+
+
+def _count_issues(n_records: int, issues: list[Issue]) -> list[Issue]:
+    if n_records >= MIN_EXAMPLES or any(i.code in ("empty_file", "unsupported_format") for i in issues):
+        return []
+    msg = f"Training file has {n_records} example(s), but must have at least {MIN_EXAMPLES} examples"
+    return [Issue("invalid_n_examples", msg)]
+
+
+def _duplicate_issues(examples: list[Example]) -> list[Issue]:
+    first_seen: dict[str, int | None] = {}
+    issues = []
+    for ex in examples:
+        key = json.dumps([ex.kind, ex.messages, ex.tools, ex.text, ex.chosen, ex.rejected], sort_keys=True)
+        if key in first_seen:
+            msg = f"same example as line {first_seen[key]}; duplicates get extra weight in training"
+            issues.append(Issue("duplicate_example", msg, ex.line, severity="warning"))
+        else:
+            first_seen[key] = ex.line
+    return issues
+
+
+def _missing_role_issues(examples: list[Example]) -> list[Issue]:
+    # One warning per file, not per example. A system message is only flagged when other examples
+    # have one: a file with none trains and serves consistently with the template's default, and
+    # prompt/completion or ###Human files cannot carry one at all.
+    chats = [e for e in examples if e.kind != "text"]
+    issues = []
+    for role, why in (
+        ("system", "the model sees two prompt styles; add one to every example or to none"),
+        ("user", "the model learns to answer without being asked"),
+    ):
+        lacking = [e.line for e in chats if not any(m.get("role") == role for m in e.messages)]
+        if lacking and (role == "user" or len(lacking) < len(chats)):
+            listed = ", ".join(map(str, lacking[:5])) + (", ..." if len(lacking) > 5 else "")
+            msg = f"{len(lacking)} of {len(chats)} example(s) have no {role} message (line {listed}); {why}"
+            issues.append(Issue(f"missing_{role}_message", msg, lacking[0], severity="warning"))
+    return issues
+
+
+def _render_all(examples, tokenizer, max_length) -> tuple[list[Example], list[Rendered], list[Issue]]:
+    kept, rendered, issues = [], [], []
+    for ex in examples:
+        try:
+            r = render_example(ex, tokenizer)
+        except Exception as err:  # chat templates raise their own (jinja) errors on shapes they reject
+            msg = f"the model's chat template cannot render this example: {err}"
+            issues.append(Issue("unrenderable_example", msg, ex.line))
+            continue
+        kept.append(ex)
+        rendered.append(r)
+        issues += _length_issues(ex, r, max_length)
+    return kept, rendered, issues
+
+
+def _length_issues(ex: Example, r: Rendered, max_length: int) -> list[Issue]:
+    n = len(r.input_ids)
+    if n <= max_length:
+        return []
+    if r.n_loss_tokens and all(x == IGNORE for x in r.labels[:max_length]):
+        msg = f"{n} tokens; cutting to max_length {max_length} removes every answer token, so it trains nothing"
+        return [Issue("example_too_long", msg, ex.line)]
+    msg = f"{n} tokens; the last {n - max_length} are cut to fit max_length {max_length}"
+    return [Issue("example_truncated", msg, ex.line, severity="warning")]
+
+
+def _add_token_numbers(report: Report, stats: TokenStats, tokens_per_second: float | None) -> None:
+    report.stats = stats
+    report.billing_tokens = stats.billing_tokens
+    report.tokens_per_second = tokens_per_second
+    if report.n_epochs:
+        report.costs = estimate_costs(stats.billing_tokens, report.n_epochs)
+        report.estimated_local_seconds = estimate_local_seconds(
+            stats.trained_tokens * report.n_epochs, tokens_per_second
+        )
+
+
+# --- text report ------------------------------------------------------------------------------------
+
+
+def _issue_section(title: str, issues: list[Issue]) -> list[str]:
+    if not issues:
+        return []
+    lines = [f"{title} ({len(issues)}):"] + [f"  {i}" for i in issues[:SHOWN]]
+    if len(issues) > SHOWN:
+        lines.append(f"  ... and {len(issues) - SHOWN} more (--json lists them all)")
+    return lines
+
+
+def _dist(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:,.0f}" if v == int(v) else f"{k} {v:,.1f}" for k, v in d.items())
+
+
+def _stats_lines(report: Report) -> list[str]:
+    lines = []
+    s = report.stats
+    if s:
+        lines += [
+            f"Messages per example: {_dist(s.messages_per_example)}",
+            f"Tokens per example: {_dist(s.tokens_per_example)}",
+            f"Answer (loss) tokens per example: {_dist(s.loss_tokens_per_example)}",
+            f"Examples over max_length {report.max_length}: {s.n_truncated}",
+        ]
+    if report.n_epochs:
+        lines.append(f"Default epochs (OpenAI's rule for {report.n_examples} examples): {report.n_epochs}")
+    if report.billing_tokens is not None:
+        lines.append(
+            f"Billing tokens: {report.billing_tokens:,} per epoch, {report.billing_tokens * (report.n_epochs or 0):,}"
+            " in all (counted with this model's tokenizer; OpenAI's differs)"
+        )
+    lines += [f"  {c['model']}: about {_usd(c['usd'])} (price as of {c['as_of']})" for c in report.costs]
+    if report.estimated_local_seconds is not None:
+        lines.append(
+            f"Estimated local training time: {_duration(report.estimated_local_seconds)} "
+            f"at {report.tokens_per_second:,.0f} tokens/s"
+        )
+    return lines
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 0.01 else f"${amount:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s" if minutes else f"{secs}s"

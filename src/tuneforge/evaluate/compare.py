@@ -1,0 +1,82 @@
+"""Base vs tuned on the same held-out data: loss, perplexity, token accuracy, sample answers.
+
+For classification-style data (short answers from a small label set) it also scores exact-match
+accuracy of greedy generations, which is what a user of a classifier cares about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from ..data.render import render_example
+from ..data.validate import load_examples
+from ..models.generate import Sampling, complete
+from ..models.load import load_base, load_tuned
+from ..train import metrics as metrics_log
+from ..train.config import TrainConfig
+from .fit import diagnose
+from .metrics import evaluate_loss
+
+REPORT_FILE = "eval.json"
+
+
+def is_classification(examples) -> bool:
+    answers = [e.assistant_messages()[-1]["content"].strip() for e in examples if e.assistant_messages()]
+    if len(answers) < 4:
+        return False
+    labels = set(answers)
+    return all(len(a.split()) <= 3 for a in answers) and len(labels) <= max(2, len(answers) // 2)
+
+
+def _prompt(example) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn."""
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    return example.messages[:last]
+
+
+def _score(model, tokenizer, rendered, examples, n_samples: int, classify: bool, max_tokens: int) -> dict:
+    report = evaluate_loss(model, rendered, pad_id=tokenizer.pad_token_id)
+    if classify:
+        hits = sum(
+            complete(model, tokenizer, _prompt(e), Sampling(max_tokens=16)).text.strip()
+            == e.assistant_messages()[-1]["content"].strip()
+            for e in examples
+        )
+        report["exact_match"] = hits / len(examples)
+    report["samples"] = [
+        complete(model, tokenizer, _prompt(e), Sampling(max_tokens=max_tokens)).text
+        for e in examples[:n_samples]
+    ]
+    return report
+
+
+def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_tokens: int = 96) -> dict:
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.load(run_dir)
+    examples = [e for e in load_examples(data) if e.kind != "text" and e.assistant_messages()]
+    if not examples:
+        raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
+    tuned, tokenizer = load_tuned(run_dir)
+    rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
+    classify = is_classification(examples)
+    if hasattr(tuned, "disable_adapter"):
+        base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
+    else:
+        base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].eval()
+    with base_ctx:
+        base_report = _score(base, tokenizer, rendered, examples, n_samples, classify, max_tokens)
+    tuned_report = _score(tuned, tokenizer, rendered, examples, n_samples, classify, max_tokens)
+    report = {
+        "data": str(data),
+        "n_examples": len(examples),
+        "classification": classify,
+        "base": base_report,
+        "tuned": tuned_report,
+        "fit": diagnose(metrics_log.read(run_dir)),
+        "prompts": [_prompt(e)[-1]["content"] for e in examples[:n_samples]],
+        "references": [e.assistant_messages()[-1]["content"] for e in examples[:n_samples]],
+    }
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

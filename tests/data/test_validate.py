@@ -1,0 +1,147 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.data.validate import DataError, Issue, load_examples, validate_file
+from tuneforge.models.tiny import tiny_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# code -> (line, field) of the one issue its fixture must produce. Fixtures with a bad record have ten
+# good chat examples around it, the bad one at line 3.
+EXPECTED = {
+    "invalid_json": (3, None),
+    "data_type": (3, None),
+    "missing_messages_list": (3, "messages"),
+    "message_missing_key": (3, "messages[1].role"),
+    "message_unrecognized_key": (3, "messages[1].extra"),
+    "unrecognized_role": (3, "messages[1].role"),
+    "missing_content": (3, "messages[2].content"),
+    "example_missing_assistant_message": (3, "messages"),
+    "invalid_weight": (3, "messages[2].weight"),
+    "invalid_encoding": (3, None),
+    "invalid_n_examples": (None, None),
+    "example_too_long": (3, None),
+    "empty_file": (None, None),
+    "unsupported_format": (None, None),
+    "duplicate_example": (3, None),
+    "missing_system_message": (3, None),
+    "missing_user_message": (3, None),
+    "example_truncated": (3, None),
+}
+WARNINGS = {"duplicate_example", "missing_system_message", "missing_user_message", "example_truncated"}
+GOOD = ["good_chat_tools.jsonl", "good_prompt_completion.jsonl", "good_dpo.jsonl", "good_text.jsonl",
+        "good_raw.txt", "good_human_assistant.txt"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def fixture(code: str) -> Path:
+    (path,) = FIXTURES.glob(f"{code}.*")
+    return path
+
+
+@pytest.mark.parametrize("code", sorted(EXPECTED))
+def test_each_fixture_yields_exactly_its_code(code, tok):
+    report = validate_file(fixture(code), tokenizer=tok)
+    issues = report.errors + report.warnings
+    assert [(i.code, i.line, i.field) for i in issues] == [(code, *EXPECTED[code])]
+    assert report.ok == (code in WARNINGS)
+    assert issues[0].severity == ("warning" if code in WARNINGS else "error")
+
+
+def test_every_fixture_is_covered():
+    named = {p.stem for p in FIXTURES.iterdir() if not p.stem.startswith("good_")}
+    assert named == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_good_fixtures_validate(name, tok):
+    report = validate_file(FIXTURES / name, tokenizer=tok)
+    assert report.errors == [] and report.warnings == []
+    assert report.n_examples == 10 and report.n_epochs == 10
+    assert report.stats.n_examples == 10
+
+
+def test_all_lacking_system_is_not_warned_but_mixed_is(tmp_path, tok):
+    chat = lambda i, sys: {"messages": ([{"role": "system", "content": "s"}] if sys else [])  # noqa: E731
+                           + [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(chat(i, False)) for i in range(10)))
+    assert validate_file(path).warnings == []
+    path.write_text("\n".join(json.dumps(chat(i, i % 2)) for i in range(10)))
+    (warning,) = validate_file(path).warnings
+    assert warning.code == "missing_system_message" and warning.line == 1
+    assert "5 of 10" in warning.message and "line 1, 3, 5, 7, 9" in warning.message
+
+
+def test_duplicate_names_both_lines(tok):
+    (warning,) = validate_file(fixture("duplicate_example")).warnings
+    assert "line 1" in warning.message and warning.line == 3
+
+
+def test_token_checks_need_a_tokenizer():
+    report = validate_file(fixture("example_too_long"))
+    assert report.ok and report.stats is None and report.billing_tokens is None and report.costs == []
+    assert report.n_epochs == 9  # 11 examples: min(25, 100 // 11)
+
+
+def test_max_length_is_honoured(tok):
+    report = validate_file(FIXTURES / "good_text.jsonl", tokenizer=tok, max_length=20)
+    assert {(i.code, i.line) for i in report.warnings} == {("example_truncated", n) for n in range(1, 11)}
+    assert report.stats.n_truncated == 10
+    assert report.stats.trained_tokens == 200
+
+
+def test_unrenderable_example(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    report = validate_file(FIXTURES / "good_prompt_completion.jsonl", tokenizer=tok)
+    assert [(i.code, i.line) for i in report.errors] == [("unrenderable_example", n) for n in range(1, 11)]
+    assert "roles must alternate" in report.errors[0].message
+    assert report.stats.n_examples == 0
+
+
+def test_report_numbers_and_json(tok):
+    report = validate_file(FIXTURES / "good_text.jsonl", tokenizer=tok, tokens_per_second=100.0)
+    # "Document number 0. It has some text." is 36 bytes -> 36 tokens + end-of-text
+    assert report.billing_tokens == 10 * 37
+    assert report.estimated_local_seconds == pytest.approx(10 * 37 * 10 / 100.0)
+    costs = {c["model"]: c["usd"] for c in report.costs}
+    assert costs["gpt-3.5-turbo"] == pytest.approx(3700 / 1000 * 0.008)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True and data["format"] == "text" and data["stats"]["billing_tokens"] == 370
+
+
+def test_format_text_lists_errors_with_line_and_field(tok):
+    text = validate_file(fixture("unrecognized_role"), tokenizer=tok, tokens_per_second=50).format_text()
+    assert "line 3, field messages[1].role: unrecognized_role: role 'human' is not one of" in text
+    assert "Default epochs" in text and "gpt-4o-mini" in text and "Estimated local training time" in text
+    assert text.endswith("FAILED: 1 error(s)")
+
+
+def test_load_examples_returns_examples(tok):
+    examples = load_examples(FIXTURES / "good_dpo.jsonl", tokenizer=tok)
+    assert len(examples) == 10 and examples[0].kind == "preference" and examples[9].line == 10
+
+
+def test_load_examples_raises_a_readable_data_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(fixture("unrecognized_role").read_text() + '{"messages": 1}\n')
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert str(path) in str(err)
+    assert "line 3, field messages[1].role: unrecognized_role" in str(err)
+    assert "line 12, field messages: data_type" in str(err)
+    assert [i.code for i in err.report.errors] == ["unrecognized_role", "data_type"]
+
+
+def test_issue_str():
+    assert str(Issue("empty_file", "nothing")) == "empty_file: nothing"
+    assert str(Issue("invalid_json", "bad", 2)) == "line 2: invalid_json: bad"
