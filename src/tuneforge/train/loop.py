@@ -35,6 +35,7 @@ from .device import autocast, autocast_dtype, pick_device, set_threads
 
 Event = dict
 RESULT_FILE = "result.json"
+BASELINE_FILE = "baseline.json"  # validation metrics of the base model, before step 1
 
 
 class TrainingStopped(Exception):
@@ -53,6 +54,7 @@ class TrainResult:
     steps: int
     trained_tokens: int
     final: dict  # last train/valid metrics
+    baseline: dict | None  # validation metrics before training
     weights: str  # folder with the adapter or the full model
     stopped_early: bool
 
@@ -147,6 +149,11 @@ def train(
     def checkpoint(kind: str) -> Path:
         return save_checkpoint(run_dir, model, optimizer, scheduler, state, kind, last_row)
 
+    if valid_r and state.global_step == 0:
+        # The untrained model's validation loss: the baseline every later pass is compared with.
+        base = validate()
+        (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
+        emit({"type": "message", "message": f"Base model validation loss {base['loss']:.4f}"})
     emit({"type": "message", "message": f"Training started: {total_steps} steps"})
     try:
         for epoch in range(state.epoch, cfg.n_epochs):
@@ -228,6 +235,7 @@ def _finish(run_dir: Path, cfg: TrainConfig, state, last_row, stopped_early, emi
     result = TrainResult(
         run_dir=str(run_dir), config=json.loads((run_dir / CONFIG_FILE).read_text()),
         steps=state.global_step, trained_tokens=state.trained_tokens, final=last_row,
+        baseline=json.loads(baseline.read_text()) if (baseline := run_dir / BASELINE_FILE).exists() else None,
         weights=str(dest), stopped_early=stopped_early,
     )
     (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")

