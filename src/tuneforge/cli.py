@@ -136,7 +136,10 @@ class _Progress:
         from tqdm import tqdm
 
         if event["type"] == "message":
-            (self.bar.write if self.bar else _say)(event["message"])
+            if self.bar:
+                self.bar.write(event["message"], file=sys.stderr)
+            else:
+                _say(event["message"])
         elif event["type"] == "metrics":
             row = event["data"]
             if self.bar is None:

@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated tuneforge home per test and small chat datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.settings import get_settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def shared_models_dir(tmp_path_factory) -> Path:
+    """One cache of converted base models per test session: the GGUF conversion runs at most once."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def tuneforge_home(tmp_path_factory, shared_models_dir, monkeypatch):
+    """Every test gets its own TUNEFORGE_HOME (database, files, runs), never the user's."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    monkeypatch.setenv("TUNEFORGE_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+def write_chat(path: Path, n: int, *, system: str | None = "Answer briefly.") -> Path:
+    """n distinct, learnable chat examples: the answer is always the question's number doubled."""
+    with open(path, "w") as f:
+        for i in range(n):
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [
+                {"role": "user", "content": f"What is twice {i}?"},
+                {"role": "assistant", "content": f"Twice {i} is {2 * i}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    return write_chat(tmp_path / "train.jsonl", 24)

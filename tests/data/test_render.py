@@ -1,0 +1,89 @@
+"""The loss mask: only assistant tokens (and their end-of-turn token) are learned."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.data.example import Example
+from tuneforge.data.render import IGNORE, prompt_ids, render_example
+from tuneforge.models.tiny import tiny_tokenizer
+
+
+def learned_text(tok, rendered) -> str:
+    return tok.decode([t for t in rendered.labels if t != IGNORE])
+
+
+def conversation(weight_first=None):
+    first = {"role": "assistant", "content": "first answer"}
+    if weight_first is not None:
+        first["weight"] = weight_first
+    return Example("chat", [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "question one"},
+        first,
+        {"role": "user", "content": "question two"},
+        {"role": "assistant", "content": "second answer"},
+    ])
+
+
+def test_mask_covers_exactly_the_assistant_turns_and_their_end_token():
+    tok = tiny_tokenizer()
+    r = render_example(conversation(), tok)
+    assert tok.decode(r.input_ids) == tok.apply_chat_template(conversation().messages, tokenize=False)
+    assert learned_text(tok, r) == "first answer<|im_end|>\nsecond answer<|im_end|>\n"
+    assert len(r.input_ids) == len(r.labels)
+    # every learned position carries its own input token as label (shifting happens in packing)
+    assert all(l in (IGNORE, i) for i, l in zip(r.input_ids, r.labels))
+    assert tok.eos_token_id in [t for t in r.labels if t != IGNORE]
+
+
+def test_weight_zero_turn_is_context_not_target():
+    tok = tiny_tokenizer()
+    r = render_example(conversation(weight_first=0), tok)
+    assert learned_text(tok, r) == "second answer<|im_end|>\n"
+    assert "first answer" in tok.decode(r.input_ids)
+
+
+def test_prompt_ids_match_training_prefix():
+    """What inference feeds the model is exactly what training put before the answer."""
+    tok = tiny_tokenizer()
+    ex = conversation()
+    r = render_example(ex, tok)
+    ids = prompt_ids(tok, ex.messages[:4])
+    assert r.input_ids[: len(ids)] == ids
+    assert r.labels[len(ids) - 1] == IGNORE and r.labels[len(ids)] != IGNORE
+
+
+def test_text_examples_learn_every_token_and_end_with_eos():
+    tok = tiny_tokenizer()
+    r = render_example(Example("text", text="raw domain text"), tok)
+    assert r.labels == r.input_ids
+    assert r.input_ids[-1] == tok.eos_token_id
+
+
+def test_truncation_is_flagged():
+    tok = tiny_tokenizer()
+    r = render_example(conversation(), tok, max_length=20)
+    assert r.truncated and len(r.input_ids) == 20
+
+
+def test_tool_call_turn_renders_as_text():
+    tok = tiny_tokenizer()
+    ex = Example("chat", [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is sunny."},
+    ])
+    text = learned_text(tok, render_example(ex, tok))
+    assert '"name": "w"' in text and text.endswith("It is sunny.<|im_end|>\n")
+
+
+@pytest.mark.slow
+def test_mask_with_the_embedded_models_own_template():
+    from tuneforge.models.load import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    r = render_example(conversation(), tok)
+    assert learned_text(tok, r) == "first answer<|im_end|>\nsecond answer<|im_end|>\n"

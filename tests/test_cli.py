@@ -1,0 +1,130 @@
+"""The command line as scripts use it: exit codes, stdout carrying only the result, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_chat
+from tuneforge.train import metrics as metrics_log
+from tuneforge.train.checkpoint import checkpoint_dirs
+
+
+def tf(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_validate_reports_errors_with_line_and_code(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    bad.write_text("\n".join([good] * 11 + ['{"messages": [{"role": "robot", "content": "x"}]}']) + "\n")
+    proc = tf("data", "validate", bad, "--base", "tiny-llama", "--json", check=False)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    codes = {(e["code"], e["line"]) for e in report["errors"]}
+    assert ("unrecognized_role", 12) in codes
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_good_file_shows_epochs_and_cost(chat_file):
+    proc = tf("data", "validate", chat_file, "--base", "tiny-llama", "--json")
+    report = json.loads(proc.stdout)
+    assert report["n_examples"] == 24 and report["n_epochs"] == 4
+    assert any(c["model"] == "gpt-3.5-turbo" for c in report["costs"])
+
+
+def test_missing_file_and_unknown_model_are_one_line_errors(tmp_path, chat_file):
+    proc = tf("data", "validate", tmp_path / "nope.jsonl", check=False)
+    assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "no-such-model", check=False)
+    assert proc.returncode == 2 and "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--n-epochs", "many", check=False)
+    assert proc.returncode == 2 and "many" in proc.stderr
+
+
+def test_convert_csv_then_train_then_chat_prints_only_the_answer(tmp_path):
+    csv = tmp_path / "qa.csv"
+    csv.write_text("q,a\n" + "".join(f"What is {i} plus {i}?,{2 * i}\n" for i in range(12)))
+    out = tmp_path / "data.jsonl"
+    tf("data", "convert", csv, "--prompt-col", "q", "--completion-col", "a", "-o", out)
+    assert len(out.read_text().splitlines()) == 12
+    result = json.loads(tf("train", "--data", out, "--out", tmp_path / "run", "--base", "tiny-llama",
+                           "--n-epochs", "1", "--json").stdout)
+    assert result["steps"] == 3 and result["config"]["n_epochs"] == 1
+    proc = tf("chat", tmp_path / "run", "What is 3 plus 3?", "--max-tokens", "5", "--json")
+    answer = json.loads(proc.stdout)
+    assert answer["completion_tokens"] <= 5 and set(answer) >= {"text", "finish_reason"}
+    plain = tf("chat", tmp_path / "run", "What is 3 plus 3?", "--max-tokens", "5").stdout
+    assert plain == answer["text"] + "\n"  # greedy: same answer, and nothing else on stdout
+
+
+def test_convert_reports_missing_column(tmp_path):
+    csv = tmp_path / "qa.csv"
+    csv.write_text("question,answer\nq,a\n")
+    proc = tf("data", "convert", csv, "--prompt-col", "q", "--completion-col", "a", "-o", tmp_path / "o.jsonl",
+              check=False)
+    assert proc.returncode == 2 and "'q'" in proc.stderr and "question" in proc.stderr
+
+
+def test_train_resumes_after_a_kill(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 40)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--data", str(data), "--out", str(run),
+           "--base", "tiny-llama", "--n-epochs", "4", "--batch-size", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not checkpoint_dirs(run) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint_dirs(run), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+    proc.wait()
+    killed_at = len(metrics_log.read(run))
+    assert killed_at < 72
+    result = json.loads(tf("train", "--resume", run, "--json").stdout)
+    steps = [r["step"] for r in metrics_log.read(run)]
+    assert result["steps"] == 72 and steps == list(range(1, 73))  # no step lost or repeated
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", 40)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--data", str(data), "--out", str(run),
+           "--base", "tiny-llama", "--n-epochs", "20", "--batch-size", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    deadline = time.time() + 300
+    while len(metrics_log.read(run)) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"tuneforge train --resume {run}" in err
+    state = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())
+    assert state["kind"] == "interrupt" and state["state"]["global_step"] >= 3
+
+
+def test_export_writes_a_loadable_merged_model(tmp_path, chat_file):
+    tf("train", "--data", chat_file, "--out", tmp_path / "run", "--base", "tiny-llama", "--n-epochs", "1")
+    tf("export", tmp_path / "run", "-o", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (Path(tmp_path / "merged") / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["data", "--help"], ["train", "--help"], ["eval", "--help"],
+                                  ["chat", "--help"], ["export", "--help"], ["serve", "--help"]])
+def test_every_command_has_help(args):
+    assert "Usage" in tf(*args).stdout

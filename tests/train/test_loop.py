@@ -1,0 +1,112 @@
+"""The training loop on the tiny model: determinism, resume, run folder, early stopping, full FT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneforge.models.load import load_tuned
+from tuneforge.train import metrics as metrics_log
+from tuneforge.train.checkpoint import checkpoint_dirs, read_meta
+from tuneforge.train.config import TrainConfig
+from tuneforge.train.loop import TrainingStopped, train
+
+
+def config(tmp_path, data, name="run", **kw) -> TrainConfig:
+    kw.setdefault("n_epochs", 2)
+    kw.setdefault("batch_size", 4)
+    return TrainConfig(data=str(data), out=str(tmp_path / name), base="tiny-llama", **kw)
+
+
+def losses(run_dir) -> list[float]:
+    return [r["train_loss"] for r in metrics_log.read(run_dir)]
+
+
+def test_run_folder_holds_everything(tmp_path, chat_file):
+    result = train(config(tmp_path, chat_file))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    # "auto" hyperparameters are resolved and written down
+    assert saved["n_epochs"] == 2 and saved["batch_size"] == 4 and saved["learning_rate_multiplier"] == 1.0
+    for name in ("adapter/adapter_model.safetensors", "tokenizer/tokenizer.json", "metrics.jsonl",
+                 "loss.png", "result.json", "baseline.json"):
+        assert (run / name).exists(), name
+    # 24 examples -> 22 train / 2 held out (10%), batch 4 -> 6 steps an epoch, 2 epochs
+    assert result.steps == 12
+    rows = metrics_log.read(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"train_loss", "train_mean_token_accuracy", "learning_rate", "tokens_per_second"} <= rows[0].keys()
+    assert [r["step"] for r in rows if "valid_loss" in r] == [6, 12]  # once an epoch
+    epochs = [read_meta(c) for c in checkpoint_dirs(run)]
+    assert [m["state"]["global_step"] for m in epochs] == [6, 12]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_auto_epochs_follow_openai_rule(tmp_path, chat_file):
+    cfg = TrainConfig(data=str(chat_file), out=str(tmp_path / "r"), base="tiny-llama")
+    resolved = cfg.resolve(22)
+    assert resolved.n_epochs == 4  # 22 * 3 < 100 -> 100 // 22
+    assert resolved.batch_size == 4
+
+
+def test_same_seed_same_losses_other_seed_differs(tmp_path, chat_file):
+    train(config(tmp_path, chat_file, "a", seed=1, lora_dropout=0.1))
+    train(config(tmp_path, chat_file, "b", seed=1, lora_dropout=0.1))
+    train(config(tmp_path, chat_file, "c", seed=2, lora_dropout=0.1))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_resume_after_stop_gives_the_same_run(tmp_path, chat_file):
+    train(config(tmp_path, chat_file, "whole", lora_dropout=0.1))
+    calls = {"n": 0}
+
+    def stop_at_step_8():
+        calls["n"] += 1
+        return "paused" if calls["n"] == 9 else None  # asked before each step: stop before step 9
+
+    cfg = config(tmp_path, chat_file, "split", lora_dropout=0.1)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, should_stop=stop_at_step_8)
+    assert stopped.value.reason == "paused"
+    assert read_meta(stopped.value.checkpoint)["state"]["global_step"] == 8
+    result = train(cfg, resume=True)
+    assert result.steps == 12
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    # the interrupt checkpoint is superseded; only the epoch checkpoints stay
+    assert [read_meta(c)["kind"] for c in checkpoint_dirs(tmp_path / "split")] == ["epoch", "epoch"]
+
+
+def test_full_fine_tuning_and_reload(tmp_path, chat_file):
+    result = train(config(tmp_path, chat_file, method="full", n_epochs=1))
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    model, tok = load_tuned(tmp_path / "run")
+    assert not hasattr(model, "peft_config")
+    assert result.final["train_loss"] > 0
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, chat_file):
+    # validation answers the training data contradicts: the better the model learns the training
+    # pattern, the worse its validation loss gets, so early stopping must trigger
+    valid = tmp_path / "contradicting.jsonl"
+    valid.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"What is twice {i}?"},
+                                 {"role": "assistant", "content": "zq zq zq zq zq"}]}) + "\n"
+        for i in range(10)))
+    result = train(config(tmp_path, chat_file, n_epochs=6, early_stopping_patience=1,
+                          validation_data=str(valid), learning_rate_multiplier=3.0))
+    valid = [r["valid_loss"] for r in metrics_log.read(tmp_path / "run") if "valid_loss" in r]
+    assert result.stopped_early and len(valid) < 6
+    best = min(checkpoint_dirs(tmp_path / "run"), key=lambda c: read_meta(c)["metrics"]["valid_loss"])
+    assert (best / "weights" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_validation_file_replaces_the_held_out_split(tmp_path, chat_file):
+    from tests.conftest import write_chat
+
+    valid = write_chat(tmp_path / "valid.jsonl", 10)
+    result = train(config(tmp_path, chat_file, validation_data=str(valid), n_epochs=1))
+    assert result.steps == 6  # all 24 training examples, batch 4
+    assert result.baseline["n_tokens"] > 0
