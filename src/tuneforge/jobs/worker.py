@@ -1,0 +1,430 @@
+"""A training worker: claims jobs from the database and runs the library's training loop on them.
+
+Started by `tuneforge serve` (one process per `--workers`) or on its own with `tuneforge worker`.
+Training never runs in the API server's process: a job can take hours and the server must keep
+answering. Everything the worker learns (phase messages, metrics, checkpoints, the final model, a
+failure and its reason) goes into the database, where the API reads it.
+
+A job has two phases here: `validating_files` (the training file is checked with the same validator
+as `tuneforge data validate`, so a bad file fails the job with OpenAI's error code), then training
+(`queued` -> `running`). Any exception fails the job with its reason: a job never hangs silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..settings import Settings, get_settings
+from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow, new_id, now, resolve_url, session_factory
+from . import queue
+
+log = logging.getLogger("tuneforge.worker")
+
+CONTROL_POLL_SECONDS = 0.5  # how often should_stop reads the job row (it is called every step)
+PARENT_ENV = "TUNEFORGE_WORKER_PARENT"  # set by `tuneforge serve`: the worker dies with its server
+
+
+class JobFailed(Exception):
+    """A failure with an OpenAI-style error (code, message, param) for the job's `error` field."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+def fine_tuned_name(base_slug: str, org: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's naming: ft:{base}:{org}:{suffix}:{id} (the suffix part stays empty when not given)."""
+    return f"ft:{base_slug}:{org}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
+
+
+def _base_slug(model: str) -> str:
+    from ..models.catalogue import resolve
+
+    try:
+        return resolve(model).slug
+    except ValueError:
+        return model
+
+
+class JobRunner:
+    """Runs one claimed job to its end: succeeded, failed, paused, cancelled or handed back."""
+
+    def __init__(self, sessions: sessionmaker[Session], worker_id: str, job: JobRow, previous: str | None,
+                 settings: Settings, shutdown: threading.Event):
+        self.sessions, self.worker_id, self.settings, self.shutdown = sessions, worker_id, settings, shutdown
+        self.job_id = job.id
+        self.job = job
+        self.previous = previous
+        self.run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
+        self.name = fine_tuned_name(_base_slug(job.model), settings.org, job.suffix, job.id)
+        self.lost = False
+        self._last_poll = 0.0
+        self._last_answer: str | None = None
+        self._mirrored = False
+        self._started = None  # (monotonic time, step) of this attempt's first metrics row
+        self._stop_beating = threading.Event()
+
+    # --- database helpers ---------------------------------------------------------------------------
+
+    def event(self, message: str, **kw) -> None:
+        with self.sessions() as s:
+            queue.add_event(s, self.job_id, message, **kw)
+            s.commit()
+
+    def _transition(self, expected: tuple[str, ...], **values) -> bool:
+        with self.sessions() as s:
+            ok = queue.transition(s, self.job_id, self.worker_id, expected, **values)
+            s.commit()
+            return ok
+
+    def _release(self, message: str | None = None, **values) -> None:
+        with self.sessions() as s:
+            queue.release(s, self.job_id, self.worker_id, **values)
+            if message:
+                queue.add_event(s, self.job_id, message)
+            s.commit()
+
+    def _file_path(self, file_id: str, param: str) -> str:
+        with self.sessions() as s:
+            row = s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == self.job.project))
+        if row is None or not Path(row.path).is_file():
+            raise JobFailed("invalid_file", f"The {param.replace('_', ' ')} {file_id} no longer exists.", param)
+        return row.path
+
+    # --- the job ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat.start()
+        try:
+            self._run()
+        except JobFailed as err:
+            self._fail(err.code, err.message, err.param)
+        except Exception as err:  # any bug or environment problem: the job says why, never hangs
+            log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
+            self._fail(*self._describe(err))
+        finally:
+            self._stop_beating.set()
+            beat.join(timeout=5)
+
+    def _heartbeat(self) -> None:
+        while not self._stop_beating.wait(queue.HEARTBEAT_SECONDS):
+            try:
+                with self.sessions() as s:
+                    if not queue.heartbeat(s, self.job_id, self.worker_id):
+                        self.lost = True
+                        return
+            except Exception:  # a busy database: try again next beat rather than die
+                log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+
+    def _run(self) -> None:
+        from ..train.checkpoint import checkpoint_dirs, read_meta
+        from ..train.config import TrainConfig
+        from ..train.loop import TrainingStopped, train
+
+        job = self.job
+        if job.run_dir is None:
+            with self.sessions() as s:
+                queue.transition(s, job.id, self.worker_id, queue.CLAIMABLE, run_dir=str(self.run_dir))
+                s.commit()
+        train_path = self._file_path(job.training_file, "training_file")
+        valid_path = self._file_path(job.validation_file, "validation_file") if job.validation_file else None
+
+        if job.status == "validating_files":
+            self._validate(train_path, valid_path)
+            if not self._transition(("validating_files",), status="queued"):
+                return self._step_aside()
+            self.event("Files validated, moving job to queued state")
+
+        ckpts = checkpoint_dirs(self.run_dir)
+        at_step = read_meta(ckpts[-1])["state"]["global_step"] if ckpts else 0
+        if self.previous:
+            where = f"resuming from the checkpoint at step {at_step}" if ckpts else "restarting from the beginning"
+            self.event(f"The worker running this job stopped; {where}", level="warn")
+        elif ckpts:
+            self.event(f"Resuming from the checkpoint at step {at_step}")
+        if not self._transition(("queued", "running"), status="running"):
+            return self._step_aside()
+        if not ckpts and not self.previous:
+            self.event("Fine-tuning job started")
+
+        hp = job.hyperparameters or {}
+        cfg = TrainConfig(
+            data=train_path,
+            out=str(self.run_dir),
+            base=job.model,
+            validation_data=valid_path,
+            n_epochs=hp.get("n_epochs", "auto"),
+            batch_size=hp.get("batch_size", "auto"),
+            learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
+            seed=job.seed,
+        )
+        try:
+            result = train(cfg, on_event=self._on_event, should_stop=self._should_stop, resume=bool(ckpts))
+        except TrainingStopped as stop:
+            return self._stopped(stop.reason, stop.checkpoint)
+        self._succeed(result)
+
+    def _validate(self, train_path: str, valid_path: str | None) -> None:
+        from ..data.validate import validate_file
+
+        for file_id, path, param in ((self.job.training_file, train_path, "training_file"),
+                                     (self.job.validation_file, valid_path, "validation_file")):
+            if path is None:
+                continue
+            self.event(f"Validating {param.replace('_', ' ')}: {file_id}")
+            report = validate_file(path)
+            if not report.ok:
+                first = report.errors[0]
+                where = f" (line {first.line})" if first.line else ""
+                more = f"; {len(report.errors) - 1} more error(s)" if len(report.errors) > 1 else ""
+                raise JobFailed(first.code, f"{param.replace('_', ' ').capitalize()} {file_id}: "
+                                f"{first.message}{where}{more}", param)
+
+    def _step_aside(self) -> None:
+        """The API changed the job (paused, cancelled) between two of our steps: let it go."""
+        self._release()
+
+    # --- events from the training loop ---------------------------------------------------------------
+
+    def _on_event(self, ev: dict) -> None:
+        if not self._mirrored and (self.run_dir / "config.json").exists():
+            self._mirror_hyperparameters()
+        if ev["type"] == "message":
+            if ev["message"] != "Training finished":  # _succeed says it, once the model is registered
+                self.event(ev["message"])
+        elif ev["type"] == "metrics":
+            self._metrics(ev["data"])
+        elif ev["type"] == "checkpoint":
+            self._checkpoint(Path(ev["path"]), ev["step"], ev.get("metrics") or {})
+
+    def _mirror_hyperparameters(self) -> None:
+        """Replace "auto" with the values the loop resolved (config.json), as OpenAI shows them."""
+        from ..train.config import TrainConfig
+
+        cfg = TrainConfig.load(self.run_dir)
+        resolved = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
+                    "learning_rate_multiplier": cfg.learning_rate_multiplier}
+        with self.sessions() as s:
+            queue.transition(s, self.job_id, self.worker_id, queue.CLAIMABLE + ("paused",),
+                             hyperparameters=resolved)
+            s.commit()
+        self._mirrored = True
+
+    def _metrics(self, row: dict) -> None:
+        keys = ("step", "train_loss", "valid_loss", "train_mean_token_accuracy", "valid_mean_token_accuracy",
+                "total_steps")
+        data = {k: row[k] for k in keys if row.get(k) is not None}
+        msg = f"Step {row['step']}/{row['total_steps']}: training loss={row['train_loss']:.4f}"
+        if row.get("valid_loss") is not None:
+            msg += f", validation loss={row['valid_loss']:.4f}"
+        t = time.monotonic()
+        if self._started is None:
+            self._started = (t, row["step"] - 1)
+        t0, step0 = self._started
+        per_step = (t - t0) / max(row["step"] - step0, 1)
+        eta = now() + per_step * (row["total_steps"] - row["step"])
+        with self.sessions() as s:
+            queue.add_event(s, self.job_id, msg, type="metrics", data=data)
+            queue.transition(s, self.job_id, self.worker_id, ("running",), estimated_finish=eta)
+            s.commit()
+
+    def _checkpoint(self, path: Path, step: int, metrics: dict) -> None:
+        with self.sessions() as s:
+            if self._add_checkpoint_row(s, path, step, metrics):
+                queue.add_event(s, self.job_id, f"Checkpoint created at step {step}")
+            s.commit()
+
+    def _add_checkpoint_row(self, s: Session, path: Path, step: int, metrics: dict) -> bool:
+        exists = s.scalar(select(CheckpointRow.id).where(CheckpointRow.job_id == self.job_id,
+                                                         CheckpointRow.step == step))
+        if exists:
+            return False
+        keys = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+        s.add(CheckpointRow(
+            id=new_id("ftckpt_"), job_id=self.job_id, step=step, name=f"{self.name}:ckpt-step-{step}",
+            path=str(path / "weights"), metrics={k: metrics.get(k) for k in keys if metrics.get(k) is not None},
+        ))
+        return True
+
+    def _should_stop(self) -> str | None:
+        if self.shutdown.is_set():
+            return "shutdown"
+        if self.lost:
+            return "lost"
+        t = time.monotonic()
+        if t - self._last_poll < CONTROL_POLL_SECONDS:
+            return self._last_answer
+        self._last_poll = t
+        with self.sessions() as s:
+            status, control, holder = s.execute(
+                select(JobRow.status, JobRow.control, JobRow.worker_id).where(JobRow.id == self.job_id)
+            ).one()
+            if holder != self.worker_id:
+                self._last_answer = "lost"
+            elif control in ("cancel", "pause"):
+                self._last_answer = control
+            else:
+                self._last_answer = None
+                if status == "queued":  # resumed before we noticed the pause: just keep going
+                    queue.transition(s, self.job_id, self.worker_id, ("queued",), status="running")
+                    s.commit()
+        return self._last_answer
+
+    # --- endings ------------------------------------------------------------------------------------
+
+    def _stopped(self, reason: str, checkpoint: Path) -> None:
+        from ..train.checkpoint import read_meta
+
+        step = read_meta(checkpoint)["state"]["global_step"]
+        if reason == "lost":
+            log.warning("job %s was taken over by another worker; stopping", self.job_id)
+        elif reason == "cancel":
+            self._release(f"Training stopped at step {step}")
+        elif reason == "pause":
+            self._release(f"Checkpoint saved at step {step}; the job resumes from it when resumed")
+        else:  # shutdown (SIGTERM, the server stopping): back to the queue for the next worker
+            with self.sessions() as s:
+                queue.transition(s, self.job_id, self.worker_id, ("running",), status="queued")
+                queue.release(s, self.job_id, self.worker_id, estimated_finish=None)
+                queue.add_event(s, self.job_id, f"Worker shut down; the job resumes from step {step}")
+                s.commit()
+
+    def _succeed(self, result) -> None:
+        from ..train.checkpoint import checkpoint_dirs, read_meta
+
+        results_file = self._write_results_csv()
+        cfg = result.config
+        resolved = {"n_epochs": cfg["n_epochs"], "batch_size": cfg["batch_size"],
+                    "learning_rate_multiplier": cfg["learning_rate_multiplier"]}
+        with self.sessions() as s:
+            # One transaction: the model exists exactly when the job says succeeded. A job cancelled
+            # while its last step ran stays cancelled and gets no model.
+            done = queue.transition(
+                s, self.job_id, self.worker_id, ("running", "queued", "paused"),
+                status="succeeded", fine_tuned_model=self.name, trained_tokens=result.trained_tokens,
+                finished_at=now(), estimated_finish=None, hyperparameters=resolved,
+                result_files=[results_file.id] if results_file else [],
+            )
+            if done:
+                for ckpt in checkpoint_dirs(self.run_dir):  # a kill may have skipped a checkpoint row
+                    meta = read_meta(ckpt)
+                    if meta["kind"] == "epoch":
+                        self._add_checkpoint_row(s, ckpt, meta["state"]["global_step"], meta["metrics"])
+                if results_file:
+                    s.add(results_file)
+                s.add(ModelRow(id=self.name, project=self.job.project, base=self.job.model, job_id=self.job_id,
+                               path=result.weights, owned_by=self.settings.org))
+                queue.add_event(s, self.job_id, f"New fine-tuned model created: {self.name}")
+                queue.add_event(s, self.job_id, "The job has successfully completed")
+            queue.release(s, self.job_id, self.worker_id)
+            s.commit()
+
+    def _write_results_csv(self) -> FileRow | None:
+        """OpenAI's step_metrics.csv: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
+        from ..train import metrics as metrics_log
+
+        rows = metrics_log.read(self.run_dir)
+        file_id = new_id("file-")
+        path = self.settings.files_dir / file_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+            for r in rows:
+                w.writerow([r["step"], r.get("train_loss"), r.get("train_mean_token_accuracy"),
+                            r.get("valid_loss", ""), r.get("valid_mean_token_accuracy", "")])
+        return FileRow(id=file_id, project=self.job.project, filename="step_metrics.csv",
+                       purpose="fine-tune-results", bytes=path.stat().st_size, path=str(path))
+
+    def _describe(self, err: Exception) -> tuple[str, str, str | None]:
+        from ..data.validate import DataError
+        from ..models.catalogue import ModelNotFound
+
+        if isinstance(err, DataError) and err.report.errors:
+            first = err.report.errors[0]
+            return first.code, first.message, "training_file"
+        if isinstance(err, ModelNotFound):
+            return "model_not_available", str(err), "model"
+        return "training_error", f"{type(err).__name__}: {err}", None
+
+    def _fail(self, code: str, message: str, param: str | None) -> None:
+        with self.sessions() as s:
+            failed = queue.transition(
+                s, self.job_id, self.worker_id, queue.CLAIMABLE + ("paused",), status="failed",
+                error={"code": code, "message": message, "param": param}, finished_at=now(), estimated_finish=None,
+            )
+            if failed:
+                queue.add_event(s, self.job_id, f"Fine-tuning job failed: {message}", level="error")
+            queue.release(s, self.job_id, self.worker_id)
+            s.commit()
+
+
+# --- the process ------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """A worker started by `tuneforge serve` must not outlive it (a killed server leaves no orphans
+    training on). Linux delivers SIGTERM when the parent dies; the handler checkpoints and exits."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def run_worker(database_url: str | None = None, poll_interval: float = 1.0, once: bool = False) -> None:
+    """Claim and run jobs until SIGTERM/SIGINT (or, with once=True, after at most one job)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    _die_with_parent()
+    settings = get_settings()
+    url = resolve_url(database_url)
+    sessions = session_factory(url)
+    worker_id = queue.make_worker_id()
+    shutdown = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: shutdown.set())
+    log.info("%s polling %s", worker_id, url.split("@")[-1])
+    while not shutdown.is_set():
+        with sessions() as s:
+            got = queue.claim(s, worker_id)
+        if got is None:
+            if once:
+                return
+            shutdown.wait(poll_interval)
+            continue
+        job, previous = got
+        log.info("claimed %s (%s)", job.id, job.status)
+        JobRunner(sessions, worker_id, job, previous, settings, shutdown).run()
+        if once:
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tuneforge.jobs.worker")
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    run_worker(args.database_url, args.poll_interval)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Chat Completions and legacy Completions, plain and streamed (SSE), for base and fine-tuned models.
+
+Streaming follows OpenAI's wire format: `data: <chunk JSON>` lines, the first chunk of a choice
+carrying the role, the last its finish_reason, an optional usage-only chunk (`choices: []`) when
+`stream_options.include_usage` is set, and `data: [DONE]`. A failure after the response has
+started can no longer change the status, so it is sent as an `error` event, which the SDK raises.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from ..models.generate import Completion, Sampling
+from ..store.database import new_id
+from ..store.keys import Principal
+from .deps import DB, Caller
+from .engine import Engine, Target
+from .errors import APIError, bad_request, error_body
+from .models import resolve_model
+from .protocol import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatRequest, CompletionChoice, CompletionRequest, SamplingParams,
+    TextCompletion, Usage,
+)
+
+FINGERPRINT = "tuneforge"
+MAX_N = 16
+DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI's default is "up to the context"; a bound keeps CPUs answering
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy endpoint's documented default
+
+
+def _samplings(req: SamplingParams, max_tokens: int | None, default_max: int, prompt_tokens: int,
+               context: int, copies: int = 1) -> list[Sampling]:
+    """Check the sampling parameters (400 with the parameter named, as OpenAI answers) and build
+    one Sampling per choice; choice i of a seeded request uses seed+i, so choices differ but repeat."""
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if not 0 <= temperature <= 2:
+        raise bad_request(f"temperature must be between 0 and 2, got {temperature}", param="temperature",
+                          code="invalid_value")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not 0 < top_p <= 1:
+        raise bad_request(f"top_p must be greater than 0 and at most 1, got {top_p}", param="top_p",
+                          code="invalid_value")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4:
+        raise bad_request("stop takes at most 4 sequences", param="stop", code="invalid_value")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    if req.logprobs:
+        raise bad_request("logprobs are not supported by this server", param="logprobs",
+                          code="unsupported_parameter")
+    room = context - prompt_tokens
+    if room < 1:
+        raise bad_request(f"This model's maximum context length is {context} tokens; the prompt has "
+                          f"{prompt_tokens}.", param="messages", code="context_length_exceeded")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens", code="invalid_value")
+    if max_tokens is not None and max_tokens > room:
+        raise bad_request(f"This model's maximum context length is {context} tokens. You requested "
+                          f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
+                          "the completion).", param="max_tokens", code="context_length_exceeded")
+    limit = max_tokens if max_tokens is not None else min(default_max, room)
+    seeds = [None if req.seed is None else req.seed + i for i in range(n * copies)]
+    return [Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, stop=stop or None, seed=sd)
+            for sd in seeds]
+
+
+def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    if not req.messages:
+        raise bad_request("messages must contain at least one message", param="messages", code="invalid_value")
+    out = []
+    for m in req.messages:
+        # Chat templates know system/user/assistant; OpenAI's newer `developer` role is the system role.
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
+    return out
+
+
+def _usage(prompt_tokens: int, results: list[Completion]) -> Usage:
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def _note_usage(request: Request, model: str, usage: Usage | None) -> None:
+    request.state.model = model
+    if usage is not None:
+        request.state.prompt_tokens = usage.prompt_tokens
+        request.state.completion_tokens = usage.completion_tokens
+
+
+def _measure(engine: Engine, target: Target, prompt: list[dict] | str) -> tuple[int, int]:
+    try:
+        return engine.prompt_length(target, prompt)
+    except APIError:
+        raise
+    except Exception as err:  # e.g. a chat template that rejects this sequence of roles
+        raise bad_request(f"The model's chat template cannot render these messages: {err}", param="messages",
+                          code="invalid_messages") from err
+
+
+# --- handlers ---------------------------------------------------------------------------------------
+
+
+def chat_completion(request: Request, db: Session, caller: Principal, req: ChatRequest):
+    engine: Engine = request.app.state.engine
+    request.state.model = req.model
+    target = resolve_model(db, caller, req.model)
+    messages = _chat_messages(req)
+    prompt_tokens, context = _measure(engine, target, messages)
+    samplings = _samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
+                           prompt_tokens, context)
+    work = [(messages, s) for s in samplings]
+    cid, created = "chatcmpl-" + new_id("", 29), int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
+                                          include_usage, request))
+    results = engine.complete(target, work)
+    usage = _usage(prompt_tokens, results)
+    _note_usage(request, req.model, usage)
+    return ChatCompletion(
+        id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+                 for i, r in enumerate(results)],
+    )
+
+
+def text_completion(request: Request, db: Session, caller: Principal, req: CompletionRequest):
+    engine: Engine = request.app.state.engine
+    request.state.model = req.model
+    target = resolve_model(db, caller, req.model)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts or any(not p for p in prompts):
+        raise bad_request("prompt must be a non-empty string or list of non-empty strings", param="prompt",
+                          code="invalid_value")
+    if req.suffix:
+        raise bad_request("suffix (insertion) is not supported by this server", param="suffix",
+                          code="unsupported_parameter")
+    lengths = [_measure(engine, target, p) for p in prompts]
+    prompt_tokens, context = max(n for n, _ in lengths), lengths[0][1]
+    per_prompt = _samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context)
+    work = [(p, s) for p in prompts for s in per_prompt]
+    total_prompt = sum(n for n, _ in lengths)
+    cid, created = "cmpl-" + new_id("", 29), int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(request, _text_chunks(engine, target, work, cid, created, req.model, total_prompt,
+                                          include_usage, bool(req.echo), request))
+    results = engine.complete(target, work)
+    usage = _usage(total_prompt, results)
+    _note_usage(request, req.model, usage)
+    return TextCompletion(
+        id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
+        choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason)
+                 for i, ((p, _), r) in enumerate(zip(work, results))],
+    )
+
+
+# --- streaming --------------------------------------------------------------------------------------
+
+
+def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, str | Completion]]:
+    q = engine.stream(target, work)
+    while True:
+        item = await anyio.to_thread.run_sync(q.get)
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request):
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": FINGERPRINT}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
+        return base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
+
+    results: list[Completion] = []
+    started: set[int] = set()
+    try:
+        async for i, item in _generated(engine, target, work):
+            if i not in started:
+                started.add(i)
+                yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+            if isinstance(item, Completion):
+                results.append(item)
+                yield chunk(i, {}, item.finish_reason)
+            elif item:
+                yield chunk(i, {"content": item})
+    except Exception as err:
+        yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
+        return
+    usage = _usage(prompt_tokens, results)
+    _note_usage(request, model, usage)
+    if include_usage:
+        yield base | {"choices": [], "usage": usage.model_dump()}
+
+
+async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, echo, request):
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": FINGERPRINT}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str, finish: str | None = None) -> dict:
+        return base | {"choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]} | extra
+
+    results: list[Completion] = []
+    started: set[int] = set()
+    try:
+        async for i, item in _generated(engine, target, work):
+            if echo and i not in started:
+                started.add(i)
+                yield chunk(i, work[i][0])
+            if isinstance(item, Completion):
+                results.append(item)
+                yield chunk(i, "", item.finish_reason)
+            elif item:
+                yield chunk(i, item)
+    except Exception as err:
+        yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
+        return
+    usage = _usage(prompt_tokens, results)
+    _note_usage(request, model, usage)
+    if include_usage:
+        yield base | {"choices": [], "usage": usage.model_dump()}
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+def chat_route(req: ChatRequest, request: Request, db: DB, caller: Caller):
+    return chat_completion(request, db, caller, req)
+
+
+@router.post("/completions", response_model=TextCompletion,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+def completions_route(req: CompletionRequest, request: Request, db: DB, caller: Caller):
+    return text_completion(request, db, caller, req)

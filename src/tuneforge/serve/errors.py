@@ -1,0 +1,100 @@
+"""Every error leaves the server as OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+
+The status decides which exception the `openai` SDK raises (400 BadRequestError, 401
+AuthenticationError, 404 NotFoundError, 409 ConflictError, 413, 422 UnprocessableEntityError), so
+each user mistake gets the status the SDK expects; 500 is reserved for our own bugs. A 409 carries
+`x-should-retry: false`, because the SDK otherwise retries 409s, and a conflict with a job's state
+does not go away by asking again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tuneforge.serve")
+
+_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 500: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = dict(headers or {})
+        if status == 409:
+            self.headers.setdefault("x-should-retry", "false")
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No {kind} with id '{ident}' found.", param=param, code=f"{kind.replace(' ', '_')}_not_found")
+
+
+def conflict(message: str, code: str | None = None) -> APIError:
+    return APIError(409, message, code=code)
+
+
+def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type or _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message, err.type, err.param, err.code),
+                        status_code=err.status, headers=err.headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out += f"[{p}]" if p.isdigit() else f".{p}"
+    return out
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        errors = err.errors()
+        first = errors[0] if errors else {}
+        param = _param_of(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            msg = "We could not parse the JSON body of your request."
+        else:
+            msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "Invalid request")
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more problem(s))"
+        return JSONResponse(error_body(422, msg, param=param, code="invalid_request"), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        msg = err.detail if isinstance(err.detail, str) else "Request failed"
+        if err.status_code == 404:
+            msg = f"Invalid URL ({request.method} {request.url.path})"
+        elif err.status_code == 405:
+            msg = f"Method {request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(err.status_code, msg), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"The server had an error processing your request ({type(err).__name__})."),
+                            status_code=500)

@@ -1,0 +1,208 @@
+"""Fine-tuning jobs API: create, list, retrieve, cancel, pause, resume, events, checkpoints.
+
+Creating a job only writes a row (status `validating_files`); a worker process claims it, validates
+the files as the job's first phase and trains. Hyperparameters can come in the deprecated top-level
+`hyperparameters` or in `method.supervised.hyperparameters`; both are accepted (the method's win)
+and the job shows the same values in both places, "auto" until the worker resolves them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..jobs import queue
+from ..models.catalogue import available
+from ..settings import Settings
+from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, new_id
+from ..store.keys import Principal
+from .deps import DB, Caller, SettingsDep
+from .errors import bad_request, not_found
+from .paging import check_limit, page, page_list
+from .protocol import (
+    Checkpoint, CheckpointList, CheckpointMetrics, EventList, FineTuningJob, Hyperparameters, JobCreate, JobError,
+    JobEvent, JobList, Method, SupervisedMethod,
+)
+
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)
+LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 100.0)}
+
+
+def job_object(row: JobRow, settings: Settings) -> FineTuningJob:
+    hp = Hyperparameters(**{k: row.hyperparameters.get(k, "auto") for k in LIMITS})
+    return FineTuningJob(
+        id=row.id, created_at=int(row.created_at), error=JobError(**row.error) if row.error else None,
+        fine_tuned_model=row.fine_tuned_model, finished_at=int(row.finished_at) if row.finished_at else None,
+        hyperparameters=hp, model=row.model, organization_id=settings.org, result_files=row.result_files or [],
+        seed=row.seed, status=row.status, trained_tokens=row.trained_tokens, training_file=row.training_file,
+        validation_file=row.validation_file,
+        estimated_finish=int(row.estimated_finish) if row.estimated_finish and row.status == "running" else None,
+        metadata=row.meta, method=Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hp)),
+    )
+
+
+def get_job(db: Session, caller: Principal, job_id: str) -> JobRow:
+    row = db.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.project == caller.project))
+    if row is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return row
+
+
+# --- create -----------------------------------------------------------------------------------------
+
+
+def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> None:
+    row = db.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == caller.project))
+    if row is None:
+        raise bad_request(f"invalid {param}: no file with id '{file_id}' found", param=param, code="invalid_file")
+    if row.purpose != "fine-tune":
+        raise bad_request(f"File {file_id} has purpose '{row.purpose}'; fine-tuning needs purpose 'fine-tune'",
+                          param=param, code="invalid_file_purpose")
+
+
+def _hyperparameters(req: JobCreate) -> dict:
+    hp = req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}
+    prefix = "hyperparameters"
+    if req.method is not None:
+        if req.method.type != "supervised":
+            raise bad_request(f"method.type '{req.method.type}' is not supported by this server yet; "
+                              "use 'supervised'", param="method.type", code="unsupported_method")
+        inner = req.method.supervised.hyperparameters if req.method.supervised else None
+        if inner is not None:
+            hp |= inner.model_dump(exclude_none=True)  # method's values win over the deprecated ones
+            prefix = "method.supervised.hyperparameters"
+    out = {}
+    for name, (lo, hi) in LIMITS.items():
+        value = hp.get(name, "auto")
+        if value != "auto" and not lo <= value <= hi:
+            raise bad_request(f"{name} must be 'auto' or between {lo:g} and {hi:g}, got {value}",
+                              param=f"{prefix}.{name}", code="invalid_hyperparameter")
+        out[name] = value
+    return out
+
+
+def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreate) -> FineTuningJob:
+    if req.model not in available():
+        raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {available()}",
+                          param="model", code="model_not_available")
+    _check_file(db, caller, req.training_file, "training_file")
+    if req.validation_file:
+        _check_file(db, caller, req.validation_file, "validation_file")
+    hp = _hyperparameters(req)
+    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
+        raise bad_request("suffix must be 1 to 64 letters, digits, '-', '_' or '.'", param="suffix",
+                          code="invalid_suffix")
+    if req.metadata and (len(req.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())):
+        raise bad_request("metadata takes at most 16 pairs, keys up to 64 and values up to 512 characters",
+                          param="metadata", code="invalid_metadata")
+    if req.integrations:
+        raise bad_request("integrations are not supported by this server", param="integrations",
+                          code="unsupported_integration")
+    row = JobRow(
+        id=new_id("ftjob-"), project=caller.project, model=req.model, training_file=req.training_file,
+        validation_file=req.validation_file, status="validating_files", hyperparameters=hp, suffix=req.suffix,
+        seed=req.seed if req.seed is not None else random.randrange(2**31), meta=req.metadata,
+    )
+    db.add(row)
+    db.flush()  # the job row must exist before its first event (foreign key)
+    queue.add_event(db, row.id, f"Created fine-tuning job: {row.id}")
+    db.commit()
+    return job_object(row, settings)
+
+
+# --- read -------------------------------------------------------------------------------------------
+
+
+def list_jobs(db: Session, caller: Principal, settings: Settings, after: str | None, limit: int,
+              metadata: dict[str, str]) -> JobList:
+    check_limit(limit, 100)
+    rows = db.scalars(select(JobRow).where(JobRow.project == caller.project).order_by(JobRow.seq.desc())).all()
+    if metadata:  # a JSON column cannot be filtered the same way on SQLite and PostgreSQL
+        rows = [r for r in rows if all((r.meta or {}).get(k) == v for k, v in metadata.items())]
+    rows, more = page_list(rows, after, limit)
+    return JobList(data=[job_object(r, settings) for r in rows], has_more=more)
+
+
+def list_events(db: Session, caller: Principal, job_id: str, after: str | None, limit: int) -> EventList:
+    get_job(db, caller, job_id)
+    check_limit(limit, 1000)
+    rows, more = page(db, select(EventRow).where(EventRow.job_id == job_id), EventRow, after, limit)
+    return EventList(data=[JobEvent(id=r.id, created_at=int(r.created_at), level=r.level, message=r.message,
+                                    data=r.data, type=r.type) for r in rows], has_more=more)
+
+
+def list_checkpoints(db: Session, caller: Principal, job_id: str, after: str | None, limit: int) -> CheckpointList:
+    get_job(db, caller, job_id)
+    check_limit(limit, 100)
+    rows, more = page(db, select(CheckpointRow).where(CheckpointRow.job_id == job_id), CheckpointRow, after, limit)
+    data = [Checkpoint(id=r.id, created_at=int(r.created_at), fine_tuned_model_checkpoint=r.name,
+                       fine_tuning_job_id=r.job_id, step_number=r.step,
+                       metrics=CheckpointMetrics(**(r.metrics | {"step": r.step}))) for r in rows]
+    return CheckpointList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                          has_more=more)
+
+
+def control(db: Session, caller: Principal, settings: Settings, job_id: str, action) -> FineTuningJob:
+    row = get_job(db, caller, job_id)
+    try:
+        action(db, row)
+    except queue.InvalidTransition as err:
+        raise bad_request(str(err), param="fine_tuning_job_id", code="invalid_job_state") from err
+    db.commit()
+    return job_object(row, settings)
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+
+
+@router.post("/jobs", response_model=FineTuningJob)
+def create_route(req: JobCreate, db: DB, caller: Caller, settings: SettingsDep):
+    return create_job(db, caller, settings, req)
+
+
+@router.get("/jobs", response_model=JobList)
+def list_route(request: Request, db: DB, caller: Caller, settings: SettingsDep, after: str | None = None,
+               limit: Annotated[int, Query()] = 20):
+    # metadata[key]=value query parameters (OpenAI's filter syntax) do not fit a declared parameter.
+    metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+                if k.startswith("metadata[") and k.endswith("]")}
+    return list_jobs(db, caller, settings, after, limit, metadata)
+
+
+@router.get("/jobs/{fine_tuning_job_id}", response_model=FineTuningJob)
+def retrieve_route(fine_tuning_job_id: str, db: DB, caller: Caller, settings: SettingsDep):
+    return job_object(get_job(db, caller, fine_tuning_job_id), settings)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+def cancel_route(fine_tuning_job_id: str, db: DB, caller: Caller, settings: SettingsDep):
+    return control(db, caller, settings, fine_tuning_job_id, queue.cancel)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_route(fine_tuning_job_id: str, db: DB, caller: Caller, settings: SettingsDep):
+    return control(db, caller, settings, fine_tuning_job_id, queue.pause)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_route(fine_tuning_job_id: str, db: DB, caller: Caller, settings: SettingsDep):
+    return control(db, caller, settings, fine_tuning_job_id, queue.resume)
+
+
+@router.get("/jobs/{fine_tuning_job_id}/events", response_model=EventList)
+def events_route(fine_tuning_job_id: str, db: DB, caller: Caller, after: str | None = None,
+                 limit: Annotated[int, Query()] = 20):
+    return list_events(db, caller, fine_tuning_job_id, after, limit)
+
+
+@router.get("/jobs/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+def checkpoints_route(fine_tuning_job_id: str, db: DB, caller: Caller, after: str | None = None,
+                      limit: Annotated[int, Query()] = 10):
+    return list_checkpoints(db, caller, fine_tuning_job_id, after, limit)

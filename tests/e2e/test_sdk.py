@@ -1,0 +1,379 @@
+"""The OpenAI fine-tuning flow against a real `tuneforge serve` process, driven by the real `openai` SDK.
+
+Nothing is mocked: a uvicorn server on a free loopback port with its own TUNEFORGE_HOME (SQLite,
+uploaded files, runs), its own training worker process, and the tiny in-process model as the base
+so the whole flow trains in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+BASE = "tiny-llama"
+
+
+# --- the server process -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, workers: int = 1, env: dict | None = None):
+        self.home, self.workers = home, workers
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, TUNEFORGE_HOME=str(home), TUNEFORGE_WORKER_STALE_SECONDS="10",
+                        PYTHONUNBUFFERED="1", **(env or {}))
+        self.env.pop("TUNEFORGE_DATABASE_URL", None)
+        self.key: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.log = home / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "Server":
+        self.port = _free_port()
+        # Its own session: SIGKILL to the group takes the workers down too (a crashed machine).
+        self.proc = subprocess.Popen(
+            ["tuneforge", "serve", "--port", str(self.port), "--workers", str(self.workers)],
+            env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"server did not start:\n{self.log.read_text()[-3000:]}")
+        if self.key is None:  # printed once, on the fresh install: the line after the announcement
+            lines = self.log.read_text().splitlines()
+            at = next(i for i, line in enumerate(lines) if "shown only once" in line)
+            self.key = lines[at + 1].strip()
+        return self
+
+    def client(self, key: str | None = None) -> OpenAI:
+        return OpenAI(base_url=self.url, api_key=key or self.key, max_retries=0, timeout=60)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def create_key(self, project: str) -> str:
+        out = subprocess.run(["tuneforge", "keys", "create", "--project", project], env=self.env,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve-home")
+    srv = Server(home).start()
+    yield srv
+    srv.stop()
+
+
+# --- data and polling -------------------------------------------------------------------------------
+
+
+def chat_jsonl(n: int, offset: int = 0) -> bytes:
+    rows = []
+    for i in range(offset, offset + n):
+        rows.append({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": f"What is twice {i}?"},
+            {"role": "assistant", "content": f"Twice {i} is {2 * i}."},
+        ]})
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def upload(client: OpenAI, n: int, name: str = "train.jsonl"):
+    return client.files.create(file=(name, io.BytesIO(chat_jsonl(n))), purpose="fine-tune")
+
+
+def wait_for(client: OpenAI, job_id: str, statuses: set[str], timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)]
+    raise AssertionError(f"{job_id} stayed {job.status}; events: {events}")
+
+
+def wait_event(client: OpenAI, job_id: str, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no event with {text!r} for {job_id}")
+
+
+# --- the flow ---------------------------------------------------------------------------------------
+
+
+def test_upload_train_chat_delete(server):
+    client = server.client()
+    f = upload(client, 12)
+    assert f.object == "file" and f.purpose == "fine-tune" and f.status == "processed" and f.bytes > 0
+    assert client.files.retrieve(f.id).filename == "train.jsonl"
+    assert client.files.content(f.id).content == chat_jsonl(12)
+    assert f.id in [x.id for x in client.files.list(purpose="fine-tune")]
+
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=f.id, suffix="e2e", seed=7, metadata={"run": "flow"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+    )
+    assert job.object == "fine_tuning.job" and job.status == "validating_files" and job.seed == 7
+    assert job.hyperparameters.n_epochs == 2 and job.method.supervised.hyperparameters.batch_size == 4
+    assert job.hyperparameters.learning_rate_multiplier == "auto"
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "flow"})] == [job.id]
+    assert list(client.fine_tuning.jobs.list(metadata={"run": "other"})) == []
+
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{BASE}:tuneforge:e2e:{job.id[6:14]}"
+    assert done.trained_tokens > 0 and done.finished_at >= done.created_at
+    assert done.hyperparameters.learning_rate_multiplier == 1.0  # "auto" resolved, mirrored in method
+    assert done.method.supervised.hyperparameters.learning_rate_multiplier == 1.0
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed"  # newest first
+    assert messages[-1].startswith("Created fine-tuning job")
+    for phase in ("Validating training file", "Files validated", "Fine-tuning job started",
+                  "Checkpoint created at step 3", "New fine-tuned model created"):
+        assert any(phase in m for m in messages), phase
+    metrics = [e for e in events if e.type == "metrics"]
+    assert len(metrics) == 6
+    assert {"step", "train_loss", "train_mean_token_accuracy", "total_steps"} <= set(metrics[0].data)
+    page = client.fine_tuning.jobs.list_events(job.id, limit=3)
+    assert len(page.data) == 3 and page.has_more
+    assert page.get_next_page().data[0].id == events[3].id  # cursor pagination
+
+    results = client.files.content(done.result_files[0]).text.splitlines()
+    assert results[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert len(results) == 7
+
+    model = done.fine_tuned_model
+    assert model in [m.id for m in client.models.list()]
+    assert client.models.retrieve(model).owned_by == "tuneforge"
+
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 3?"}], max_tokens=8, n=2, seed=1,
+    )
+    assert reply.object == "chat.completion" and len(reply.choices) == 2
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 16
+    again = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 3?"}], max_tokens=8, n=2, seed=1,
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_completion_tokens=6,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    plain = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_tokens=6, temperature=0,
+    )
+    assert streamed == plain.choices[0].message.content
+
+    legacy = client.completions.create(model=model, prompt="Twice 5 is", max_tokens=5, temperature=0)
+    assert legacy.object == "text_completion" and legacy.usage.completion_tokens <= 5
+    base_reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stop=["\n"],
+    )
+    assert base_reply.model == BASE
+
+    ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in ckpts] == [6, 3]  # one per epoch, newest first
+    assert ckpts[1].fine_tuned_model_checkpoint == f"{model}:ckpt-step-3"
+    assert ckpts[1].metrics.train_loss is not None
+    from_ckpt = client.chat.completions.create(
+        model=ckpts[1].fine_tuned_model_checkpoint, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+    )
+    assert from_ckpt.choices[0].message.content is not None
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert "already succeeded" in err.value.message
+
+    assert client.models.delete(model).deleted is True
+    assert model not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    assert client.files.delete(f.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+def test_bad_training_file_fails_the_job(server):
+    client = server.client()
+    f = upload(client, 3)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id)
+    failed = wait_for(client, job.id, {"failed", "succeeded"})
+    assert failed.status == "failed"
+    assert failed.error.code == "invalid_n_examples" and failed.error.param == "training_file"
+    assert "has 3 example(s), but must have at least 10" in failed.error.message
+    levels = {e.level for e in client.fine_tuning.jobs.list_events(job.id)}
+    assert "error" in levels
+
+
+def test_cancel_pause_resume(server):
+    client = server.client()
+    one_by_one = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}}
+    a = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 40).id, method=one_by_one)
+    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 12).id, method=one_by_one)
+
+    # b is still waiting behind a: pausing and resuming a queued job needs no worker at all.
+    assert client.fine_tuning.jobs.pause(b.id).status == "paused"
+    wait_event(client, a.id, "Step 2/")
+    cancelled = client.fine_tuning.jobs.cancel(a.id)
+    assert cancelled.status == "cancelled"
+    wait_event(client, a.id, "Training stopped at step")
+    assert client.fine_tuning.jobs.retrieve(a.id).fine_tuned_model is None
+
+    assert client.fine_tuning.jobs.resume(b.id).status == "queued"
+    wait_event(client, b.id, "Step 3/")
+    assert client.fine_tuning.jobs.pause(b.id).status == "paused"
+    wait_event(client, b.id, "Checkpoint saved at step")
+    metrics = lambda: [e for e in client.fine_tuning.jobs.list_events(b.id, limit=100) if e.type == "metrics"]  # noqa: E731
+    at_pause = len(metrics())
+    time.sleep(1.5)
+    assert len(metrics()) == at_pause  # a paused job does not train
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(b.id)  # already paused
+    client.fine_tuning.jobs.resume(b.id)
+    done = wait_for(client, b.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error
+    assert len(metrics()) == 12  # no step lost or repeated across the pause
+    assert any("Resuming from the checkpoint at step" in e.message
+               for e in client.fine_tuning.jobs.list_events(b.id, limit=100))
+
+
+def test_errors_map_to_sdk_exceptions(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
+    assert err.value.body["code"] == "fine-tuning_job_not_found" or err.value.status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-nope")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("ft:nope")
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError) as err:
+        server.client("tf-wrong-key-000000").models.list()
+    assert err.value.body["code"] == "invalid_api_key"
+
+    f = upload(client, 10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model=BASE, training_file=f.id, hyperparameters={"n_epochs": 0})
+    assert err.value.body["param"] == "hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model="gpt-4o", training_file=f.id)
+    assert err.value.body["code"] == "model_not_available"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model=BASE, training_file="file-missing")
+    assert err.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], n=0)
+    assert err.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model=BASE, messages="not a list")
+    assert err.value.body["param"] == "messages"
+
+    # The raw wire shape, for clients other than the SDK.
+    r = httpx.get(f"{server.url}/fine_tuning/jobs/ftjob-x", headers={"Authorization": f"Bearer {server.key}"})
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.url}/models").status_code == 401
+    spec = httpx.get(f"{server.url.removesuffix('/v1')}/openapi.json").json()
+    assert "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints" in spec["paths"]
+
+
+def test_projects_are_isolated(server):
+    alice = server.client()
+    bob = server.client(server.create_key("bob"))
+    f = upload(alice, 10)
+    job = alice.fine_tuning.jobs.create(model=BASE, training_file=f.id)
+    alice.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(f.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.list_events(job.id)
+    with pytest.raises(openai.BadRequestError):  # another project's file cannot be trained on
+        bob.fine_tuning.jobs.create(model=BASE, training_file=f.id)
+    assert f.id not in [x.id for x in bob.files.list()]
+    assert job.id not in [j.id for j in bob.fine_tuning.jobs.list()]
+    assert {m.id for m in bob.models.list()} <= {"tiny-llama", "smollm2-135m-instruct"}
+
+
+def test_killed_server_resumes_the_job(tmp_path):
+    srv = Server(tmp_path / "home").start()
+    try:
+        client = srv.client()
+        f = upload(client, 12)
+        job = client.fine_tuning.jobs.create(
+            model=BASE, training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
+        )
+        wait_event(client, job.id, "Checkpoint created at step 6")
+        wait_event(client, job.id, "Step 7/")
+        srv.kill()  # server and worker, SIGKILL: no chance to save anything more
+
+        srv.start()
+        client = srv.client()
+        done = wait_for(client, job.id, {"succeeded", "failed"}, timeout=180)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500)]
+        assert any("resuming from the checkpoint at step 6" in m for m in messages), messages[:10]
+        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [18, 12, 6]
+        reply = client.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        )
+        assert reply.usage.completion_tokens <= 3
+    finally:
+        srv.stop()
