@@ -377,3 +377,37 @@ def test_killed_server_resumes_the_job(tmp_path):
         assert reply.usage.completion_tokens <= 3
     finally:
         srv.stop()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SHAKESPEAREAN = ("thou", "thee", "thy", "doth", "hath", "'tis", "verily", "forsooth", "prithee", "ere", "nay")
+
+
+@pytest.mark.slow
+def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(shared_models_dir, target_is_directory=True)  # GGUF conversion cache
+    srv = Server(home).start()
+    try:
+        client = srv.client()
+        train = client.files.create(file=open(EXAMPLES / "shakespeare_ml.jsonl", "rb"), purpose="fine-tune")
+        valid = client.files.create(file=open(EXAMPLES / "shakespeare_ml_heldout.jsonl", "rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="smollm2-135m-instruct", training_file=train.id, validation_file=valid.id, suffix="bard",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        )
+        done = wait_for(client, job.id, {"succeeded", "failed"}, timeout=1800)
+        assert done.status == "succeeded", done.error
+        ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        assert len(ckpts) == 2 and ckpts[0].metrics.valid_loss < ckpts[1].metrics.valid_loss + 0.5
+        reply = client.chat.completions.create(
+            model=done.fine_tuned_model, temperature=0, max_tokens=80,
+            messages=[{"role": "system", "content": "You are a tutor who explains machine learning in the style "
+                                                    "of William Shakespeare."},
+                      {"role": "user", "content": "What is the curse of dimensionality?"}],
+        )
+        answer = reply.choices[0].message.content.lower()
+        assert any(w in answer.replace(",", " ").split() for w in SHAKESPEAREAN), answer
+    finally:
+        srv.stop()

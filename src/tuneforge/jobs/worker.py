@@ -399,23 +399,29 @@ def run_worker(database_url: str | None = None, poll_interval: float = 1.0, once
     sessions = session_factory(url)
     worker_id = queue.make_worker_id()
     shutdown = threading.Event()
+    previous_handlers = {}
     if threading.current_thread() is threading.main_thread():
+        # SIGTERM/SIGINT ask the running job to checkpoint and go back to the queue, then we exit.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: shutdown.set())
+            previous_handlers[sig] = signal.signal(sig, lambda *_: shutdown.set())
     log.info("%s polling %s", worker_id, url.split("@")[-1])
-    while not shutdown.is_set():
-        with sessions() as s:
-            got = queue.claim(s, worker_id)
-        if got is None:
+    try:
+        while not shutdown.is_set():
+            with sessions() as s:
+                got = queue.claim(s, worker_id)
+            if got is None:
+                if once:
+                    return
+                shutdown.wait(poll_interval)
+                continue
+            job, previous = got
+            log.info("claimed %s (%s)", job.id, job.status)
+            JobRunner(sessions, worker_id, job, previous, settings, shutdown).run()
             if once:
                 return
-            shutdown.wait(poll_interval)
-            continue
-        job, previous = got
-        log.info("claimed %s (%s)", job.id, job.status)
-        JobRunner(sessions, worker_id, job, previous, settings, shutdown).run()
-        if once:
-            return
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,83 @@
+"""The worker in-process: a good file trains to a registered model, a bad one fails with its code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tuneforge.jobs.worker import fine_tuned_name, run_worker
+from tuneforge.settings import get_settings
+from tuneforge.store.database import CheckpointRow, EventRow, FileRow, JobRow, ModelRow, new_id, session
+
+
+def add_file(n: int) -> str:
+    file_id = new_id("file-")
+    path = Path(get_settings().files_dir) / f"{file_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"twice {i}?"},
+                                             {"role": "assistant", "content": str(2 * i)}]}) + "\n")
+    with session() as s:
+        s.add(FileRow(id=file_id, project="p", filename="t.jsonl", purpose="fine-tune", bytes=1, path=str(path)))
+        s.commit()
+    return file_id
+
+
+def add_job(file_id: str, **hp) -> str:
+    with session() as s:
+        row = JobRow(id=new_id("ftjob-"), project="p", model="tiny-llama", training_file=file_id,
+                     status="validating_files", hyperparameters=hp, seed=3, suffix="unit")
+        s.add(row)
+        s.commit()
+        return row.id
+
+
+def load(job_id: str):
+    with session() as s:
+        job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+        events = s.scalars(select(EventRow.message).where(EventRow.job_id == job_id).order_by(EventRow.seq)).all()
+        ckpts = s.scalars(select(CheckpointRow.step).where(CheckpointRow.job_id == job_id)).all()
+        model = s.scalar(select(ModelRow).where(ModelRow.job_id == job_id))
+    return job, events, ckpts, model
+
+
+def test_worker_trains_a_job_to_a_model():
+    job_id = add_job(add_file(10), n_epochs=2, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    job, events, ckpts, model = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.worker_id is None and job.trained_tokens > 0
+    assert job.hyperparameters == {"n_epochs": 2, "batch_size": 5, "learning_rate_multiplier": 1.0}
+    assert job.fine_tuned_model == fine_tuned_name("tiny-llama", "tuneforge", "unit", job_id) == model.id
+    assert Path(model.path, "adapter_model.safetensors").is_file()
+    assert sorted(ckpts) == [2, 4]
+    assert events[0].startswith("Validating training file") and events[-1] == "The job has successfully completed"
+    assert "Files validated, moving job to queued state" in events
+    with session() as s:
+        results = s.scalar(select(FileRow).where(FileRow.id == job.result_files[0]))
+    assert results.purpose == "fine-tune-results"
+    assert Path(results.path).read_text().splitlines()[0].startswith("step,train_loss,train_accuracy")
+
+
+def test_bad_file_fails_in_the_validating_phase():
+    job_id = add_job(add_file(3))
+    run_worker(poll_interval=0.1, once=True)
+    job, events, _, model = load(job_id)
+    assert job.status == "failed" and model is None and job.worker_id is None
+    assert job.error["code"] == "invalid_n_examples" and job.error["param"] == "training_file"
+    assert "has 3 example(s)" in job.error["message"]
+    assert events[-1].startswith("Fine-tuning job failed")
+
+
+def test_missing_file_fails_instead_of_hanging():
+    job_id = add_job("file-gone")
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    assert job.status == "failed" and job.error["param"] == "training_file"
+
+
+def test_once_returns_when_there_is_nothing_to_do():
+    run_worker(poll_interval=0.1, once=True)

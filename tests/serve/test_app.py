@@ -1,0 +1,138 @@
+"""The app in-process (no SDK): error shapes, auth, upload streaming and limits, paging, usage rows."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from tuneforge.monitor.usage import summary
+from tuneforge.serve.app import create_app
+from tuneforge.settings import get_settings
+from tuneforge.store.database import JobRow, new_id, session
+from tuneforge.store.keys import create_key
+
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture
+def client(monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_MAX_UPLOAD_BYTES", "2000")
+    get_settings.cache_clear()
+    key = create_key("proj")
+    with TestClient(create_app(get_settings()), raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        yield c
+
+
+def upload(c, body: bytes = b'{"messages": []}\n', name: str = "a.jsonl", purpose: str | None = "fine-tune"):
+    data = {"purpose": purpose} if purpose else {}
+    return c.post("/v1/files", files={"file": (name, body)}, data=data)
+
+
+def test_errors_have_openai_shape_and_sdk_statuses(client):
+    r = client.get("/v1/models", headers={"Authorization": ""})
+    assert r.status_code == 401 and set(r.json()["error"]) == ERROR_FIELDS
+    r = client.get("/v1/models", headers={"Authorization": "Bearer tf-nope-nope-nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = client.get("/v1/no/such/route")
+    assert r.status_code == 404 and set(r.json()["error"]) == ERROR_FIELDS
+    r = client.get("/v1/fine_tuning/jobs/ftjob-missing")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "fine_tuning_job_id"
+    r = client.post("/v1/fine_tuning/jobs", json={"model": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] in ("model", "training_file")
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and set(r.json()["error"]) == ERROR_FIELDS
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [], "n": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}],
+                                                 "temperature": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_upload_is_streamed_with_a_limit(client):
+    r = upload(client, b"x" * 3000)  # over the 2000-byte limit of this app
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+    assert list(get_settings().files_dir.glob("*")) == []  # nothing half-written is left behind
+    r = upload(client, purpose=None)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = upload(client, purpose="nonsense")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = client.post("/v1/files", data={"purpose": "fine-tune"})
+    assert r.status_code == 400
+    ok = upload(client, b'{"a": 1}\n')
+    assert ok.status_code == 200 and ok.json()["bytes"] == 9 and ok.json()["object"] == "file"
+    assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b'{"a": 1}\n'
+
+
+def test_file_listing_pages_with_a_cursor(client):
+    ids = [upload(client, name=f"{i}.jsonl").json()["id"] for i in range(5)]
+    first = client.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["has_more"]
+    rest = client.get("/v1/files", params={"limit": 10, "after": first["last_id"]}).json()
+    assert [f["id"] for f in rest["data"]] == ids[::-1][2:] and not rest["has_more"]
+    asc = client.get("/v1/files", params={"order": "asc", "limit": 1}).json()
+    assert asc["data"][0]["id"] == ids[0]
+    assert client.get("/v1/files", params={"limit": 0}).status_code == 400
+
+
+def test_a_file_in_use_is_a_409_that_is_not_retried(client):
+    file_id = upload(client).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id})
+    assert job.status_code == 200 and job.json()["status"] == "validating_files"
+    r = client.delete(f"/v1/files/{file_id}")
+    assert r.status_code == 409 and r.headers["x-should-retry"] == "false"
+    assert client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/files/{file_id}").json() == {"id": file_id, "object": "file", "deleted": True}
+
+
+def test_job_hyperparameters_are_mirrored_and_checked(client):
+    file_id = upload(client).json()["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 3},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2}}}}
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    expected = {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": "auto"}
+    assert job["hyperparameters"] == expected
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": expected},
+                             "dpo": None, "reinforcement": None}
+    dpo = client.post("/v1/fine_tuning/jobs", json=body | {"method": {"type": "dpo"}})
+    assert dpo.status_code == 400 and dpo.json()["error"]["code"] == "unsupported_method"
+    bad = client.post("/v1/fine_tuning/jobs", json=body | {"suffix": "a:b"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
+
+
+def test_chat_and_usage_rows(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": "tiny-llama", "messages": [{"role": "developer", "content": "be brief"},
+                                           {"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    stream = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "abc", "max_tokens": 2,
+                                                  "stream": True, "stream_options": {"include_usage": True}})
+    lines = [line for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and '"usage": {' in lines[-2]
+    rows = {row["model"]: row for row in summary(project="proj")}
+    assert rows["tiny-llama"]["requests"] == 2
+    assert rows["tiny-llama"]["completion_tokens"] == usage["completion_tokens"] + 2
+    assert rows["tiny-llama"]["prompt_tokens"] >= usage["prompt_tokens"]
+
+
+def test_openapi_and_health(client):
+    assert client.get("/health").json()["status"] == "ok"
+    spec = client.get("/openapi.json").json()
+    assert "multipart/form-data" in spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+    assert "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause" in spec["paths"]
+
+
+def test_other_projects_see_nothing(client):
+    file_id = upload(client).json()["id"]
+    other = create_key("other")
+    r = client.get(f"/v1/files/{file_id}", headers={"Authorization": f"Bearer {other}"})
+    assert r.status_code == 404
+    with session() as s:
+        s.add(JobRow(id=new_id("ftjob-"), project="proj", model="tiny-llama", training_file=file_id,
+                     status="queued", hyperparameters={}, seed=1))
+        s.commit()
+        job_id = s.scalar(select(JobRow.id))
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {other}"}).status_code == 404
