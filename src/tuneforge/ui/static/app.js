@@ -1,0 +1,1117 @@
+// tuneforge dashboard. Plain ES modules, no build step, no dependencies: everything it shows comes
+// from the server's public HTTP API (the same one the openai SDK uses), authenticated with the key
+// kept in localStorage.
+
+const KEY_STORAGE = "tuneforge.apiKey";
+const FINAL = ["succeeded", "failed", "cancelled"];
+const POLL_MS = 1500;
+const PALETTE = { train: "#4f46e5", valid: "#e8590c", trainAcc: "#0d9488", validAcc: "#c2255c" };
+
+// ------------------------------------------------------------------------------------------ helpers
+
+/** Build a DOM element: h("a", {href: "#"}, "text", child). Strings are text, never HTML. */
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
+    else if (k === "value") el.value = v;
+    else if (v === true) el.setAttribute(k, "");
+    else el.setAttribute(k, v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+/** Round tick values between lo and hi: steps of 1, 2 or 5 times a power of ten. */
+function niceTicks(lo, hi, n, integer = false) {
+  const raw = (hi - lo) / Math.max(n, 1);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 5, 10].map((k) => k * mag).find((st) => st >= raw) || 10 * mag;
+  if (integer) step = Math.max(1, Math.round(step));
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toFixed(10)));
+  return out;
+}
+
+/** Replace an element's children; null/false children are skipped (replaceChildren would print "null"). */
+function put(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
+    .map((c) => (c instanceof Node ? c : document.createTextNode(String(c)))));
+  return el;
+}
+
+/** SVG element with attributes. */
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) el.setAttribute(k, v);
+  for (const c of children) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+const fmt = {
+  int: (n) => (n === null || n === undefined ? "—" : Number(n).toLocaleString("en-US")),
+  num: (n, d = 3) => (n === null || n === undefined || Number.isNaN(n) ? "—" : Number(n).toFixed(d)),
+  pct: (n) => (n === null || n === undefined ? "—" : `${(n * 100).toFixed(1)}%`),
+  usd: (n) => (n === null || n === undefined ? "—" : n >= 0.01 ? `$${n.toFixed(2)}` : `$${n.toFixed(4)}`),
+  bytes(n) {
+    if (n === null || n === undefined) return "—";
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return `${n < 10 && i ? n.toFixed(1) : Math.round(n)} ${units[i]}`;
+  },
+  duration(sec) {
+    if (sec === null || sec === undefined) return "—";
+    sec = Math.round(sec);
+    const hrs = Math.floor(sec / 3600), min = Math.floor((sec % 3600) / 60), rest = sec % 60;
+    if (hrs) return `${hrs}h ${min}m`;
+    if (min) return `${min}m ${rest}s`;
+    return `${rest}s`;
+  },
+  time(ts) {
+    if (!ts) return "—";
+    const d = new Date(ts * 1000);
+    return d.toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+  },
+  clock(ts) {
+    if (!ts) return "";
+    return new Date(ts * 1000).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  },
+  ago(ts) {
+    if (!ts) return "—";
+    const sec = Date.now() / 1000 - ts;
+    if (sec < 45) return "just now";
+    if (sec < 3600) return `${Math.round(sec / 60)} min ago`;
+    if (sec < 86400) return `${Math.round(sec / 3600)} h ago`;
+    return fmt.time(ts);
+  },
+};
+
+function badge(status) {
+  return h("span", { class: `badge ${status}`, "data-status": status }, status.replace("_", " "));
+}
+
+function toast(message, bad = false) {
+  const el = document.getElementById("toast");
+  el.textContent = message;
+  el.className = bad ? "toast bad" : "toast";
+  el.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { el.hidden = true; }, 3200);
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const area = h("textarea", { style: "position:fixed;opacity:0" }, text);
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  toast("Copied to clipboard");
+}
+
+function copyButton(text, label = "Copy") {
+  return h("button", { type: "button", class: "btn small", onclick: () => copyText(typeof text === "function" ? text() : text) }, label);
+}
+
+// ---------------------------------------------------------------------------------------- the API
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(err.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = err.code || null;
+    this.param = err.param || null;
+  }
+}
+
+const auth = {
+  get key() { return localStorage.getItem(KEY_STORAGE) || ""; },
+  set key(v) { v ? localStorage.setItem(KEY_STORAGE, v) : localStorage.removeItem(KEY_STORAGE); },
+  rejected: false,
+};
+
+async function request(path, { method = "GET", json, form, signal, key } = {}) {
+  const headers = { Authorization: `Bearer ${key ?? auth.key}` };
+  let body;
+  if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
+  if (form) body = form;
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body, signal });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, { error: { message: "Cannot reach the tuneforge server. Is `tuneforge serve` running?", code: "network_error" } });
+  }
+  return res;
+}
+
+/** Call the API and return its JSON; a 401 marks the key as rejected (the UI says so). */
+async function api(path, opts = {}) {
+  const res = await request(path, opts);
+  let body = null;
+  const text = await res.text();
+  try { body = text ? JSON.parse(text) : null; } catch { body = { error: { message: text.slice(0, 300) } }; }
+  if (res.status === 401 && opts.key === undefined) keyRejected(body);
+  if (!res.ok) throw new ApiError(res.status, body);
+  if (opts.key === undefined && auth.rejected) keyAccepted();
+  return body;
+}
+
+/** Every page of a list endpoint that pages with `after` (files, jobs, events, checkpoints). */
+async function listAll(path, { limit = 100, max = 2000 } = {}) {
+  const out = [];
+  let after = null;
+  const sep = path.includes("?") ? "&" : "?";
+  for (;;) {
+    const page = await api(`${path}${sep}limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+    out.push(...page.data);
+    if (!page.has_more || !page.data.length || out.length >= max) return out;
+    after = page.data[page.data.length - 1].id;
+  }
+}
+
+// ---------------------------------------------------------------------------------------- API key
+
+function keyHint(key) {
+  return key.length > 12 ? `${key.slice(0, 6)}…${key.slice(-4)}` : key;
+}
+
+function renderKeyButton() {
+  const dot = document.getElementById("key-dot");
+  const label = document.getElementById("key-label");
+  if (!auth.key) { dot.className = "dot"; label.textContent = "Set API key"; return; }
+  dot.className = auth.rejected ? "dot bad" : "dot ok";
+  label.textContent = auth.rejected ? "Key rejected" : keyHint(auth.key);
+}
+
+function showBanner(message, action) {
+  const el = document.getElementById("banner");
+  put(el, message, action || "");
+  el.hidden = false;
+}
+
+function hideBanner() { document.getElementById("banner").hidden = true; }
+
+function keyRejected(body) {
+  const why = body && body.error && body.error.message ? ` (${body.error.message})` : "";
+  if (!auth.rejected) {
+    auth.rejected = true;
+    renderKeyButton();
+    showBanner(`The server rejected your API key${why}.`,
+      h("button", { type: "button", class: "btn small", onclick: () => openKeyDialog() }, "Enter another key"));
+    openKeyDialog("This API key was rejected by the server (wrong, revoked or from another install).");
+  }
+}
+
+function keyAccepted() {
+  auth.rejected = false;
+  renderKeyButton();
+  hideBanner();
+}
+
+function openKeyDialog(error) {
+  const dlg = document.getElementById("key-dialog");
+  const input = document.getElementById("key-input");
+  const err = document.getElementById("key-error");
+  input.value = auth.rejected ? "" : auth.key;
+  err.hidden = !error;
+  err.textContent = error || "";
+  if (!dlg.open) dlg.showModal();
+  input.focus();
+}
+
+function setupKeyDialog() {
+  const dlg = document.getElementById("key-dialog");
+  const form = document.getElementById("key-form");
+  const input = document.getElementById("key-input");
+  const err = document.getElementById("key-error");
+  const save = document.getElementById("key-save");
+  document.getElementById("key-button").addEventListener("click", () => openKeyDialog());
+  document.getElementById("key-forget").addEventListener("click", () => {
+    auth.key = "";
+    auth.rejected = false;
+    input.value = "";
+    renderKeyButton();
+    hideBanner();
+    err.hidden = true;
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const key = input.value.trim();
+    if (!key) return;
+    save.disabled = true;
+    err.hidden = true;
+    try {
+      const res = await request("/v1/models", { key });
+      if (res.status === 401) {
+        const body = await res.json().catch(() => null);
+        err.textContent = `Wrong API key: the server rejected it${body && body.error ? ` — ${body.error.message}` : ""}.`;
+        err.hidden = false;
+        return;
+      }
+      if (!res.ok) throw new ApiError(res.status, await res.json().catch(() => null));
+      auth.key = key;
+      keyAccepted();
+      dlg.close();
+      toast("API key saved in this browser");
+      route();
+    } catch (e) {
+      err.textContent = e.message;
+      err.hidden = false;
+    } finally {
+      save.disabled = false;
+    }
+  });
+  dlg.addEventListener("cancel", (ev) => { if (!auth.key) ev.preventDefault(); });
+}
+
+// ------------------------------------------------------------------------------------------- chart
+
+/**
+ * A line chart drawn as SVG: series = [{name, color, points: [[x, y], ...], dots}].
+ * Redrawn from scratch on each update (a few hundred points at most).
+ */
+function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, xLabel = "step", width = 520 }) {
+  // The viewBox is the drawn size in CSS pixels, so labels keep their size on any window.
+  const W = Math.max(240, Math.round(width)), H = W < 420 ? 200 : 240, m = { l: 46, r: 14, t: 12, b: 30 };
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, style: `height:${H}px` });
+  const pts = series.flatMap((sr) => sr.points);
+  const wrap = h("div", { class: "chart", "data-points": pts.length, "data-chart": title });
+  wrap.append(svg);
+  if (!pts.length) {
+    svg.append(s("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty-chart" }, "Waiting for the first training step…"));
+    return wrap;
+  }
+  let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
+  let y0 = yMin ?? Math.min(...pts.map((p) => p[1])), y1 = yMax ?? Math.max(...pts.map((p) => p[1]));
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
+  const pad = (y1 - y0) * 0.06;
+  if (yMin === undefined) y0 -= pad;
+  if (yMax === undefined) y1 += pad;
+  const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
+  const Y = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
+  for (const v of niceTicks(y0, y1, 4)) {
+    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), class: "grid-line" }));
+    svg.append(s("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, yFormat(v)));
+  }
+  for (const v of niceTicks(x0, x1, W < 420 ? 4 : 6, true)) {
+    svg.append(s("text", { x: X(v), y: H - m.b + 16, "text-anchor": "middle" }, v));
+  }
+  svg.append(s("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "axis" }));
+  svg.append(s("text", { x: W - m.r, y: H - 2, "text-anchor": "end" }, xLabel));
+  for (const sr of series) {
+    if (!sr.points.length) continue;
+    const d = sr.points.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ");
+    svg.append(s("path", { d, class: "series", stroke: sr.color, "vector-effect": "non-scaling-stroke", "data-series": sr.name }));
+    if (sr.dots || sr.points.length === 1) {
+      for (const p of sr.points) svg.append(s("circle", { cx: X(p[0]), cy: Y(p[1]), r: 3, fill: sr.color }));
+    }
+  }
+  wrap.append(h("div", { class: "legend" },
+    series.filter((sr) => sr.points.length).map((sr) => h("span", {}, h("i", { style: `background:${sr.color}` }), sr.name))));
+  return wrap;
+}
+
+// ----------------------------------------------------------------------------------------- shared
+
+let catalogueCache = null;
+
+/** Base models the server can train (tuneforge's /v1/tuneforge/base_models, else /v1/models). */
+async function baseModels() {
+  if (catalogueCache) return catalogueCache;
+  try {
+    const res = await api("/v1/tuneforge/base_models");
+    catalogueCache = res.data;
+  } catch (e) {
+    if (e.status === 401) throw e;
+    const res = await api("/v1/models");
+    catalogueCache = res.data.filter((m) => !m.id.startsWith("ft:")).map((m) => ({ id: m.id, methods: ["lora", "full"] }));
+  }
+  return catalogueCache;
+}
+
+/** Fine-tuned models (with job, base, size on disk) and every checkpoint that can be chatted with. */
+async function tunedModels() {
+  try {
+    const res = await api("/v1/tuneforge/models");
+    return { models: res.data, checkpoints: res.checkpoints || [] };
+  } catch (e) {
+    if (e.status === 401) throw e;
+    const res = await api("/v1/models");  // a plain OpenAI-compatible server: names only
+    const models = res.data.filter((m) => m.id.startsWith("ft:") && !m.id.includes(":ckpt-step-"))
+      .map((m) => ({ id: m.id, created: m.created, base: m.id.split(":")[1], job_id: null, size_bytes: null, checkpoints: [] }));
+    return { models, checkpoints: [] };
+  }
+}
+
+function errorCard(err) {
+  return h("div", { class: "card" }, h("div", { class: "callout bad" },
+    h("div", {}, h("strong", {}, err.status === 401 ? "API key needed" : "Something went wrong"), err.message)));
+}
+
+function pageHead(title, sub, ...actions) {
+  return h("div", { class: "page-head" },
+    h("div", {}, h("h1", {}, title), sub ? h("div", { class: "sub muted" }, sub) : null),
+    actions.length ? h("div", { class: "row" }, actions) : null);
+}
+
+// ------------------------------------------------------------------------------- Fine-tuning jobs
+
+async function viewJobs(root) {
+  root.append(pageHead("Fine-tuning jobs", "Train a base model on your examples; jobs run in the server's workers.",
+    h("a", { class: "btn primary", href: "#/jobs/new", "data-test": "create-job" }, "+ Create")));
+  const card = h("div", { class: "card flush" }, h("div", { class: "empty" }, h("span", { class: "spinner" }), " Loading jobs…"));
+  root.append(card);
+  let timer = null;
+  const load = async () => {
+    try {
+      const jobs = await listAll("/v1/fine_tuning/jobs", { max: 500 });
+      put(card, jobsTable(jobs));
+      if (jobs.some((j) => !FINAL.includes(j.status))) timer = setTimeout(load, 3000);
+    } catch (e) {
+      put(card, h("div", { class: "empty" }, e.message));
+    }
+  };
+  await load();
+  return () => clearTimeout(timer);
+}
+
+function jobsTable(jobs) {
+  if (!jobs.length) {
+    return h("div", { class: "empty" }, h("p", {}, "No fine-tuning jobs yet."),
+      h("a", { class: "btn primary", href: "#/jobs/new" }, "Create your first job"));
+  }
+  return h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "jobs-table" },
+    h("thead", {}, h("tr", {},
+      h("th", {}, "Job"), h("th", {}, "Status"), h("th", {}, "Base model"),
+      h("th", { class: "hide-narrow" }, "Fine-tuned model"), h("th", { class: "hide-narrow" }, "Created"),
+      h("th", { class: "hide-narrow" }, "Finished"), h("th", { class: "num hide-narrow" }, "Trained tokens"))),
+    h("tbody", {}, jobs.map((j) => h("tr", { class: "link", "data-job": j.id, onclick: () => { location.hash = `#/jobs/${j.id}`; } },
+      h("td", { class: "nowrap" }, h("a", { href: `#/jobs/${j.id}`, class: "mono small" }, j.id)),
+      h("td", { class: "push" }, badge(j.status)),
+      h("td", { class: "nowrap grow" }, j.model),
+      h("td", { class: "mono small break grow" }, j.fine_tuned_model || h("span", { class: "muted hide-narrow" }, "—")),
+      h("td", { class: "hide-narrow nowrap" }, fmt.time(j.created_at)),
+      h("td", { class: "hide-narrow nowrap" }, fmt.time(j.finished_at)),
+      h("td", { class: "num hide-narrow" }, fmt.int(j.trained_tokens)))))));
+}
+
+// ---------------------------------------------------------------------------- Create a job (form)
+
+async function viewCreate(root, params) {
+  root.append(pageHead("Create a fine-tuning job", "Pick a base model and a training file; everything else can stay on auto.",
+    h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs")));
+  const [models, files] = await Promise.all([baseModels(), listAll("/v1/files?purpose=fine-tune", { max: 1000 }).catch(() => [])]);
+  const trainingFiles = files.filter((f) => f.purpose === "fine-tune");
+
+  const fileSelect = (name, optional) => h("select", { name, id: `f-${name}` },
+    optional ? h("option", { value: "" }, "None (hold out 10% of the training file)") : h("option", { value: "" }, "Choose a file…"),
+    trainingFiles.map((f) => h("option", { value: f.id }, `${f.filename} · ${f.id} · ${fmt.bytes(f.bytes)}`)),
+    h("option", { value: "__upload__" }, "Upload a new file…"));
+
+  const form = h("form", { class: "card", id: "create-form", novalidate: true });
+  const err = h("p", { class: "form-error", role: "alert", hidden: true });
+  const modelSelect = h("select", { name: "model", id: "f-model" },
+    models.map((m) => h("option", { value: m.id, selected: m.id === params.get("model") }, m.id)));
+  const trainSelect = fileSelect("training_file", false);
+  const validSelect = fileSelect("validation_file", true);
+  const trainSlot = h("div", { class: "upload-slot" });
+  const validSlot = h("div", { class: "upload-slot" });
+  if (params.get("file")) trainSelect.value = params.get("file");
+
+  const uploadInto = (select, slot) => {
+    select.addEventListener("change", () => {
+      put(slot);
+      if (select.value !== "__upload__") return;
+      const input = h("input", { type: "file", accept: ".jsonl,.json,.txt,.csv", "data-test": `${select.name}-input` });
+      const status = h("div", { class: "small muted" });
+      input.addEventListener("change", async () => {
+        if (!input.files.length) return;
+        put(status, h("span", { class: "spinner" }), " Uploading and checking…");
+        try {
+          const file = await uploadFile(input.files[0]);
+          select.insertBefore(h("option", { value: file.id }, `${file.filename} · ${file.id} · ${fmt.bytes(file.bytes)}`), select.lastChild);
+          select.value = file.id;
+          const report = await fetchReport(file.id, modelSelect.value);
+          put(status, reportSummary(report, file.id));
+          input.remove();
+        } catch (e) {
+          put(status, h("span", { class: "form-error" }, e.message));
+        }
+      });
+      slot.append(input, status);
+    });
+  };
+  uploadInto(trainSelect, trainSlot);
+  uploadInto(validSelect, validSlot);
+
+  const methodSeg = h("div", { class: "seg", role: "radiogroup", "aria-label": "Method" },
+    h("label", {}, h("input", { type: "radio", name: "method", value: "lora", checked: true }), "LoRA"),
+    h("label", {}, h("input", { type: "radio", name: "method", value: "full" }), "Full"),
+    h("label", { title: "Preference tuning (DPO) is not available yet" }, h("input", { type: "radio", name: "method", value: "dpo", disabled: true }), "DPO (soon)"));
+
+  const hp = (name, label, hint) => h("label", { class: "field" }, h("span", {}, label, " ", h("span", { class: "hint" }, hint)),
+    h("input", { type: "text", name, value: "auto", inputmode: "decimal", autocomplete: "off" }));
+
+  form.append(
+    h("div", { class: "form-grid" },
+      h("label", { class: "field" }, h("span", {}, "Base model"), modelSelect),
+      h("label", { class: "field" }, h("span", {}, "Suffix ", h("span", { class: "hint" }, "up to 64 characters, part of the model name")),
+        h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", autocomplete: "off" })),
+      h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Training file"), trainSelect), trainSlot),
+      h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Validation file ", h("span", { class: "hint" }, "optional")), validSelect), validSlot),
+      h("div", { class: "field full" }, h("span", {}, "Method"), methodSeg),
+      h("fieldset", { class: "full" }, h("legend", {}, "Hyperparameters"),
+        h("div", { class: "form-grid three" },
+          hp("n_epochs", "Epochs", "auto or a number"),
+          hp("batch_size", "Batch size", "auto or a number"),
+          hp("learning_rate_multiplier", "LR multiplier", "auto or a number"))),
+      h("label", { class: "field" }, h("span", {}, "Seed ", h("span", { class: "hint" }, "optional, for a reproducible run")),
+        h("input", { type: "number", name: "seed", placeholder: "random", min: 0, step: 1 }))),
+    err,
+    h("div", { class: "row end", style: "margin-top:16px" },
+      h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
+      h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
+  root.append(form);
+
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    err.hidden = true;
+    const data = new FormData(form);
+    const fail = (msg) => { err.textContent = msg; err.hidden = false; };
+    const trainingFile = data.get("training_file");
+    if (!trainingFile || trainingFile === "__upload__") return fail("Choose or upload a training file.");
+    const hyper = {};
+    for (const k of ["n_epochs", "batch_size", "learning_rate_multiplier"]) {
+      const v = String(data.get(k) || "auto").trim();
+      if (v === "" || v === "auto") continue;
+      const n = Number(v);
+      if (!Number.isFinite(n) || n <= 0) return fail(`${k} must be "auto" or a positive number.`);
+      hyper[k] = k === "learning_rate_multiplier" ? n : Math.round(n);
+    }
+    const method = data.get("method") || "lora";
+    const body = {
+      model: data.get("model"),
+      training_file: trainingFile,
+      method: { type: "supervised", supervised: { hyperparameters: hyper } },
+      metadata: { "tuneforge.method": method },
+    };
+    const valid = data.get("validation_file");
+    if (valid && valid !== "__upload__") body.validation_file = valid;
+    const suffix = String(data.get("suffix") || "").trim();
+    if (suffix) body.suffix = suffix;
+    const seed = String(data.get("seed") || "").trim();
+    if (seed) body.seed = Number(seed);
+    const button = document.getElementById("create-submit");
+    button.disabled = true;
+    try {
+      const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
+      toast(`Job ${job.id} created`);
+      location.hash = `#/jobs/${job.id}`;
+    } catch (e) {
+      fail(e.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ Upload
+
+async function uploadFile(file) {
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file, file.name);
+  return api("/v1/files", { method: "POST", form });
+}
+
+async function fetchReport(fileId, model, maxLength) {
+  const q = new URLSearchParams({ model: model || "" });
+  if (maxLength) q.set("max_length", maxLength);
+  return api(`/v1/files/${encodeURIComponent(fileId)}/report?${q}`);
+}
+
+function reportSummary(report, fileId) {
+  const n = report.errors.length;
+  return h("div", { class: `callout ${report.ok ? "ok" : "bad"}`, style: "margin-top:8px" },
+    h("div", {},
+      h("strong", {}, report.ok ? `Ready to train: ${report.n_examples} examples` : `${n} error${n === 1 ? "" : "s"}: this file cannot be trained on`),
+      report.ok
+        ? `${report.n_epochs} epochs · about ${fmt.duration(report.estimated_local_seconds)} here`
+        : report.errors.slice(0, 3).map((e) => `${e.line ? `line ${e.line}: ` : ""}${e.code}`).join(", "),
+      " ", h("a", { href: `#/upload/${fileId}` }, "Full report →")));
+}
+
+async function viewUpload(root, params, fileId) {
+  const models = await baseModels();
+  root.append(pageHead("Upload training data",
+    "Check a file before training: errors by line, token counts, epochs, what OpenAI would charge and how long it takes here."));
+
+  const modelSelect = h("select", { id: "report-model" }, models.map((m) => h("option", { value: m.id }, m.id)));
+  if (params.get("model")) modelSelect.value = params.get("model");
+  const maxLen = h("input", { type: "number", id: "report-max-length", value: params.get("max_length") || 1024, min: 16, step: 1 });
+  const input = h("input", { type: "file", id: "upload-input", accept: ".jsonl,.json,.txt,.csv" });
+  const zone = h("label", { class: "dropzone", for: "upload-input" },
+    h("strong", {}, "Drop a JSONL file here, or click to choose"),
+    h("span", { class: "muted" }, "Chat (messages), prompt/completion, text, DPO or ###Human/###Assistant transcripts"), input);
+  const out = h("div", { id: "report" });
+
+  const show = async (id) => {
+    put(out, h("div", { class: "card" }, h("span", { class: "spinner" }), " Counting tokens and checking every line…"));
+    try {
+      const [file, report] = await Promise.all([api(`/v1/files/${encodeURIComponent(id)}`), fetchReport(id, modelSelect.value, maxLen.value)]);
+      put(out, reportView(file, report, modelSelect.value));
+    } catch (e) {
+      put(out, errorCard(e));
+    }
+  };
+  const upload = async (file) => {
+    put(out, h("div", { class: "card" }, h("span", { class: "spinner" }), ` Uploading ${file.name}…`));
+    try {
+      const obj = await uploadFile(file);
+      history.replaceState(null, "", `#/upload/${obj.id}`);
+      currentFile = obj.id;
+      await show(obj.id);
+      refreshFiles();
+    } catch (e) {
+      put(out, errorCard(e));
+    }
+  };
+  let currentFile = fileId;
+  input.addEventListener("change", () => input.files.length && upload(input.files[0]));
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) upload(ev.dataTransfer.files[0]);
+  });
+  const recheck = () => currentFile && show(currentFile);
+  modelSelect.addEventListener("change", recheck);
+  maxLen.addEventListener("change", recheck);
+
+  root.append(h("div", { class: "card" },
+    zone,
+    h("div", { class: "form-grid", style: "margin-top:14px" },
+      h("label", { class: "field" }, h("span", {}, "Count tokens with ", h("span", { class: "hint" }, "the base model you will train")), modelSelect),
+      h("label", { class: "field" }, h("span", {}, "Max length ", h("span", { class: "hint" }, "tokens per example")), maxLen))));
+  root.append(out);
+
+  const filesCard = h("div", { class: "card flush" });
+  root.append(filesCard);
+  const refreshFiles = async () => {
+    try {
+      const files = (await listAll("/v1/files", { max: 1000 })).filter((f) => f.purpose === "fine-tune");
+      put(filesCard, h("h2", {}, "Uploaded files"), files.length ? h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "File"), h("th", { class: "hide-narrow" }, "Id"), h("th", { class: "num" }, "Size"),
+          h("th", { class: "hide-narrow" }, "Uploaded"), h("th", {}, ""))),
+        h("tbody", {}, files.map((f) => h("tr", { "data-file": f.id },
+          h("td", { class: "break" }, h("a", { href: `#/upload/${f.id}` }, f.filename)),
+          h("td", { class: "mono small hide-narrow" }, f.id),
+          h("td", { class: "num nowrap" }, fmt.bytes(f.bytes)),
+          h("td", { class: "nowrap hide-narrow" }, fmt.time(f.created_at)),
+          h("td", { class: "nowrap" }, h("div", { class: "row end" },
+            h("a", { class: "btn small", href: `#/upload/${f.id}` }, "Report"),
+            h("button", { type: "button", class: "btn small danger", onclick: async () => {
+              if (!confirm(`Delete ${f.filename} (${f.id})?`)) return;
+              try { await api(`/v1/files/${f.id}`, { method: "DELETE" }); toast("File deleted"); refreshFiles(); } catch (e) { toast(e.message, true); }
+            } }, "Delete")))))))) : h("div", { class: "empty" }, "No files uploaded yet."));
+    } catch (e) {
+      put(filesCard, h("div", { class: "empty" }, e.message));
+    }
+  };
+  refreshFiles();
+  if (fileId) await show(fileId);
+}
+
+function issueTable(issues, kind) {
+  return h("div", { class: "table-wrap" }, h("table", { class: "issues", "data-test": `${kind}-table` },
+    h("thead", {}, h("tr", {}, h("th", { class: "num" }, "Line"), h("th", {}, "Code"), h("th", { class: "hide-narrow" }, "Field"), h("th", {}, "Problem"))),
+    h("tbody", {}, issues.map((i) => h("tr", { "data-code": i.code, "data-line": i.line ?? "" },
+      h("td", { class: "num" }, i.line ?? "file"),
+      h("td", {}, h("span", { class: `code-tag ${kind === "errors" ? "error" : "warning"}` }, i.code)),
+      h("td", { class: "mono small hide-narrow" }, i.field || ""),
+      h("td", { class: "break" }, i.message))))));
+}
+
+function reportView(file, r, model) {
+  const st = r.stats;
+  const frag = h("div", { class: "report", "data-ok": String(r.ok) });
+  const nErr = r.errors.length, nWarn = r.warnings.length;
+  frag.append(h("div", { class: "card" },
+    h("div", { class: "card-head" },
+      h("div", {}, h("h2", { class: "break" }, file.filename), h("div", { class: "muted small mono" }, `${file.id} · ${fmt.bytes(file.bytes)} · ${r.format} format`)),
+      r.ok ? h("a", { class: "btn primary", href: `#/jobs/new?file=${encodeURIComponent(file.id)}&model=${encodeURIComponent(model)}`, "data-test": "train-this" }, "Create a job with this file")
+        : null),
+    h("div", { class: `callout ${r.ok ? "ok" : "bad"}`, "data-test": "report-verdict" },
+      h("div", {},
+        h("strong", {}, r.ok ? `Valid: ${r.n_examples} examples ready to train` : `${nErr} error${nErr === 1 ? "" : "s"} — fix ${nErr === 1 ? "it" : "them"} before training`),
+        r.ok ? (nWarn ? `${nWarn} warning${nWarn === 1 ? "" : "s"} below; training can still proceed.` : "No problems found.")
+          : "A job on this file would fail while validating files. Each problem is listed with its line number."))));
+
+  if (nErr) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Errors (${nErr})`), issueTable(r.errors, "errors")));
+  if (nWarn) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Warnings (${nWarn})`), issueTable(r.warnings, "warnings")));
+
+  const stat = (label, value, note) => h("div", { class: "stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value), note ? h("div", { class: "note" }, note) : null);
+  const costs = r.costs || [];
+  frag.append(h("div", { class: "grid two" },
+    h("div", { class: "card" }, h("h2", {}, "Training plan"),
+      h("div", { class: "stats pairs", "data-test": "report-stats" },
+        stat("Examples", fmt.int(r.n_examples)),
+        stat("Epochs", r.n_epochs ?? "—", "OpenAI's rule for this size"),
+        stat("Billing tokens", fmt.int(r.billing_tokens), "per epoch"),
+        stat("Local time", fmt.duration(r.estimated_local_seconds), r.tokens_per_second ? `at ${fmt.int(Math.round(r.tokens_per_second))} tokens/s` : "no speed measured yet"))),
+    h("div", { class: "card" }, h("h2", {}, "Same job at OpenAI"),
+      costs.length ? h("table", { "data-test": "costs" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", { class: "num" }, "Trained tokens"), h("th", { class: "num" }, "Cost"))),
+        h("tbody", {}, costs.map((c) => h("tr", {}, h("td", {}, c.model, h("span", { class: "muted small" }, ` (${c.as_of})`)),
+          h("td", { class: "num" }, fmt.int(c.trained_tokens)), h("td", { class: "num" }, fmt.usd(c.usd))))))
+        : h("p", { class: "muted" }, "No token counts: the file has no example that could be tokenized."))));
+
+  if (st) {
+    const dist = (name, d) => h("tr", {}, h("td", {}, name), ...["min", "median", "mean", "p90", "max"].map((k) => h("td", { class: "num" }, fmt.int(Math.round(d[k])))));
+    frag.append(h("div", { class: "card flush" }, h("h2", {}, "Token statistics"),
+      h("div", { class: "table-wrap" }, h("table", { "data-test": "token-stats" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Per example"), ...["min", "median", "mean", "p90", "max"].map((k) => h("th", { class: "num" }, k)))),
+        h("tbody", {},
+          dist("Messages", st.messages_per_example),
+          dist("Tokens", st.tokens_per_example),
+          dist("Answer (trained) tokens", st.loss_tokens_per_example)))),
+      h("p", { class: "muted small", style: "padding:0 20px 14px" },
+        `${st.n_truncated} example(s) longer than max length ${r.max_length}. Tokens counted with ${model}'s tokenizer; OpenAI's count differs a little.`)));
+  }
+  return frag;
+}
+
+// -------------------------------------------------------------------------------------- Job detail
+
+async function viewJob(root, params, jobId) {
+  const head = h("div");
+  const body = h("div");
+  root.append(head, body);
+  let job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
+  const events = [];
+  const seen = new Set();
+  let checkpoints = [];
+  let timer = null;
+  let stopped = false;
+
+  const fetchEvents = async () => {
+    // Newest first: read pages until reaching an event already seen (all of them the first time).
+    const fresh = [];
+    let after = null;
+    for (let i = 0; i < 50; i++) {
+      const page = await api(`/v1/fine_tuning/jobs/${jobId}/events?limit=100${after ? `&after=${after}` : ""}`);
+      let hitSeen = false;
+      for (const e of page.data) {
+        if (seen.has(e.id)) { hitSeen = true; break; }
+        fresh.push(e);
+      }
+      if (hitSeen || !page.has_more || !page.data.length) break;
+      after = page.data[page.data.length - 1].id;
+    }
+    for (const e of fresh) seen.add(e.id);
+    events.unshift(...fresh);
+  };
+
+  const statusCard = h("div", { class: "card" });
+  const chartsCard = h("div", { class: "grid two" });
+  const modelCard = h("div", { class: "card", hidden: true, id: "model-card" });
+  const ckptCard = h("div", { class: "card flush" });
+  const eventsCard = h("div", { class: "card" });
+  body.append(modelCard, statusCard, chartsCard, h("div", { class: "grid two" }, ckptCard, eventsCard));
+
+  const act = async (what) => {
+    try {
+      job = await api(`/v1/fine_tuning/jobs/${jobId}/${what}`, { method: "POST" });
+      toast(`Job ${what === "cancel" ? "cancelled" : what === "pause" ? "paused" : "resumed"}`);
+      await refresh();
+    } catch (e) {
+      toast(e.message, true);
+    }
+  };
+
+  const renderHead = () => {
+    const final = FINAL.includes(job.status);
+    put(head, pageHead(h("span", { class: "row" }, h("span", { class: "mono break" }, job.id), badge(job.status)),
+      `${job.model} · created ${fmt.time(job.created_at)}${job.finished_at ? ` · finished ${fmt.time(job.finished_at)}` : ""}`,
+      h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs"),
+      job.status === "paused" ? h("button", { class: "btn", type: "button", "data-action": "resume", onclick: () => act("resume") }, "Resume") : null,
+      ["validating_files", "queued", "running"].includes(job.status) ? h("button", { class: "btn", type: "button", "data-action": "pause", onclick: () => act("pause") }, "Pause") : null,
+      !final ? h("button", { class: "btn danger", type: "button", "data-action": "cancel", onclick: () => confirm("Cancel this job? Its checkpoints stay usable.") && act("cancel") }, "Cancel job") : null));
+  };
+
+  const metricRows = () => events.filter((e) => e.type === "metrics" && e.data && e.data.step !== undefined)
+    .map((e) => e.data).sort((a, b) => a.step - b.step);
+
+  const renderStatus = () => {
+    const rows = metricRows();
+    const last = rows[rows.length - 1];
+    const total = last && last.total_steps;
+    const hp = job.hyperparameters || {};
+    const method = (job.metadata && job.metadata["tuneforge.method"]) || (job.method && job.method.type) || "supervised";
+    const progress = job.status === "succeeded" ? 1 : total ? last.step / total : 0;
+    put(statusCard, 
+      h("div", { class: "card-head" }, h("h2", {}, "Status"),
+        job.estimated_finish && !FINAL.includes(job.status) ? h("span", { class: "muted small" }, `estimated finish ${fmt.clock(job.estimated_finish)}`) : null),
+      h("div", { class: "progress", title: `${Math.round(progress * 100)}%` }, h("div", { style: `width:${(progress * 100).toFixed(1)}%` })),
+      h("div", { class: "stats", style: "margin-top:14px" },
+        stat("Step", last ? `${last.step} / ${total}` : "—"),
+        stat("Train loss", fmt.num(last && last.train_loss)),
+        stat("Valid loss", fmt.num(lastValue(rows, "valid_loss"))),
+        stat("Token accuracy", fmt.pct(last && last.train_mean_token_accuracy)),
+        stat("Trained tokens", fmt.int(job.trained_tokens))),
+      job.error && job.error.message ? h("div", { class: "callout bad", style: "margin-top:14px", "data-test": "job-error" },
+        h("div", {}, h("strong", {}, `Failed: ${job.error.code || "error"}`), job.error.message)) : null,
+      h("dl", { class: "kv", style: "margin-top:16px" },
+        h("dt", {}, "Base model"), h("dd", {}, job.model),
+        h("dt", {}, "Method"), h("dd", {}, method),
+        h("dt", {}, "Hyperparameters"), h("dd", { class: "mono small" }, `epochs ${hp.n_epochs ?? "auto"} · batch ${hp.batch_size ?? "auto"} · lr × ${hp.learning_rate_multiplier ?? "auto"}`),
+        h("dt", {}, "Training file"), h("dd", {}, h("a", { href: `#/upload/${job.training_file}`, class: "mono small" }, job.training_file)),
+        h("dt", {}, "Validation file"), h("dd", {}, job.validation_file ? h("a", { href: `#/upload/${job.validation_file}`, class: "mono small" }, job.validation_file) : "—"),
+        h("dt", {}, "Seed"), h("dd", {}, job.seed ?? "—"),
+        job.suffix ? [h("dt", {}, "Suffix"), h("dd", {}, job.suffix)] : null));
+  };
+
+  let chartWidth = 520;
+  const renderCharts = () => {
+    const rows = metricRows();
+    const pick = (key) => rows.filter((r) => r[key] !== undefined && r[key] !== null).map((r) => [r.step, r[key]]);
+    put(chartsCard, 
+      h("div", { class: "card", "data-test": "loss-chart" }, h("h2", {}, "Loss"),
+        lineChart({ title: "loss", width: chartWidth, series: [
+          { name: "train", color: PALETTE.train, points: pick("train_loss") },
+          { name: "validation", color: PALETTE.valid, points: pick("valid_loss"), dots: true }] })),
+      h("div", { class: "card", "data-test": "accuracy-chart" }, h("h2", {}, "Token accuracy"),
+        lineChart({ title: "token accuracy", width: chartWidth, yMin: 0, yFormat: (v) => `${Math.round(v * 100)}%`, series: [
+          { name: "train", color: PALETTE.trainAcc, points: pick("train_mean_token_accuracy") },
+          { name: "validation", color: PALETTE.validAcc, points: pick("valid_mean_token_accuracy"), dots: true }] })));
+    const measured = chartsCard.querySelector(".chart") ? chartsCard.querySelector(".chart").clientWidth : 0;
+    if (measured && Math.abs(measured - chartWidth) > 8) { chartWidth = measured; renderCharts(); }
+  };
+
+  const renderModel = () => {
+    if (!job.fine_tuned_model) { modelCard.hidden = true; return; }
+    modelCard.hidden = false;
+    const base = `${location.origin}/v1`;
+    const snippet = `from openai import OpenAI\n\nclient = OpenAI(base_url="${base}", api_key="YOUR_TUNEFORGE_KEY")\n\n` +
+      `response = client.chat.completions.create(\n    model="${job.fine_tuned_model}",\n` +
+      `    messages=[{"role": "user", "content": "Hello!"}],\n)\nprint(response.choices[0].message.content)\n`;
+    put(modelCard, 
+      h("div", { class: "card-head" }, h("h2", {}, "Fine-tuned model"),
+        h("a", { class: "btn primary", href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}` }, "Open in playground")),
+      h("div", { class: "model-name" }, h("code", { "data-test": "fine-tuned-model" }, job.fine_tuned_model), copyButton(job.fine_tuned_model)),
+      h("p", { class: "muted small" }, "Use it from any OpenAI client:"),
+      h("div", { class: "snippet-wrap" }, h("pre", { class: "snippet", "data-test": "snippet" }, snippet), copyButton(snippet)));
+  };
+
+  const renderCheckpoints = () => {
+    put(ckptCard, h("h2", {}, "Checkpoints"), checkpoints.length ? h("div", { class: "table-wrap" }, h("table", { "data-test": "checkpoints" },
+      h("thead", {}, h("tr", {}, h("th", { class: "num" }, "Step"), h("th", { class: "num" }, "Train loss"), h("th", { class: "num" }, "Valid loss"), h("th", { class: "num hide-narrow" }, "Accuracy"), h("th", {}, ""))),
+      h("tbody", {}, checkpoints.map((c) => h("tr", { title: c.fine_tuned_model_checkpoint },
+        h("td", { class: "num" }, c.step_number),
+        h("td", { class: "num" }, fmt.num(c.metrics.train_loss)),
+        h("td", { class: "num" }, fmt.num(c.metrics.valid_loss ?? c.metrics.full_valid_loss)),
+        h("td", { class: "num hide-narrow" }, fmt.pct(c.metrics.train_mean_token_accuracy)),
+        h("td", { class: "nowrap" }, h("div", { class: "row end" }, copyButton(c.fine_tuned_model_checkpoint, "Copy name"),
+          h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}` }, "Try"))))))))
+      : h("div", { class: "empty" }, "Checkpoints appear at the end of each epoch."));
+  };
+
+  const renderEvents = () => {
+    put(eventsCard, h("div", { class: "card-head" }, h("h2", {}, "Events"),
+      !FINAL.includes(job.status) ? h("span", { class: "muted small" }, h("span", { class: "spinner" }), " live") : null),
+    h("ul", { class: "events", "data-test": "events" }, events.slice(0, 200).map((e) => h("li", { class: e.level },
+      h("time", {}, fmt.clock(e.created_at)), h("span", { class: "break" }, e.message)))));
+  };
+
+  const refresh = async () => {
+    [job] = await Promise.all([api(`/v1/fine_tuning/jobs/${jobId}`), fetchEvents()]);
+    checkpoints = (await api(`/v1/fine_tuning/jobs/${jobId}/checkpoints?limit=100`)).data;
+    renderHead(); renderModel(); renderStatus(); renderCharts(); renderCheckpoints(); renderEvents();
+    root.dataset.status = job.status;
+  };
+
+  const loop = async () => {
+    if (stopped) return;
+    try {
+      await refresh();
+    } catch (e) {
+      if (e.name !== "AbortError") toast(e.message, true);
+    }
+    if (!stopped && !FINAL.includes(job.status)) timer = setTimeout(loop, POLL_MS);
+  };
+  await loop();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+
+function stat(label, value) {
+  return h("div", { class: "stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
+}
+
+function lastValue(rows, key) {
+  for (let i = rows.length - 1; i >= 0; i--) if (rows[i][key] !== undefined && rows[i][key] !== null) return rows[i][key];
+  return null;
+}
+
+// -------------------------------------------------------------------------------------- Playground
+
+/** POST a chat completion with stream: true and call onDelta with each piece of text (SSE). */
+async function streamChat(body, onDelta, signal) {
+  const res = await request("/v1/chat/completions", { method: "POST", json: { ...body, stream: true }, signal });
+  if (!res.ok) {
+    const err = await res.json().catch(() => null);
+    if (res.status === 401) keyRejected(err);
+    throw new ApiError(res.status, err);
+  }
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "", finish = null, usage = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let idx;
+    while ((idx = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, idx).replace(/\r$/, "");
+      buf = buf.slice(idx + 1);
+      if (!line.startsWith("data:")) continue;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return { finish, usage };
+      let chunk;
+      try { chunk = JSON.parse(data); } catch { continue; }
+      if (chunk.error) throw new ApiError(500, chunk);
+      if (chunk.usage) usage = chunk.usage;
+      for (const c of chunk.choices || []) {
+        if (c.delta && c.delta.content) onDelta(c.delta.content);
+        if (c.finish_reason) finish = c.finish_reason;
+      }
+    }
+  }
+  return { finish, usage };
+}
+
+async function viewPlayground(root, params) {
+  const [bases, { models: tuned, checkpoints }] = await Promise.all([baseModels(), tunedModels()]);
+  const wanted = params.get("model");
+  const groups = [
+    ["Base models", bases.map((m) => m.id)],
+    ["Fine-tuned", tuned.map((m) => m.id)],
+    ["Checkpoints", checkpoints.map((c) => c.id)],
+  ];
+  const all = groups.flatMap((g) => g[1]);
+  if (wanted && !all.includes(wanted)) groups.push(["Other", [wanted]]);
+  const picker = (id, value) => {
+    const sel = h("select", { id }, groups.filter((g) => g[1].length).map(([label, ids]) =>
+      h("optgroup", { label }, ids.map((m) => h("option", { value: m }, m)))));
+    if (value) sel.value = value;
+    return sel;
+  };
+  const baseOf = (model) => {
+    const t = tuned.find((m) => m.id === model) || checkpoints.find((c) => c.id === model);
+    return t ? t.base : model && model.startsWith("ft:") ? model.split(":")[1] : null;
+  };
+  const initial = wanted || (tuned[0] && tuned[0].id) || (bases[0] && bases[0].id);
+  const modelA = picker("pg-model", initial);
+  const modelB = picker("pg-compare-model", baseOf(initial) || (bases[0] && bases[0].id));
+  const compare = h("input", { type: "checkbox", id: "pg-compare" });
+  const system = h("textarea", { id: "pg-system", rows: 3, placeholder: "You are a helpful assistant." });
+  const temp = h("input", { type: "range", id: "pg-temperature", min: 0, max: 2, step: 0.05, value: 0.7 });
+  const tempOut = h("span", { class: "muted" }, "0.70");
+  temp.addEventListener("input", () => { tempOut.textContent = Number(temp.value).toFixed(2); });
+  const maxTokens = h("input", { type: "number", id: "pg-max-tokens", min: 1, max: 4096, value: 256 });
+  const compareField = h("label", { class: "field", hidden: true }, h("span", {}, "Compare with"), modelB);
+
+  root.append(pageHead("Playground", "Chat with any model: a base model, a fine-tuned one or one of its checkpoints."));
+  const chats = h("div", { class: "chats" });
+  const prompt = h("textarea", { id: "pg-prompt", rows: 2, placeholder: "Send a message… (Enter to send, Shift+Enter for a new line)" });
+  const send = h("button", { type: "submit", class: "btn primary", id: "pg-send" }, "Send");
+  const clear = h("button", { type: "button", class: "btn ghost", id: "pg-clear" }, "Clear");
+  const composer = h("form", { class: "composer" }, prompt, send, clear);
+
+  root.append(h("div", { class: "pg" },
+    h("div", { class: "card pg-settings" },
+      h("label", { class: "field" }, h("span", {}, "Model"), modelA),
+      h("label", { class: "check", style: "margin-top:12px" }, compare, "Compare side by side"),
+      compareField,
+      h("label", { class: "field" }, h("span", {}, "System prompt"), system),
+      h("label", { class: "field" }, h("span", { class: "range-head" }, "Temperature", tempOut), temp),
+      h("label", { class: "field" }, h("span", {}, "Max tokens"), maxTokens)),
+    h("div", {}, chats, composer)));
+
+  const panes = [];
+  const makePane = (select) => {
+    const title = h("code", {}, select.value);
+    const messages = h("div", { class: "messages", "aria-live": "polite" },
+      h("div", { class: "muted small empty-hint" }, "Messages appear here."));
+    const el = h("div", { class: "card chat" }, h("div", { class: "chat-head" }, h("span", {}, "Model"), title), messages);
+    const pane = { el, select, title, messages, history: [] };
+    select.addEventListener("change", () => { title.textContent = select.value; });
+    return pane;
+  };
+  panes.push(makePane(modelA), makePane(modelB));
+  const layout = () => {
+    const on = compare.checked;
+    compareField.hidden = !on;
+    chats.className = on ? "chats compare" : "chats";
+    put(chats, ...(on ? [panes[1].el, panes[0].el] : [panes[0].el]));
+  };
+  compare.addEventListener("change", layout);
+  if (params.get("compare")) { compare.checked = true; }
+  layout();
+
+  let controller = null;
+  const bubble = (pane, role, text) => {
+    const hint = pane.messages.querySelector(".empty-hint");
+    if (hint) hint.remove();
+    const el = h("div", { class: `msg ${role}` }, text);
+    pane.messages.append(el);
+    pane.messages.scrollTop = pane.messages.scrollHeight;
+    return el;
+  };
+  const runPane = async (pane, text, signal) => {
+    pane.history.push({ role: "user", content: text });
+    bubble(pane, "user", text);
+    const out = bubble(pane, "assistant streaming", "");
+    out.dataset.model = pane.select.value;
+    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...pane.history];
+    let answer = "";
+    const started = performance.now();
+    try {
+      const { finish, usage } = await streamChat({
+        model: pane.select.value, messages,
+        temperature: Number(temp.value), max_tokens: Number(maxTokens.value) || 256,
+        stream_options: { include_usage: true },
+      }, (piece) => {
+        answer += piece;
+        out.firstChild ? (out.firstChild.textContent = answer) : out.append(document.createTextNode(answer));
+        pane.messages.scrollTop = pane.messages.scrollHeight;
+      }, signal);
+      pane.history.push({ role: "assistant", content: answer });
+      const secs = ((performance.now() - started) / 1000).toFixed(1);
+      out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
+      out.dataset.done = "true";
+    } catch (e) {
+      pane.history.pop();
+      out.remove();
+      if (e.name !== "AbortError") bubble(pane, "error", e.message);
+    } finally {
+      out.classList.remove("streaming");
+    }
+  };
+  composer.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const text = prompt.value.trim();
+    if (!text || send.disabled) return;
+    prompt.value = "";
+    send.disabled = true;
+    controller = new AbortController();
+    const active = compare.checked ? panes : [panes[0]];
+    await Promise.all(active.map((p) => runPane(p, text, controller.signal)));
+    send.disabled = false;
+    prompt.focus();
+  });
+  prompt.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); composer.requestSubmit(); }
+  });
+  clear.addEventListener("click", () => {
+    if (controller) controller.abort();
+    for (const p of panes) { p.history = []; put(p.messages, h("div", { class: "muted small empty-hint" }, "Messages appear here.")); }
+  });
+  return () => controller && controller.abort();
+}
+
+// ------------------------------------------------------------------------------------------ Models
+
+async function viewModels(root) {
+  root.append(pageHead("Models", "Fine-tuned models of this project. Each is served at /v1/chat/completions under its name."));
+  const card = h("div", { class: "card flush" });
+  root.append(card);
+  const load = async () => {
+    const { models } = await tunedModels();
+    if (!models.length) {
+      put(card, h("div", { class: "empty" }, h("p", {}, "No fine-tuned models yet: a job that succeeds creates one."),
+        h("a", { class: "btn primary", href: "#/jobs/new" }, "Create a job")));
+      return;
+    }
+    put(card, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "models-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", {}, "Base"), h("th", { class: "hide-narrow" }, "Job"),
+        h("th", { class: "num" }, "On disk"), h("th", { class: "hide-narrow" }, "Created"), h("th", {}, ""))),
+      h("tbody", {}, models.map((m) => h("tr", { "data-model": m.id },
+        h("td", { class: "mono small break grow" }, m.id,
+          m.checkpoints && m.checkpoints.length ? h("div", { class: "muted small" }, `${m.checkpoints.length} checkpoint${m.checkpoints.length === 1 ? "" : "s"}`) : null),
+        h("td", { class: "nowrap" }, m.base || "—"),
+        h("td", { class: "hide-narrow" }, m.job_id ? h("a", { class: "mono small nowrap", href: `#/jobs/${m.job_id}` }, m.job_id) : "—"),
+        h("td", { class: "num nowrap" }, fmt.bytes(m.size_bytes)),
+        h("td", { class: "nowrap hide-narrow" }, fmt.time(m.created)),
+        h("td", { class: "nowrap push" }, h("div", { class: "row end actions" },
+          copyButton(m.id, "Copy"),
+          h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(m.id)}` }, "Chat"),
+          h("button", { type: "button", class: "btn small danger", "data-action": "delete", onclick: async () => {
+            if (!confirm(`Delete ${m.id}? Its weights are removed from disk.`)) return;
+            try {
+              await api(`/v1/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
+              toast("Model deleted");
+              await load();
+            } catch (e) { toast(e.message, true); }
+          } }, "Delete")))))))));
+  };
+  await load();
+}
+
+// -------------------------------------------------------------------------------------------- router
+
+let cleanup = null;
+let generation = 0;
+
+async function route() {
+  const hash = location.hash.replace(/^#\/?/, "") || "jobs";
+  const [pathPart, query] = hash.split("?");
+  const parts = pathPart.split("/").map(decodeURIComponent);
+  const params = new URLSearchParams(query || "");
+  if (cleanup) { try { cleanup(); } catch { /* ignore */ } cleanup = null; }
+  const gen = ++generation;
+  const view = document.getElementById("view");
+  const root = h("div", { class: "page", "data-page": parts[0] });
+  put(view, root);
+  for (const a of document.querySelectorAll("[data-nav]")) a.classList.toggle("active", a.dataset.nav === parts[0]);
+  const titles = { jobs: "Fine-tuning", upload: "Upload", playground: "Playground", models: "Models" };
+  document.title = `${titles[parts[0]] || "tuneforge"} · tuneforge`;
+  if (!auth.key) {
+    root.append(h("div", { class: "card" }, h("div", { class: "callout info" }, h("div", {},
+      h("strong", {}, "Connect with an API key"), "This dashboard talks to the server with your API key. ",
+      h("button", { type: "button", class: "btn small primary", onclick: () => openKeyDialog() }, "Enter API key")))));
+    openKeyDialog();
+    return;
+  }
+  try {
+    let done;
+    if (parts[0] === "jobs" && parts[1] === "new") done = await viewCreate(root, params);
+    else if (parts[0] === "jobs" && parts[1]) done = await viewJob(root, params, parts[1]);
+    else if (parts[0] === "upload") done = await viewUpload(root, params, parts[1]);
+    else if (parts[0] === "playground") done = await viewPlayground(root, params);
+    else if (parts[0] === "models") done = await viewModels(root);
+    else done = await viewJobs(root);
+    if (gen !== generation) { if (typeof done === "function") done(); return; }
+    cleanup = typeof done === "function" ? done : null;
+  } catch (e) {
+    if (gen === generation) root.append(errorCard(e));
+  }
+}
+
+setupKeyDialog();
+renderKeyButton();
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,205 @@
+"""The dashboard end to end: headless Chromium (Debian's) against a real `tuneforge serve` subprocess.
+
+One server for the module (its own TUNEFORGE_HOME and key); each test opens a fresh browser context.
+The flow is the issue's: wrong then right API key; upload a good and a bad file and read the report;
+create a job on tiny-llama from the form, watch it reach `succeeded` with a loss curve drawn; chat
+with the tuned model (and compare it with its base); see it on the Models page; cancel a job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tuneforge.ui.harness import BAD_FILE_ERRORS, LiveServer, chromium_path, write_bad_file, write_good_file
+
+pytestmark = pytest.mark.slow
+
+if chromium_path() is None:
+    pytest.skip("headless browser tests need Debian's chromium: apt-get install -y chromium", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+
+JOB_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LiveServer(tmp_path_factory.mktemp("ui-home"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ui-data")
+    return {"good": write_good_file(d / "good.jsonl"), "bad": write_bad_file(d / "bad.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from tuneforge.ui.harness import launch_chromium
+
+    with sync_api.sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A page already holding the right key (as after the first visit)."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    ctx.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(server.key)})")
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("dialog", lambda d: d.accept())  # confirm() for cancel/delete
+    pg.set_default_timeout(30_000)
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def expect(locator):
+    return sync_api.expect(locator)
+
+
+def test_api_key_asked_once_wrong_key_is_reported(browser, server):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = ctx.new_page()
+    pg.goto(server.url + "/")
+    dialog = pg.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    pg.fill("#key-input", "tf-this-is-not-a-key-0000")
+    pg.click("#key-save")
+    expect(pg.locator("#key-error")).to_contain_text("Wrong API key")
+    expect(dialog).to_be_visible()
+
+    pg.fill("#key-input", server.key)
+    pg.click("#key-save")
+    expect(dialog).to_be_hidden()
+    expect(pg.locator("h1")).to_have_text("Fine-tuning jobs")
+    # kept in the browser: a reload asks nothing
+    pg.reload()
+    expect(pg.locator("h1")).to_have_text("Fine-tuning jobs")
+    expect(dialog).to_be_hidden()
+
+    # a key revoked (or replaced) later: the UI says so instead of showing empty pages
+    pg.evaluate("localStorage.setItem('tuneforge.apiKey', 'tf-revoked-key-123456789')")
+    pg.reload()
+    expect(pg.locator("#banner")).to_contain_text("rejected your API key")
+    expect(pg.locator("#key-label")).to_have_text("Key rejected")
+    ctx.close()
+
+
+def test_upload_shows_report_for_good_and_bad_files(page, server, data):
+    page.goto(server.url + "/#/upload")
+    page.select_option("#report-model", "tiny-llama")
+    page.set_input_files("#upload-input", str(data["bad"]))
+    verdict = page.locator("[data-test=report-verdict]")
+    expect(verdict).to_contain_text("3 errors", timeout=60_000)
+    rows = page.locator("[data-test=errors-table] tbody tr")
+    expect(rows).to_have_count(len(BAD_FILE_ERRORS))
+    for line, code in BAD_FILE_ERRORS.items():
+        row = page.locator(f"[data-test=errors-table] tr[data-line='{line}']")
+        expect(row).to_have_attribute("data-code", code)
+        expect(row).to_contain_text(code)
+    expect(page.locator("[data-test=train-this]")).to_have_count(0)
+
+    page.set_input_files("#upload-input", str(data["good"]))
+    expect(verdict).to_contain_text("Valid: 24 examples", timeout=60_000)
+    expect(page.locator("[data-test=errors-table]")).to_have_count(0)
+    stats = page.locator("[data-test=report-stats]")
+    expect(stats).to_contain_text("Epochs")
+    expect(stats).to_contain_text("Local time")
+    expect(page.locator("[data-test=costs] tbody tr").first).to_contain_text("$")
+    expect(page.locator("[data-test=token-stats]")).to_contain_text("Tokens")
+    expect(page.locator("[data-test=train-this]")).to_be_visible()
+    # both uploads are listed
+    expect(page.locator("tr[data-file]")).to_have_count(2)
+
+
+def test_create_job_watch_it_succeed_then_chat(page, server, data):
+    good = server.upload(data["good"])
+    page.goto(server.url + "/#/jobs")
+    page.click("[data-test=create-job]")
+    page.select_option("#f-model", "tiny-llama")
+    page.select_option("#f-training_file", good["id"])
+    page.fill("input[name=suffix]", "e2e")
+    page.fill("input[name=n_epochs]", "2")
+    page.click("#create-submit")
+
+    page.wait_for_url(re.compile(r".*#/jobs/ftjob-.*"))
+    root = page.locator(".page[data-page=jobs]")
+    # live: the status changes and the curve grows without a reload
+    expect(page.locator("[data-test=loss-chart] .chart")).to_have_attribute("data-points", re.compile(r"^[1-9]\d*$"),
+                                                                            timeout=JOB_TIMEOUT_MS)
+    expect(root).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
+    expect(page.locator(".badge[data-status=succeeded]")).to_be_visible()
+    points = int(page.locator("[data-test=loss-chart] .chart").get_attribute("data-points"))
+    assert points >= 2, "the loss curve should have several points"
+    expect(page.locator("[data-test=loss-chart] path[data-series=train]")).to_have_count(1)
+    expect(page.locator("[data-test=accuracy-chart] path[data-series=train]")).to_have_count(1)
+    expect(page.locator("[data-test=checkpoints] tbody tr").first).to_be_visible()
+    name = page.locator("[data-test=fine-tuned-model]").inner_text()
+    assert name.startswith("ft:tiny-llama:") and ":e2e:" in name
+    expect(page.locator("[data-test=snippet]")).to_contain_text(f'model="{name}"')
+    expect(page.locator("[data-test=events]")).to_contain_text("successfully completed")
+    expect(page.locator("[data-action=cancel]")).to_have_count(0)
+
+    # playground: stream an answer from the tuned model
+    page.click("text=Open in playground")
+    expect(page.locator("#pg-model")).to_have_value(name)
+    page.fill("#pg-max-tokens", "12")
+    page.fill("#pg-prompt", "What is twice 3?")
+    page.click("#pg-send")
+    answer = page.locator(f".msg.assistant[data-model='{name}']")
+    expect(answer).to_have_attribute("data-done", "true", timeout=60_000)
+    expect(answer.locator(".meta")).to_contain_text("tokens")
+
+    # compare mode: the same prompt to the base model and the tuned one, side by side
+    page.check("#pg-compare")
+    expect(page.locator("#pg-compare-model")).to_have_value("tiny-llama")
+    page.fill("#pg-prompt", "What is twice 5?")
+    page.click("#pg-send")
+    expect(page.locator(".chats.compare .chat")).to_have_count(2)
+    for model in ("tiny-llama", name):
+        expect(page.locator(f".msg.assistant[data-model='{model}'][data-done=true]").last).to_be_visible(timeout=60_000)
+
+    # models page: the model with its job, base and size on disk
+    page.goto(server.url + "/#/models")
+    row = page.locator(f"tr[data-model='{name}']")
+    expect(row).to_contain_text("tiny-llama")
+    expect(row).to_contain_text(re.compile(r"\d+(\.\d+)? (B|KB|MB|GB)"))
+    expect(row.locator("a[href^='#/jobs/ftjob-']")).to_be_visible()
+
+
+def test_cancel_a_job(page, server, data):
+    good = server.upload(data["good"])
+    job = server.api("POST", "/v1/fine_tuning/jobs",
+                     {"model": "tiny-llama", "training_file": good["id"], "hyperparameters": {"n_epochs": 50}})
+    page.goto(server.url + f"/#/jobs/{job['id']}")
+    expect(page.locator("[data-action=cancel]")).to_be_visible()
+    page.click("[data-action=cancel]")
+    root = page.locator(".page[data-page=jobs]")
+    expect(root).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("[data-action=cancel]")).to_have_count(0)
+    expect(page.locator("[data-test=events]")).to_contain_text("cancelled")
+    assert server.api("GET", f"/v1/fine_tuning/jobs/{job['id']}")["status"] == "cancelled"
+
+
+def test_narrow_window_has_no_horizontal_scroll(browser, server):
+    ctx = browser.new_context(viewport={"width": 420, "height": 800})
+    ctx.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(server.key)})")
+    pg = ctx.new_page()
+    for route in ("jobs", "jobs/new", "upload", "playground", "models"):
+        pg.goto(f"{server.url}/#/{route}")
+        expect(pg.locator("h1")).to_be_visible()
+        pg.wait_for_timeout(300)
+        overflow = pg.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 1, f"#/{route} scrolls sideways by {overflow}px at 420px"
+    ctx.close()
