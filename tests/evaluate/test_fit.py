@@ -1,0 +1,33 @@
+"""Over/underfitting verdicts from the curves."""
+
+from tuneforge.evaluate.fit import diagnose
+
+
+def rows(train_by_epoch, valid_by_epoch):
+    out = []
+    for epoch, (t, v) in enumerate(zip(train_by_epoch, valid_by_epoch), 1):
+        out.append({"step": 2 * epoch - 1, "epoch": epoch, "train_loss": t})
+        out.append({"step": 2 * epoch, "epoch": epoch, "train_loss": t, "valid_loss": v})
+    return out
+
+
+def test_valid_loss_turning_up_is_overfitting():
+    assert diagnose(rows([3.0, 2.0, 1.0, 0.5], [3.0, 2.5, 2.7, 3.1]))["verdict"] == "overfitting"
+
+
+def test_training_loss_that_barely_moves_is_underfitting():
+    assert diagnose(rows([3.0, 2.95, 2.9], [3.0, 2.97, 2.95]))["verdict"] == "underfitting"
+
+
+def test_valid_loss_still_falling_fast_is_underfitting():
+    assert diagnose(rows([3.0, 2.0, 1.5], [3.0, 2.5, 2.0]))["verdict"] == "underfitting"
+
+
+def test_flat_valid_loss_near_best_is_a_good_fit():
+    assert diagnose(rows([3.0, 2.0, 1.8], [2.6, 2.3, 2.28]))["verdict"] == "good_fit"
+
+
+def test_no_metrics_or_no_validation_is_unknown():
+    assert diagnose([])["verdict"] == "unknown"
+    only_train = [{"step": 1, "epoch": 1, "train_loss": 3.0}, {"step": 2, "epoch": 2, "train_loss": 2.0}]
+    assert diagnose(only_train)["verdict"] == "unknown"
