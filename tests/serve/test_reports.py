@@ -1,0 +1,79 @@
+"""tuneforge's own endpoints for the dashboard (in-process): file report, base models, model sizes, the UI."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.serve.app import create_app
+from tuneforge.settings import get_settings
+from tuneforge.store.database import JobRow, ModelRow, new_id, session
+from tuneforge.store.keys import create_key
+from tuneforge.ui.harness import BAD_FILE_ERRORS, write_bad_file, write_good_file
+
+
+@pytest.fixture
+def client():
+    get_settings.cache_clear()
+    key = create_key("proj")
+    with TestClient(create_app(get_settings()), raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        yield c
+
+
+def upload(c, path):
+    return c.post("/v1/files", files={"file": (path.name, path.read_bytes())}, data={"purpose": "fine-tune"}).json()
+
+
+def test_file_report_lists_errors_by_line_and_the_training_plan(client, tmp_path):
+    bad = upload(client, write_bad_file(tmp_path / "bad.jsonl"))
+    r = client.get(f"/v1/files/{bad['id']}/report", params={"model": "tiny-llama"})
+    assert r.status_code == 200
+    rep = r.json()
+    assert rep["ok"] is False and rep["file_id"] == bad["id"] and rep["path"] == "bad.jsonl"
+    assert {e["line"]: e["code"] for e in rep["errors"]} == BAD_FILE_ERRORS
+
+    good = upload(client, write_good_file(tmp_path / "good.jsonl"))
+    rep = client.get(f"/v1/files/{good['id']}/report", params={"model": "tiny-llama", "max_length": 512}).json()
+    assert rep["ok"] is True and rep["n_examples"] == 24 and rep["max_length"] == 512
+    assert rep["n_epochs"] >= 1 and rep["stats"]["tokens_per_example"]["max"] > 0
+    assert rep["costs"] and all(c["usd"] > 0 for c in rep["costs"])
+    assert rep["estimated_local_seconds"] > 0 and rep["tokens_per_second"] > 0
+
+
+def test_file_report_errors(client, tmp_path):
+    good = upload(client, write_good_file(tmp_path / "good.jsonl"))
+    r = client.get(f"/v1/files/{good['id']}/report", params={"model": "gpt-5"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = client.get("/v1/files/file-nope/report")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "file_id"
+    r = client.get(f"/v1/files/{good['id']}/report", headers={"Authorization": "Bearer tf-wrong-wrong-wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_base_models_and_tuned_models_with_size(client, tmp_path):
+    names = [m["id"] for m in client.get("/v1/tuneforge/base_models").json()["data"]]
+    assert "tiny-llama" in names
+    weights = tmp_path / "adapter"
+    weights.mkdir()
+    (weights / "adapter_model.safetensors").write_bytes(b"x" * 1234)
+    with session() as s, s.begin():
+        job = JobRow(id=new_id("ftjob-"), project="proj", model="tiny-llama", training_file="file-x",
+                     status="succeeded", hyperparameters={}, seed=1)
+        s.add(job)
+        s.flush()
+        s.add(ModelRow(id="ft:tiny-llama:tuneforge::abc", project="proj", base="tiny-llama", job_id=job.id,
+                       path=str(weights), owned_by="tuneforge"))
+    data = client.get("/v1/tuneforge/models").json()["data"]
+    assert data == [{"id": "ft:tiny-llama:tuneforge::abc", "object": "model", "created": data[0]["created"],
+                     "owned_by": "tuneforge", "base": "tiny-llama", "job_id": job.id, "size_bytes": 1234,
+                     "checkpoints": []}]
+
+
+def test_dashboard_is_served_without_shadowing_the_api(client):
+    r = client.get("/", headers={"Authorization": ""})
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "ui/app.js" in r.text
+    for asset in ("app.js", "style.css", "favicon.svg"):
+        assert client.get(f"/ui/{asset}").status_code == 200
+    r = client.get("/v1/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
