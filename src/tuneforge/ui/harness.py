@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,13 +95,21 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()  # the server stops its workers (they checkpoint and exit)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        # A worker the server (re)started while it was stopping may outlive it: the server runs in
+        # its own process group, so end whatever is left of that group.
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> LiveServer:
         return self.start()
