@@ -122,12 +122,13 @@ def upload(client: OpenAI, n: int, name: str = "train.jsonl"):
 
 
 def wait_for(client: OpenAI, job_id: str, statuses: set[str], timeout: float = 120):
-    deadline = time.monotonic() + timeout
+    deadline, pause = time.monotonic() + timeout, 0.2
     while time.monotonic() < deadline:
         job = client.fine_tuning.jobs.retrieve(job_id)
         if job.status in statuses:
             return job
-        time.sleep(0.3)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 2.0)  # quick for the tiny model, quiet for long runs
     events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)]
     raise AssertionError(f"{job_id} stayed {job.status}; events: {events}")
 

@@ -15,6 +15,7 @@ response through a queue, so a client that disconnects cannot leave the lock hel
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue as queue_mod
 import threading
 from collections import OrderedDict
@@ -34,6 +35,8 @@ from ..models.load import load_base
 # Private helpers of models.generate, reused so raw-prompt completions decode and stop exactly as
 # chat does (the library only offers chat-templated generation).
 from ..models.generate import _cut_at_stop, _generate_kwargs  # noqa: E402
+
+log = logging.getLogger("tuneforge.serve")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,11 @@ class Engine:
         with self._lock:
             for base, lru in self._adapters.items():
                 if key in lru:
-                    self._bases[base][0].delete_adapter(lru.pop(key))
+                    name = lru.pop(key)
+                    try:
+                        self._bases[base][0].delete_adapter(name)
+                    except Exception:  # only memory is at stake; the model is already gone from the API
+                        log.warning("could not unload adapter %s", name, exc_info=True)
             self._full.pop(key, None)
 
     def prompt_length(self, target: Target, prompt: list[dict] | str) -> tuple[int, int]:
