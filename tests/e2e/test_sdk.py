@@ -261,7 +261,7 @@ def test_cancel_pause_resume(server):
     client = server.client()
     one_by_one = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}}
     a = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 40).id, method=one_by_one)
-    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 12).id, method=one_by_one)
+    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 60).id, method=one_by_one)
 
     # b is still waiting behind a: pausing and resuming a queued job needs no worker at all.
     assert client.fine_tuning.jobs.pause(b.id).status == "paused"
@@ -275,7 +275,7 @@ def test_cancel_pause_resume(server):
     wait_event(client, b.id, "Step 3/")
     assert client.fine_tuning.jobs.pause(b.id).status == "paused"
     wait_event(client, b.id, "Checkpoint saved at step")
-    metrics = lambda: [e for e in client.fine_tuning.jobs.list_events(b.id, limit=100) if e.type == "metrics"]  # noqa: E731
+    metrics = lambda: [e for e in client.fine_tuning.jobs.list_events(b.id, limit=200) if e.type == "metrics"]  # noqa: E731
     at_pause = len(metrics())
     time.sleep(1.5)
     assert len(metrics()) == at_pause  # a paused job does not train
@@ -284,9 +284,9 @@ def test_cancel_pause_resume(server):
     client.fine_tuning.jobs.resume(b.id)
     done = wait_for(client, b.id, {"succeeded", "failed"})
     assert done.status == "succeeded", done.error
-    assert len(metrics()) == 12  # no step lost or repeated across the pause
+    assert len(metrics()) == 54  # 60 examples less a 10% validation split: no step lost or repeated
     assert any("Resuming from the checkpoint at step" in e.message
-               for e in client.fine_tuning.jobs.list_events(b.id, limit=100))
+               for e in client.fine_tuning.jobs.list_events(b.id, limit=200))
 
 
 def test_errors_map_to_sdk_exceptions(server):

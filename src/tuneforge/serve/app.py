@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
@@ -114,6 +115,7 @@ class WorkerPool:
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.started_at = [0.0] * n
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._watch = threading.Thread(target=self._supervise, daemon=True, name="tuneforge-workers")
 
     def _spawn(self, i: int) -> None:
@@ -130,15 +132,25 @@ class WorkerPool:
 
     def _supervise(self) -> None:
         while not self._stop.wait(1.0):
-            for i, p in enumerate(self.procs):
-                if p is not None and p.poll() is not None and not self._stop.is_set():
+            with self._lock:
+                for i, p in enumerate(self.procs):
+                    if p is None or p.poll() is None or self._stop.is_set():
+                        continue
+                    if p.returncode == 0:
+                        # A clean exit is a worker that was told to stop (SIGTERM to the process
+                        # group, as service managers and Ctrl-C do): the server is going down too.
+                        self.procs[i] = None
+                        continue
                     if time.monotonic() - self.started_at[i] < self.RESTART_DELAY:
                         continue
                     log.warning("worker %d (pid %d) exited with %s; starting it again", i, p.pid, p.returncode)
                     self._spawn(i)
 
     def stop(self, timeout: float = 60.0) -> None:
-        self._stop.set()
+        with self._lock:  # no respawn can start after this point
+            self._stop.set()
+        if self._watch.is_alive():
+            self._watch.join(timeout=5)
         live = [p for p in self.procs if p is not None and p.poll() is None]
         for p in live:
             p.terminate()  # SIGTERM: the worker checkpoints its job and hands it back to the queue
@@ -148,6 +160,22 @@ class WorkerPool:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _stop_on_shutdown(app: FastAPI, pool: WorkerPool) -> None:
+    """Stop the workers during uvicorn's shutdown: after shutting down, uvicorn re-raises the
+    SIGTERM/SIGINT it caught, which ends this process before a `finally` could run."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await anyio.to_thread.run_sync(pool.stop)
+
+    app.router.lifespan_context = lifespan
 
 
 def serve(host: str, port: int, workers: int, database_url: str | None) -> None:
@@ -171,6 +199,7 @@ def serve(host: str, port: int, workers: int, database_url: str | None) -> None:
         print(f"  {new_key}", flush=True)
         print(f"  OpenAI(base_url='http://{shown}:{port}/v1', api_key='{new_key}')", flush=True)
     pool.start()
+    _stop_on_shutdown(app, pool)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
