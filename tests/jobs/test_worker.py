@@ -26,10 +26,10 @@ def add_file(n: int) -> str:
     return file_id
 
 
-def add_job(file_id: str, **hp) -> str:
+def add_job(file_id: str, meta: dict | None = None, **hp) -> str:
     with session() as s:
         row = JobRow(id=new_id("ftjob-"), project="p", model="tiny-llama", training_file=file_id,
-                     status="validating_files", hyperparameters=hp, seed=3, suffix="unit")
+                     status="validating_files", hyperparameters=hp, seed=3, suffix="unit", meta=meta)
         s.add(row)
         s.commit()
         return row.id
@@ -60,6 +60,14 @@ def test_worker_trains_a_job_to_a_model():
         results = s.scalar(select(FileRow).where(FileRow.id == job.result_files[0]))
     assert results.purpose == "fine-tune-results"
     assert Path(results.path).read_text().splitlines()[0].startswith("step,train_loss,train_accuracy")
+
+
+def test_full_fine_tuning_is_chosen_through_metadata():
+    job_id = add_job(add_file(10), meta={"tuneforge.method": "full"}, n_epochs=1, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    job, _, _, model = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert Path(model.path, "model.safetensors").is_file()  # full weights, not an adapter
 
 
 def test_bad_file_fails_in_the_validating_phase():

@@ -28,6 +28,10 @@ FINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("validating_files", "queued", "running")
 HEARTBEAT_SECONDS = 2.0
 
+# tuneforge's one extension of the job object: how the weights are trained ("lora" or "full"). OpenAI's
+# API has no such field, so it travels in metadata, which every OpenAI client sends unchanged.
+METHOD_KEY = "tuneforge.method"
+
 
 def stale_seconds() -> float:
     """How long a silent worker keeps its job (on another host, where its pid cannot be checked)."""

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..settings import Settings, get_settings
 from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow, new_id, now, resolve_url, session_factory
 from . import queue
+from .queue import METHOD_KEY
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -165,6 +166,7 @@ class JobRunner:
             data=train_path,
             out=str(self.run_dir),
             base=job.model,
+            method=(job.meta or {}).get(METHOD_KEY, "lora"),
             validation_data=valid_path,
             n_epochs=hp.get("n_epochs", "auto"),
             batch_size=hp.get("batch_size", "auto"),

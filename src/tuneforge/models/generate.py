@@ -52,6 +52,19 @@ def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling) -> dict:
     return kwargs
 
 
+def input_ids(tokenizer, prompt: list[dict] | str, tools=None) -> list[int]:
+    """Chat messages go through the chat template; a plain string (legacy completions) is used as is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt_ids(tokenizer, prompt, tools)
+
+
+def _finish_reason(tokenizer, out: list[int], s: Sampling) -> str:
+    ended = bool(out) and out[-1] == tokenizer.eos_token_id
+    _, stopped = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
+    return "stop" if ended or stopped or len(out) < s.max_tokens else "length"
+
+
 def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
     for s in stop or []:
         if s and s in text:
@@ -60,20 +73,19 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 
 
 @torch.no_grad()
-def complete(model, tokenizer, messages: list[dict], sampling: Sampling | None = None, tools=None) -> Completion:
+def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None) -> Completion:
+    """The whole answer to chat messages (or to a raw prompt string)."""
     s = sampling or Sampling()
-    ids = prompt_ids(tokenizer, messages, tools)
+    ids = input_ids(tokenizer, prompt, tools)
     out = model.generate(**_generate_kwargs(model, tokenizer, ids, s))[0][len(ids) :].tolist()
-    ended = bool(out) and out[-1] == tokenizer.eos_token_id
-    text, stopped = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
-    finish = "stop" if ended or stopped or len(out) < s.max_tokens else "length"
-    return Completion(text, finish, len(ids), len(out))
+    text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
+    return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out))
 
 
-def stream(model, tokenizer, messages: list[dict], sampling: Sampling | None = None, tools=None) -> Iterator[str]:
+def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None) -> Iterator[str]:
     """Yield text deltas as they are generated; the final item is a Completion with the totals."""
     s = sampling or Sampling()
-    ids = prompt_ids(tokenizer, messages, tools)
+    ids = input_ids(tokenizer, prompt, tools)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     result: dict = {}
 
@@ -93,7 +105,4 @@ def stream(model, tokenizer, messages: list[dict], sampling: Sampling | None = N
             break
     worker.join()
     out = result["ids"][0][len(ids) :].tolist()
-    ended = bool(out) and out[-1] == tokenizer.eos_token_id
-    _, stopped = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
-    finish = "stop" if ended or stopped or len(out) < s.max_tokens else "length"
-    yield Completion(sent, finish, len(ids), len(out))
+    yield Completion(sent, _finish_reason(tokenizer, out, s), len(ids), len(out))

@@ -22,19 +22,13 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import PeftModel
-from transformers import TextIteratorStreamer
 
 from ..models.adapters import ADAPTER_FILE
-from ..models.generate import Completion, Sampling, complete, stream
+from ..models.generate import Completion, Sampling, complete, input_ids, stream
 from ..models.load import load_base
-
-# Private helpers of models.generate, reused so raw-prompt completions decode and stop exactly as
-# chat does (the library only offers chat-templated generation).
-from ..models.generate import _cut_at_stop, _generate_kwargs  # noqa: E402
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -131,17 +125,15 @@ class Engine:
 
     def prompt_length(self, target: Target, prompt: list[dict] | str) -> tuple[int, int]:
         """(prompt tokens, model context length): lets a request be refused before any output."""
-        from ..data.render import prompt_ids
-
         with self._lock:
             model, tokenizer = self._base(target.base)
-            n = len(_encode(tokenizer, prompt) if isinstance(prompt, str) else prompt_ids(tokenizer, prompt))
+            n = len(input_ids(tokenizer, prompt))
             return n, int(getattr(model.config, "max_position_embeddings", 2048))
 
     def complete(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> list[Completion]:
         """One finished answer per (prompt, sampling): a chat (messages) or a raw text prompt."""
         with self.use(target) as (model, tokenizer):
-            return [_one(model, tokenizer, p, s) for p, s in requests]
+            return [complete(model, tokenizer, p, s) for p, s in requests]
 
     def stream(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> "queue_mod.Queue":
         """Start generating in a thread. The queue yields (request index, str delta | Completion),
@@ -152,8 +144,7 @@ class Engine:
             try:
                 with self.use(target) as (model, tokenizer):
                     for i, (p, s) in enumerate(requests):
-                        it = _stream_prompt(model, tokenizer, p, s) if isinstance(p, str) else stream(model, tokenizer, p, s)
-                        for item in it:  # always drained: generation ends before the lock is released
+                        for item in stream(model, tokenizer, p, s):  # always drained: generation ends before the lock is released
                             out.put((i, item))
                 out.put(None)
             except Exception as err:  # handed to the response, which reports it in the stream
@@ -162,51 +153,3 @@ class Engine:
         threading.Thread(target=produce, daemon=True, name="tuneforge-generate").start()
         return out
 
-
-def _one(model, tokenizer, prompt: list[dict] | str, s: Sampling) -> Completion:
-    if isinstance(prompt, str):
-        return _complete_prompt(model, tokenizer, prompt, s)
-    return complete(model, tokenizer, prompt, s)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _finish(tokenizer, ids, out: list[int], s: Sampling) -> tuple[str, str]:
-    ended = bool(out) and out[-1] == tokenizer.eos_token_id
-    text, stopped = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
-    return text, "stop" if ended or stopped or len(out) < s.max_tokens else "length"
-
-
-@torch.no_grad()
-def _complete_prompt(model, tokenizer, prompt: str, s: Sampling) -> Completion:
-    ids = _encode(tokenizer, prompt)
-    out = model.generate(**_generate_kwargs(model, tokenizer, ids, s))[0][len(ids):].tolist()
-    text, finish = _finish(tokenizer, ids, out, s)
-    return Completion(text, finish, len(ids), len(out))
-
-
-def _stream_prompt(model, tokenizer, prompt: str, s: Sampling) -> Iterator[str | Completion]:
-    ids = _encode(tokenizer, prompt)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict = {}
-
-    def run():
-        with torch.no_grad():
-            result["ids"] = model.generate(**_generate_kwargs(model, tokenizer, ids, s), streamer=streamer)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    sent = ""
-    for piece in streamer:
-        text, stopped = _cut_at_stop(sent + piece, s.stop)
-        if len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-        if stopped:
-            break
-    worker.join()
-    out = result["ids"][0][len(ids):].tolist()
-    _, finish = _finish(tokenizer, ids, out, s)
-    yield Completion(sent, finish, len(ids), len(out))

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..jobs import queue
+from ..jobs.queue import METHOD_KEY
 from ..models.catalogue import available
 from ..settings import Settings
 from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, new_id
@@ -100,6 +101,9 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     if req.metadata and (len(req.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())):
         raise bad_request("metadata takes at most 16 pairs, keys up to 64 and values up to 512 characters",
                           param="metadata", code="invalid_metadata")
+    if (req.metadata or {}).get(METHOD_KEY, "lora") not in ("lora", "full"):
+        raise bad_request(f"metadata['{METHOD_KEY}'] must be 'lora' or 'full'", param="metadata",
+                          code="invalid_metadata")
     if req.integrations:
         raise bad_request("integrations are not supported by this server", param="integrations",
                           code="unsupported_integration")
