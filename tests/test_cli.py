@@ -128,3 +128,16 @@ def test_export_writes_a_loadable_merged_model(tmp_path, chat_file):
                                   ["chat", "--help"], ["export", "--help"], ["serve", "--help"]])
 def test_every_command_has_help(args):
     assert "Usage" in tf(*args).stdout
+
+
+def test_usage_summarises_served_requests():
+    from tuneforge.monitor.usage import UsageRecord, record
+    from tuneforge.store.database import session
+
+    with session() as s:
+        for status in (200, 200, 404):
+            record(s, UsageRecord("POST", "/v1/chat/completions", status, 10.0 * status / 100,
+                                  project="p", model="ft:x", prompt_tokens=5, completion_tokens=7))
+    rows = json.loads(tf("usage", "--json").stdout)
+    assert rows == [{"project": "p", "model": "ft:x", "requests": 3, "prompt_tokens": 15,
+                     "completion_tokens": 21, "errors": 1, "mean_latency_ms": 26.8}]  # (20 + 20 + 40.4) / 3

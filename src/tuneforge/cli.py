@@ -353,6 +353,25 @@ def worker(
     run_worker(database_url)
 
 
+@app.command()
+def usage(
+    project: Annotated[Optional[str], typer.Option(help="Only this project.")] = None,
+    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    json_out: JsonOpt = False,
+):
+    """Served traffic per project and model: requests, tokens, errors, mean latency."""
+    from .monitor.usage import summary
+
+    rows = summary(project, database_url=database_url)
+    if json_out:
+        _print_json(rows)
+        return
+    cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms")
+    typer.echo("\t".join(cols))
+    for r in rows:
+        typer.echo("\t".join(str(r[c]) for c in cols))
+
+
 @keys_app.command("create")
 def keys_create(
     project: Annotated[str, typer.Option(help="Project the key belongs to.")] = "default",
