@@ -37,7 +37,43 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, hyperthread siblings counted once (matmuls gain nothing from SMT)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
 def set_threads(threads: int = 0) -> None:
-    """One intra-op thread per core; tokenizers must not spawn their own pool on top of it."""
+    """One intra-op thread per physical core; tokenizers must not spawn their own pool on top of it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or physical_cores())
+
+
+def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Make a model that will train under `autocast(dtype)` do the same arithmetic with fewer copies.
+
+    - Frozen linear weights (a LoRA run's base model) are stored in `dtype`: autocast re-casts every
+      fp32 weight that is not trained at every matmul, so this gives the same numbers without a copy
+      per layer per step, at half the memory. Trained parameters (adapters, or everything in full
+      fine-tuning) stay fp32 master weights. The output layer is left alone (it may be tied to the
+      input embeddings).
+    - PEFT casts each adapter's input to the adapter's fp32 dtype, and autocast casts it straight back
+      (lossless either way, so it is skipped).
+    After this the model expects to run under autocast.
+    """
+    if dtype is None:
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.to(dtype)
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False

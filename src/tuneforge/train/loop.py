@@ -31,7 +31,7 @@ from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
 from .loss import batch_loss
-from .device import autocast, autocast_dtype, pick_device, set_threads
+from .device import autocast, autocast_dtype, pick_device, prepare_for_autocast, set_threads
 
 Event = dict
 RESULT_FILE = "result.json"
@@ -121,8 +121,11 @@ def train(
     ).to(device)
     model.train()
     dtype = autocast_dtype(cfg.precision, device)
+    prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
+    )
     steps_per_epoch = math.ceil(len(train_r) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
     warmup = max(1, round(total_steps * cfg.warmup_ratio))

@@ -1,9 +1,12 @@
 """Cross-entropy on the positions that carry a target, without materialising the full logits.
 
 The vocabulary projection (hidden -> 49,152 logits) is the most expensive layer of a small model and
-most positions (system prompt, user turn) carry no loss. We run the decoder body, gather the hidden
-states of loss positions only, and project them in chunks; under autograd each chunk is recomputed in
-the backward pass (checkpointing), so at most one chunk of logits is alive at a time.
+most positions (system prompt, user turn) carry no loss. We run the decoder body (with attention
+confined to each packed example, train.attention), gather the hidden states of loss positions only,
+and project them in chunks. For a plain bias-free output layer, one pass per chunk computes the loss
+*and* its gradient (softmax minus one-hot, projected back), so at most one chunk of logits is alive
+at a time and nothing is recomputed in the backward pass. Other heads (bias, soft-capping, a LoRA
+wrapped lm_head) take the generic route: autograd with each chunk checkpointed.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.pack import Batch
 from ..data.render import IGNORE
+from .attention import packed
 
-CHUNK = 1024  # loss positions per vocabulary-projection chunk
+CHUNK = 512  # loss positions per vocabulary-projection chunk (512 x 49,152 fp32 logits = 100 MB)
 
 
 @dataclass
@@ -32,6 +36,66 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _low_precision(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight.to(dtype); for a frozen weight (a LoRA run's head) cast once and kept while unchanged."""
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight.to(dtype)
+    cached = getattr(weight, "_tuneforge_cast", None)
+    if cached is None or cached[0] != weight._version or cached[1].dtype != dtype:
+        cached = (weight._version, weight.detach().to(dtype))
+        weight._tuneforge_cast = cached
+    return cached[1]
+
+
+class _ProjectedCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) and its gradient, chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk, grad_enabled):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = _low_precision(weight, dtype)
+            want_h, want_w = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+            grad_h = torch.empty_like(hidden, dtype=torch.float32) if want_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+            total = hidden.new_zeros((), dtype=torch.float32)
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            for i in range(0, len(targets), chunk):
+                h, t = hidden[i : i + chunk].to(dtype), targets[i : i + chunk]
+                logits = (h @ w.T).float()
+                correct += (logits.argmax(-1) == t).sum()
+                lse = logits.logsumexp(-1, keepdim=True)
+                total += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (want_h or want_w):
+                    continue
+                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t)), t] -= 1  # d(sum of losses) / d(logits)
+                probs = probs.to(dtype)
+                if grad_h is not None:
+                    grad_h[i : i + chunk] = probs @ w
+                if grad_w is not None:
+                    grad_w += (probs.T @ h).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        grad_h = next(saved).mul(grad_total).to(ctx.dtypes[0]) if ctx.has[0] else None
+        grad_w = next(saved).mul(grad_total).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def _fusable(head, config) -> bool:
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not getattr(config, "final_logit_softcapping", None)
+        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+    )
+
+
 def _chunk_loss(head, hidden, targets):
     logits = head(hidden).float()
     loss = F.cross_entropy(logits, targets, reduction="sum")
@@ -39,15 +103,7 @@ def _chunk_loss(head, hidden, targets):
     return loss, correct
 
 
-def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
-    lm = causal_lm(model)
-    out = lm.get_decoder()(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-    )
-    mask = batch.targets != IGNORE
-    hidden = out.last_hidden_state[mask]
-    targets = batch.targets[mask]
-    head = lm.get_output_embeddings()
+def _generic_loss(head, hidden, targets, chunk):
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
     for i in range(0, len(targets), chunk):
@@ -57,6 +113,27 @@ def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
         else:
             loss, c = _chunk_loss(head, h, t)
         total = total + loss
-        correct += int(c)
+        correct = correct + c
+    return total, correct
+
+
+def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
+    lm = causal_lm(model)
+    with packed(lm, batch.position_ids):
+        out = lm.get_decoder()(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        )
+    mask = batch.targets != IGNORE
+    hidden = out.last_hidden_state[mask]
+    targets = batch.targets[mask]
+    head = lm.get_output_embeddings()
+    if _fusable(head, lm.config):
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        total, correct = _ProjectedCrossEntropy.apply(
+            hidden, head.weight, targets, dtype, chunk, torch.is_grad_enabled()
+        )
+    else:
+        total, correct = _generic_loss(head, hidden, targets, chunk)
     n = len(targets)
-    return LossOut(total / max(n, 1), n, correct)
+    return LossOut(total / max(n, 1), n, int(correct))

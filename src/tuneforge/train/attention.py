@@ -1,0 +1,156 @@
+"""Attention for packed rows that costs what the examples need, not what the rows are long.
+
+Left to itself, transformers reads packed rows (position ids restarting per example) as a dense
+block-diagonal [rows, 1, L, L] mask and SDPA then does L² work per row, nearly all of it masked out.
+During our own forward passes (`packed(model, position_ids)`), the model's attention implementation
+is swapped for `packed_attention`: it regroups each example's queries, keys and values into its own
+slot of a [examples, heads, longest, head_dim] tensor, runs causal SDPA on that (the kernel skips the
+upper triangle; a slot's padding sits after all its real tokens, so no real query sees it) and puts
+the outputs back in packed order. No mask is built, nothing crosses an example boundary, and
+attention costs Σ len² instead of rows · L².
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+NAME = "tuneforge_packed"
+
+
+@dataclass
+class Segments:
+    gather: torch.Tensor  # [n * width]: flat token index for each slot (padding slots repeat token 0)
+    scatter: torch.Tensor  # [rows * length]: slot of each token
+    n: int
+    width: int
+
+
+def segments(position_ids: torch.Tensor) -> Segments:
+    """Examples of a packed batch: a new one starts wherever the position does not go up by one."""
+    rows, length = position_ids.shape
+    prev = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=1)
+    start = (position_ids - prev) != 1
+    start[:, 0] = True
+    start = start.reshape(-1)
+    starts = start.nonzero().squeeze(1)
+    seg = start.cumsum(0) - 1
+    total = rows * length
+    width = int(torch.diff(starts, append=starts.new_tensor([total])).max())
+    scatter = seg * width + torch.arange(total, device=starts.device) - starts[seg]
+    gather = torch.zeros(len(starts) * width, dtype=torch.long, device=starts.device)
+    gather[scatter] = torch.arange(total, device=starts.device)
+    return Segments(gather, scatter, len(starts), width)
+
+
+class _Regroup(torch.autograd.Function):
+    """x.index_select(0, forward) whose backward is again an index_select (by `backward`), not the
+    scatter-add autograd would use: every used row maps to exactly one source row, and the rows that
+    are not used (slot padding) never receive a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, forward, backward, n_rows):
+        ctx.backward_index, ctx.n_rows = backward, n_rows
+        return x.index_select(0, forward)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index = ctx.backward_index
+        if ctx.n_rows is None:  # tokens <- slots: each token's gradient sits in its slot
+            return grad.index_select(0, index), None, None, None
+        out = grad.new_zeros((ctx.n_rows, *grad.shape[1:]))  # slots <- tokens: padding slots get zero
+        return out.index_copy_(0, index, grad), None, None, None
+
+
+class _ShortCausalAttention(torch.autograd.Function):
+    """Causal attention written out with matmuls, for slots short enough that the [w, w] scores are
+    cheap to keep: on CPU this beats SDPA's flash kernel several times over at w ~ 100, mostly in the
+    backward pass. Keeps only the probabilities (in the compute dtype) for the backward pass. Grouped
+    query attention without copying k/v: each kv head's query group is stacked along the rows.
+
+    q: [n, heads, w, dim]; k, v: [n, kv_heads, w, dim]; all in the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        n, heads, w, dim = q.shape
+        groups = heads // k.shape[1]
+        q = q.reshape(n, k.shape[1], groups * w, dim)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+        upper = torch.ones(w, w, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
+        probs = scores.masked_fill_(upper, float("-inf")).softmax(-1).to(q.dtype)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale, ctx.shape = scale, (n, heads, w, dim)
+        return out.view(n, heads, w, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, out = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype).reshape(out.shape)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
+        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # = sum_j probs * grad_probs
+        grad_scores = grad_probs.sub_(row).mul_(probs).mul_(ctx.scale).to(q.dtype)
+        grad_q = torch.matmul(grad_scores, k).view(ctx.shape)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, None
+
+
+SHORT = 256  # widest slot for _ShortCausalAttention; wider ones use SDPA (memory-efficient kernel)
+
+
+_current: ContextVar[Segments | None] = ContextVar("tuneforge_segments", default=None)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: [rows, heads, L, dim] in, [rows, L, heads, dim] out."""
+    seg = _current.get()
+    if seg is None:
+        raise RuntimeError("packed_attention runs only inside tuneforge.train.attention.packed()")
+    rows, _, length, dim = query.shape
+
+    def regroup(x):  # [rows, h, L, dim] -> [n, h, width, dim]
+        flat = x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
+        slots = _Regroup.apply(flat, seg.gather, seg.scatter, None)
+        return slots.view(seg.n, seg.width, x.shape[1], dim).transpose(1, 2)
+
+    q, k, v = regroup(query), regroup(key), regroup(value)
+    kind = q.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = scaling if scaling is not None else dim**-0.5
+    if seg.width <= SHORT and not dropout:
+        with torch.autocast(kind, enabled=False):
+            out = _ShortCausalAttention.apply(q, k, v, scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    out = out.transpose(1, 2).reshape(seg.n * seg.width, q.shape[1], dim)
+    out = _Regroup.apply(out, seg.scatter, seg.scatter, seg.n * seg.width)
+    return out.view(rows, length, q.shape[1], dim), None
+
+
+AttentionInterface.register(NAME, packed_attention)
+AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # no mask: segments say it all
+
+
+@contextlib.contextmanager
+def packed(model, position_ids: torch.Tensor):
+    """Within this block, `model` attends only within the examples that `position_ids` delimit."""
+    config = model.config
+    previous = config._attn_implementation
+    token = _current.set(segments(position_ids))
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _current.reset(token)

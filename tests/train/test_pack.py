@@ -1,0 +1,192 @@
+"""Packing is an optimisation only: same loss and gradients as unpacked examples, no cross-talk.
+
+Everything runs on the tiny random model (tuneforge.models.tiny) in fp32, so the tolerances are tight.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tuneforge.data.example import Example
+from tuneforge.data.pack import pack
+from tuneforge.data.render import IGNORE, render_example
+from tuneforge.models.tiny import tiny_model
+from tuneforge.train import attention
+from tuneforge.train import loss as loss_mod
+from tuneforge.train.attention import packed, segments
+from tuneforge.train.loss import batch_loss
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hi.", "Why is the sky blue? Explain briefly.", "Count to 3."]
+ANSWERS = ["4.", "Blue, like the sea.", "Hi!", "Rayleigh scattering of sunlight by air.", "1, 2, 3."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_model(seed=0)
+    examples = [
+        Example("chat", [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        for q, a in zip(QUESTIONS, ANSWERS)
+    ]
+    return model, tok, [render_example(e, tok) for e in examples]
+
+
+def _reference(model, rendered):
+    """Plain transformers, one example at a time, its own (shifting) loss: the ground truth."""
+    total, n = 0.0, 0
+    for r in rendered:
+        out = model(input_ids=torch.tensor([r.input_ids]), labels=torch.tensor([r.labels]), use_cache=False)
+        k = sum(1 for x in r.labels[1:] if x != IGNORE)
+        total, n = total + out.loss * k, n + k
+    return total / n
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pack_lays_out_every_example_once_with_per_example_targets(tiny):
+    _, tok, rendered = tiny
+    longest = max(len(r.input_ids) for r in rendered)
+    batch = pack(rendered, longest + 10, tok.pad_token_id)
+    assert batch.input_ids.shape[0] > 1  # several rows, so padding and row ends are exercised
+    assert batch.n_tokens == sum(len(r.input_ids) for r in rendered)
+    assert batch.n_loss_tokens == sum(sum(1 for x in r.labels[1:] if x != IGNORE) for r in rendered)
+    pieces = []
+    for ids, pos in zip(batch.input_ids.tolist(), batch.position_ids.tolist()):
+        for i, p in enumerate(pos):
+            if p == 0:
+                pieces.append([])
+            pieces[-1].append(ids[i])
+    examples = [p for p in pieces if set(p) != {tok.pad_token_id}]
+    assert sorted(examples) == sorted(r.input_ids for r in rendered)
+    # each example's last token predicts nothing (never the first token of the next example)
+    for row_pos, row_tgt in zip(batch.position_ids, batch.targets):
+        ends = (row_pos[1:] == 0).nonzero().squeeze(1)
+        assert (row_tgt[ends] == IGNORE).all()
+
+
+def test_segments_cover_each_example_and_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    seg = segments(pos)
+    assert (seg.n, seg.width) == (5, 4)
+    flat = torch.arange(12)
+    slots = torch.full((seg.n * seg.width,), -1)
+    slots[seg.scatter] = flat
+    assert slots.view(5, 4).tolist() == [[0, 1, 2, -1], [3, 4, -1, -1], [5, -1, -1, -1], [6, 7, 8, 9], [10, 11, -1, -1]]
+    assert torch.equal(seg.gather[seg.scatter], flat)
+
+
+@pytest.mark.parametrize("kernel", ["short", "sdpa"])
+@pytest.mark.parametrize("rows", ["one", "several"])  # several: row ends and padding in between
+def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, monkeypatch):
+    model, tok, rendered = tiny
+    monkeypatch.setattr(attention, "SHORT", 4096 if kernel == "short" else 0)
+    row_tokens = 4096 if rows == "one" else max(len(r.input_ids) for r in rendered) + 10
+    reference, ours = copy.deepcopy(model), copy.deepcopy(model)
+    ref_loss = _reference(reference, rendered)
+    ref_loss.backward()
+    out = batch_loss(ours, pack(rendered, row_tokens, tok.pad_token_id))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    ref_grads, our_grads = _grads(reference), _grads(ours)
+    assert ref_grads.keys() == our_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_cross_entropy_matches_autograd(tiny, monkeypatch):
+    """The one-pass loss+gradient of the vocabulary projection equals plain autograd (tied weights)."""
+    model, tok, rendered = tiny
+    batch = pack(rendered, 4096, tok.pad_token_id)
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        monkeypatch.setattr(loss_mod, "_fusable", lambda head, config, fused=fused: fused)
+        out = batch_loss(m, batch, chunk=7)  # several chunks, the last one partial
+        out.loss.backward()
+        results.append((out, _grads(m)))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    assert fused_out.loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-6)
+    assert (fused_out.n_tokens, fused_out.n_correct) == (plain_out.n_tokens, plain_out.n_correct)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():  # evaluation path: no gradient work, same numbers
+        assert batch_loss(model, batch).loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-6)
+
+
+def test_no_attention_crosses_an_example_boundary(tiny):
+    model, tok, rendered = tiny
+    a, b = rendered[0], rendered[1]
+    changed = copy.deepcopy(a)
+    changed.input_ids = [(t + 7) % 200 + 3 for t in a.input_ids]
+    decoder = model.get_decoder()
+
+    def hidden(first):
+        batch = pack([first, b], 4096, tok.pad_token_id)
+        assert batch.input_ids.shape[0] == 1  # both in one row
+        with torch.no_grad(), packed(model, batch.position_ids):
+            h = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        starts = (batch.position_ids[0] == 0).nonzero().squeeze(1).tolist()
+        # pack orders longest first: find b by its length
+        for s in starts:
+            if batch.input_ids[0, s : s + len(b.input_ids)].tolist() == b.input_ids:
+                return h.last_hidden_state[0, s : s + len(b.input_ids)]
+        raise AssertionError("example b not found in the row")
+
+    before, after = hidden(a), hidden(changed)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    with torch.no_grad():  # and it equals b run on its own
+        alone = decoder(input_ids=torch.tensor([b.input_ids]), use_cache=False).last_hidden_state[0]
+    torch.testing.assert_close(before, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_restored_after_a_packed_pass(tiny):
+    model, tok, rendered = tiny
+    before = model.config._attn_implementation
+    batch_loss(model, pack(rendered, 4096, tok.pad_token_id))
+    assert model.config._attn_implementation == before
+    # and ordinary (padded, masked) use of the model is unaffected
+    ids = torch.tensor([rendered[0].input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny):
+    model, tok, rendered = tiny
+    batch = pack(rendered, 4096, tok.pad_token_id)
+    with torch.no_grad():
+        fp32 = batch_loss(model, batch).loss.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = batch_loss(model, batch).loss.item()
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+def test_prepare_for_autocast_gives_the_autocast_numbers(tiny):
+    """Frozen base in bf16, casts done once: exactly what autocast computes anyway (loss and grads)."""
+    from tuneforge.models.adapters import prepare_for_training
+    from tuneforge.train.device import prepare_for_autocast
+
+    model, tok, rendered = tiny
+    batch = pack(rendered, 4096, tok.pad_token_id)
+    results = []
+    for store in (False, True):
+        torch.manual_seed(0)
+        m = prepare_for_training(copy.deepcopy(model), "lora", rank=4, alpha=8, dropout=0.0, targets=["q_proj", "down_proj"])
+        for name, p in m.named_parameters():  # LoRA B starts at zero: make the adapters matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        if store:
+            prepare_for_autocast(m, torch.bfloat16)
+            assert m.get_base_model().model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = batch_loss(m, batch)
+        out.loss.backward()
+        results.append((out.loss.item(), _grads(m)))
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
