@@ -66,6 +66,8 @@ def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> N
       input embeddings).
     - PEFT casts each adapter's input to the adapter's fp32 dtype, and autocast casts it straight back
       (lossless either way, so it is skipped).
+    - The other frozen tensors are copied out of the memory-mapped weights file: otherwise the whole
+      fp32 file, read once by the casts above, stays mapped and resident (~4 bytes per parameter).
     After this the model expects to run under autocast.
     """
     if dtype is None:
@@ -77,3 +79,6 @@ def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> N
                 module.to(dtype)
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+    for p in model.parameters():  # the rest in private memory, so the weights file can be unmapped
+        if not p.requires_grad and p.dtype != dtype:
+            p.data = p.data.clone()

@@ -1,0 +1,320 @@
+"""tuneforge's trainer against TRL SFTTrainer (+ PEFT LoRA), side by side on this machine.
+
+    pip install -e '.[bench]' -c benchmarks/constraints.txt     # TRL is benchmark-only
+    python benchmarks/train_throughput.py                       # LoRA and full, 3 repetitions
+    python benchmarks/train_throughput.py --quick               # smoke run: LoRA, 1 epoch, 1 repetition
+
+Both trainers get the same examples (examples/shakespeare_ml.jsonl, tuneforge's seeded 90/10 split),
+the same token ids and loss positions (TRL receives tuneforge's rendering as a pre-tokenised dataset
+with labels), the same base weights, LoRA rank/alpha/targets, batch size, max length, epochs,
+learning rate and schedule, and bf16 autocast when the CPU has native bf16 (TRL's default). TRL
+otherwise keeps its defaults (padding to the longest example of a batch, gradient checkpointing).
+Each run is its own subprocess, so its peak RSS (ru_maxrss) is its own; runs alternate between the
+two trainers so a noisy neighbour hurts both alike.
+
+Measured per run:
+- tokens/s: non-padding tokens trained (every example's tokens, once per epoch) / time inside
+  optimizer steps (tuneforge: the loop's per-step timer; TRL: step begin..end callbacks). Validation,
+  checkpoints and model loading are excluded for both; `wall` is the whole process, imports included.
+- model FLOP/s: (4·N for LoRA, 6·N for full) · tokens + causal attention 6·layers·width·len² per
+  example, N = all parameters of the base model; the same count for both trainers whatever they
+  actually execute (tuneforge skips the vocabulary projection where there is no loss).
+- % of the matmul peak measured here (best of square fp32 and bf16 matmuls, same thread count).
+- validation loss: tuneforge's evaluate_loss on the same held-out examples after the last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "shakespeare_ml.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------- workers
+
+
+def _peak_worker(args) -> dict:
+    import torch
+
+    from tuneforge.train.device import set_threads
+
+    set_threads(args.threads)
+    best = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rates = []
+        for n in (1024, 2048, 3072):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            for _ in range(8):  # best single product: a busy neighbour only ever lowers a sample
+                start = time.perf_counter()
+                a @ b
+                rates.append(2 * n**3 / (time.perf_counter() - start))
+        best[name] = max(rates)
+    return best
+
+
+def _data(tokenizer, max_length):
+    from tuneforge.data.validate import load_examples
+    from tuneforge.train.config import TrainConfig
+    from tuneforge.train.loop import _render, _split
+
+    cfg = TrainConfig(data=str(DATA), out="-", max_length=max_length)
+    train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, max_length), cfg, tokenizer)
+    return _render(train_ex, tokenizer, max_length), _render(valid_ex, tokenizer, max_length)
+
+
+def _tuneforge_worker(args) -> dict:
+    from tuneforge.train import metrics as metrics_log
+    from tuneforge.train.config import TrainConfig
+    from tuneforge.train.loop import train
+
+    out = tempfile.mkdtemp(prefix="tf-bench-")
+    cfg = TrainConfig(
+        data=str(DATA), out=out, base=args.base, method=args.method, n_epochs=args.epochs,
+        batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
+    )
+    result = train(cfg)
+    rows = metrics_log.read(Path(out))
+    step_seconds, before = 0.0, 0
+    for row in rows:
+        step_seconds += (row["trained_tokens"] - before) / row["tokens_per_second"]
+        before = row["trained_tokens"]
+    return {
+        "tokens": result.trained_tokens,
+        "train_seconds": step_seconds,
+        "valid_loss": result.final.get("valid_loss"),
+        "batch_size": result.config["batch_size"],
+    }
+
+
+def _train_lengths(args) -> list[int]:
+    from tuneforge.models.load import load_tokenizer
+
+    train_r, _ = _data(load_tokenizer(args.base), args.max_length)
+    return [len(r.input_ids) for r in train_r]
+
+
+def _trl_worker(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tuneforge.data.render import IGNORE
+    from tuneforge.evaluate.metrics import evaluate_loss
+    from tuneforge.models.load import load_base
+    from tuneforge.train.config import BASE_LEARNING_RATE, TrainConfig
+    from tuneforge.train.device import autocast_dtype, set_threads
+
+    set_threads(args.threads)
+    model, tokenizer = load_base(args.base)
+    train_r, valid_r = _data(tokenizer, args.max_length)
+    rows = [
+        {"input_ids": r.input_ids, "labels": [t if lab != IGNORE else IGNORE for t, lab in zip(r.input_ids, r.labels)]}
+        for r in train_r
+    ]
+    batch_size = args.batch_size if args.batch_size != "auto" else TrainConfig("-", "-").resolve(len(train_r)).batch_size
+    steps = -(-len(train_r) // int(batch_size)) * args.epochs
+    bf16 = autocast_dtype("auto", torch.device("cpu")) is not None
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=int(batch_size),
+        num_train_epochs=args.epochs,
+        max_length=args.max_length,
+        learning_rate=BASE_LEARNING_RATE[args.method],
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, round(steps * 0.05)),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=42,
+        bf16=bf16,
+        use_cpu=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if args.method == "lora":
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                 bias="none", task_type="CAUSAL_LM")
+
+    class StepTimer(TrainerCallback):
+        seconds, started = 0.0, 0.0
+
+        def on_step_begin(self, *a, **k):
+            StepTimer.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            StepTimer.seconds += time.perf_counter() - StepTimer.started
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
+    started = time.perf_counter()
+    trainer.train()
+    runtime = time.perf_counter() - started
+    dtype = torch.bfloat16 if bf16 else None
+    valid = evaluate_loss(trainer.model, valid_r, pad_id=tokenizer.pad_token_id, batch_size=int(batch_size),
+                          dtype=dtype)
+    return {
+        "tokens": sum(len(r.input_ids) for r in train_r) * args.epochs,
+        "train_seconds": StepTimer.seconds,
+        "train_runtime": runtime,
+        "valid_loss": valid["loss"],
+        "batch_size": int(batch_size),
+    }
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def _run(worker: str, args, extra: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--method", args.method if extra is None else extra["method"],
+           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+           "--threads", str(args.threads), "--base", args.base]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{worker} run failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall"] = wall
+    return result
+
+
+def _model_shape(base: str) -> dict:
+    from transformers import AutoConfig
+
+    from tuneforge.models.catalogue import resolve
+    from tuneforge.models.load import _gguf_cache_dir
+
+    spec = resolve(base)
+    folder = _gguf_cache_dir(spec) if spec.source == "gguf" else spec.path
+    config = AutoConfig.from_pretrained(folder)
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return {"n_params": n_params, "layers": config.num_hidden_layers, "width": width}
+
+
+def _flops(run: dict, method: str, shape: dict, epochs: int) -> float:
+    per_token = (4 if method == "lora" else 6) * shape["n_params"]
+    attention = 6 * shape["layers"] * shape["width"] * sum(n * n for n in shape["lengths"]) * epochs
+    return per_token * run["tokens"] + attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="LoRA only, 1 epoch, 1 repetition")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", default="auto", help="examples per step for both trainers")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--skip-trl", action="store_true", help="tuneforge only (no TRL installed)")
+    p.add_argument("--json", help="also write all runs to this file")
+    p.add_argument("--worker", choices=["peak", "tuneforge", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        fn = {"peak": _peak_worker, "tuneforge": _tuneforge_worker, "trl": _trl_worker}[args.worker]
+        result = fn(args)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    if args.quick:
+        args.reps, args.methods, args.epochs = 1, "lora", 1
+    methods = args.methods.split(",")
+    trainers = ["tuneforge"] + ([] if args.skip_trl else ["trl"])
+    shape = _model_shape(args.base) | {"lengths": _train_lengths(args)}
+    print(f"machine: {_machine()}")
+    peaks = [_run("peak", args, {"method": "lora"})]
+    print(f"matmul peak: fp32 {peaks[0]['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks[0]['bf16'] / 1e9:.0f} GFLOP/s",
+          flush=True)
+    runs: dict[tuple[str, str], list[dict]] = {(m, t): [] for m in methods for t in trainers}
+    for rep in range(args.reps):
+        for method in methods:
+            for trainer in trainers if rep % 2 == 0 else trainers[::-1]:
+                r = _run(trainer, args, {"method": method})
+                r["flops"] = _flops(r, method, shape, args.epochs)
+                runs[(method, trainer)].append(r)
+                print(f"  rep {rep + 1} {method:4s} {trainer:9s} {r['tokens'] / r['train_seconds']:7.1f} tok/s  "
+                      f"wall {r['wall']:5.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+                      f"valid loss {r['valid_loss']:.4f}", flush=True)
+    peaks.append(_run("peak", args, {"method": "lora"}))
+    peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
+    _table(runs, methods, trainers, peak, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": _machine(), "peak": peak, "args": vars(args),
+            "runs": {f"{m}/{t}": v for (m, t), v in runs.items()},
+        }, indent=2) + "\n")
+
+
+def _table(runs, methods, trainers, peak, args) -> None:
+    med = statistics.median
+    print(f"\nmatmul peak (best of start/end): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; {args.reps} repetition(s), {args.epochs} epoch(s), medians\n")
+    print("| method | trainer | batch | tokens/s | model GFLOP/s | % bf16 peak | % fp32 peak | peak RSS MB "
+          "| wall s | valid loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method in methods:
+        for trainer in trainers:
+            rs = runs[(method, trainer)]
+            tps = med(r["tokens"] / r["train_seconds"] for r in rs)
+            fps = med(r["flops"] / r["train_seconds"] for r in rs)
+            print(f"| {method} | {trainer} | {rs[0]['batch_size']} | {tps:.0f} | {fps / 1e9:.0f} "
+                  f"| {100 * fps / peak['bf16']:.0f}% | {100 * fps / peak['fp32']:.0f}% "
+                  f"| {med(r['peak_rss_mb'] for r in rs):.0f} | {med(r['wall'] for r in rs):.1f} "
+                  f"| {med(r['valid_loss'] for r in rs):.4f} |")
+    if "trl" not in trainers:
+        return
+    print("\n| method | tokens/s vs TRL | peak RSS vs TRL | wall vs TRL | valid loss (tuneforge - TRL) |")
+    print("|---|---|---|---|---|")
+    for method in methods:
+        tf, trl = runs[(method, "tuneforge")], runs[(method, "trl")]
+        speed = med(r["tokens"] / r["train_seconds"] for r in tf) / med(r["tokens"] / r["train_seconds"] for r in trl)
+        rss = med(r["peak_rss_mb"] for r in tf) / med(r["peak_rss_mb"] for r in trl)
+        wall = med(r["wall"] for r in tf) / med(r["wall"] for r in trl)
+        dloss = med(r["valid_loss"] for r in tf) - med(r["valid_loss"] for r in trl)
+        print(f"| {method} | {speed:.2f}x | {rss:.2f}x | {wall:.2f}x | {dloss:+.4f} |")
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+if __name__ == "__main__":
+    main()
