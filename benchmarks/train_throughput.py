@@ -9,7 +9,7 @@ the same token ids and loss positions (TRL receives tuneforge's rendering as a p
 with labels), the same base weights, LoRA rank/alpha/targets, batch size, max length, epochs,
 learning rate and schedule, and bf16 autocast when the CPU has native bf16 (TRL's default). TRL
 otherwise keeps its defaults (padding to the longest example of a batch, gradient checkpointing).
-Each run is its own subprocess, so its peak RSS (ru_maxrss) is its own; runs alternate between the
+Each run is its own subprocess, so its peak RSS (VmHWM) is its own; runs alternate between the
 two trainers so a noisy neighbour hurts both alike.
 
 Measured per run:
@@ -212,7 +212,8 @@ def _model_shape(base: str) -> dict:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())
+    model.tie_weights()  # a tied head is the embedding matrix: count it once
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     return {"n_params": n_params, "layers": config.num_hidden_layers, "width": width}
 
@@ -242,7 +243,7 @@ def main() -> None:
     if args.worker:
         fn = {"peak": _peak_worker, "tuneforge": _tuneforge_worker, "trl": _trl_worker}[args.worker]
         result = fn(args)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = _peak_rss_mb()
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -302,6 +303,16 @@ def _table(runs, methods, trainers, peak, args) -> None:
         wall = med(r["wall"] for r in tf) / med(r["wall"] for r in trl)
         dloss = med(r["valid_loss"] for r in tf) - med(r["valid_loss"] for r in trl)
         print(f"| {method} | {speed:.2f}x | {rss:.2f}x | {wall:.2f}x | {dloss:+.4f} |")
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM). ru_maxrss is not used: Linux carries it over an
+    exec from the process that spawned us."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _machine() -> str:
