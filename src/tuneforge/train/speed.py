@@ -12,7 +12,7 @@ import statistics
 
 from ..settings import get_settings
 
-FALLBACK_TOKENS_PER_SECOND = 200.0  # SmolLM2-135M, LoRA, 2 CPU cores
+FALLBACK_TOKENS_PER_SECOND = 330.0  # SmolLM2-135M, LoRA, 2 CPU cores (benchmarks/README.md)
 
 
 def _path():
