@@ -314,6 +314,20 @@ def export(
         typer.echo(f"merged model written to {out}")
 
 
+@app.command("import")
+@user_errors
+def import_run_cmd(
+    run: Path,
+    project: Annotated[str, typer.Option(help="Project whose API keys may use the model.")] = "default",
+    suffix: Annotated[Optional[str], typer.Option(help="Part of the ft: name.")] = None,
+    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+):
+    """Register a run folder with the server; prints the new ft: model name alone on stdout."""
+    from .jobs.imports import import_run
+
+    typer.echo(import_run(run, project, suffix, database_url))
+
+
 @app.command("models")
 def list_models(json_out: JsonOpt = False):
     """Base models available on this machine."""

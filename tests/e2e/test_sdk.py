@@ -412,3 +412,33 @@ def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
         assert any(w in answer.replace(",", " ").split() for w in SHAKESPEAREAN), answer
     finally:
         srv.stop()
+
+
+def test_a_command_line_run_is_served_after_import(tmp_path):
+    """`tuneforge train` then `tuneforge import`: the run answers through the API like any ft: model."""
+    from tests.conftest import write_chat
+    from tuneforge.jobs.imports import import_run
+    from tuneforge.models.generate import Sampling, complete
+    from tuneforge.models.load import load_tuned
+    from tuneforge.train.config import TrainConfig
+    from tuneforge.train.loop import train
+
+    home = tmp_path / "home"
+    home.mkdir()
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(write_chat(tmp_path / "t.jsonl", 12)), out=str(run), base=BASE, n_epochs=1))
+    srv = Server(home).start()
+    try:
+        url = f"sqlite:///{home / 'tuneforge.db'}"
+        name = import_run(run, project="default", suffix="cli", database_url=url)
+        assert name.startswith(f"ft:{BASE}:tuneforge:cli:")
+        client = srv.client()
+        assert name in [m.id for m in client.models.list()]
+        question = [{"role": "user", "content": "What is twice 3?"}]
+        reply = client.chat.completions.create(model=name, messages=question, max_tokens=8, temperature=0)
+        model, tok = load_tuned(run)
+        assert reply.choices[0].message.content == complete(model, tok, question, Sampling(max_tokens=8)).text
+        with pytest.raises(FileNotFoundError, match="not a finished tuneforge run"):
+            import_run(tmp_path, database_url=url)
+    finally:
+        srv.stop()
