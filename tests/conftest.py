@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import pytest
 from tuneforge.settings import get_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Set (e.g. postgresql+psycopg://tuneforge@127.0.0.1:55432) to run every test against a fresh
+# PostgreSQL database of its own instead of SQLite; scripts/test.sh does so for the server's tests.
+POSTGRES = os.environ.get("TUNEFORGE_TEST_POSTGRES")
+
+
+def _admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES.replace("postgresql+psycopg", "postgresql") + "/postgres",
+                         autocommit=True) as conn:
+        conn.execute(sql)
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +38,16 @@ def tuneforge_home(tmp_path_factory, shared_models_dir, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     (home / "models").symlink_to(shared_models_dir, target_is_directory=True)
     monkeypatch.setenv("TUNEFORGE_HOME", str(home))
+    database = None
+    if POSTGRES:
+        database = "tf_" + uuid.uuid4().hex[:12]
+        _admin(f"CREATE DATABASE {database}")
+        monkeypatch.setenv("TUNEFORGE_DATABASE_URL", f"{POSTGRES}/{database}")
     get_settings.cache_clear()
     yield home
     get_settings.cache_clear()
+    if database:
+        _admin(f"DROP DATABASE {database} WITH (FORCE)")
 
 
 def write_chat(path: Path, n: int, *, system: str | None = "Answer briefly.") -> Path:
