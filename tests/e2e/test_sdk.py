@@ -135,7 +135,7 @@ def wait_for(client: OpenAI, job_id: str, statuses: set[str], timeout: float = 1
 def wait_event(client: OpenAI, job_id: str, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(text in e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50)):
+        if any(text in e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)):
             return
         time.sleep(0.5)
     raise AssertionError(f"no event with {text!r} for {job_id}")
@@ -259,8 +259,9 @@ def test_bad_training_file_fails_the_job(server):
 def test_cancel_pause_resume(server):
     client = server.client()
     one_by_one = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}}
-    a = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 40).id, method=one_by_one)
-    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 60).id, method=one_by_one)
+    # enough steps that neither job can finish between two polls of this test, however fast training is
+    a = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 400).id, method=one_by_one)
+    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 200).id, method=one_by_one)
 
     # b is still waiting behind a: pausing and resuming a queued job needs no worker at all.
     assert client.fine_tuning.jobs.pause(b.id).status == "paused"
@@ -274,7 +275,7 @@ def test_cancel_pause_resume(server):
     wait_event(client, b.id, "Step 3/")
     assert client.fine_tuning.jobs.pause(b.id).status == "paused"
     wait_event(client, b.id, "Checkpoint saved at step")
-    metrics = lambda: [e for e in client.fine_tuning.jobs.list_events(b.id, limit=200) if e.type == "metrics"]  # noqa: E731
+    metrics = lambda: [e for e in client.fine_tuning.jobs.list_events(b.id, limit=1000) if e.type == "metrics"]  # noqa: E731
     at_pause = len(metrics())
     time.sleep(1.5)
     assert len(metrics()) == at_pause  # a paused job does not train
@@ -283,9 +284,9 @@ def test_cancel_pause_resume(server):
     client.fine_tuning.jobs.resume(b.id)
     done = wait_for(client, b.id, {"succeeded", "failed"})
     assert done.status == "succeeded", done.error
-    assert len(metrics()) == 54  # 60 examples less a 10% validation split: no step lost or repeated
+    assert len(metrics()) == 180  # 200 examples less a 10% validation split: no step lost or repeated
     assert any("Resuming from the checkpoint at step" in e.message
-               for e in client.fine_tuning.jobs.list_events(b.id, limit=200))
+               for e in client.fine_tuning.jobs.list_events(b.id, limit=1000))
 
 
 def test_errors_map_to_sdk_exceptions(server):
@@ -355,13 +356,13 @@ def test_killed_server_resumes_the_job(tmp_path):
     srv = Server(tmp_path / "home").start()
     try:
         client = srv.client()
-        f = upload(client, 12)
+        f = upload(client, 200)  # 180 training examples, batch 2: 90 steps an epoch
         job = client.fine_tuning.jobs.create(
             model=BASE, training_file=f.id,
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
         )
-        wait_event(client, job.id, "Checkpoint created at step 6")
-        wait_event(client, job.id, "Step 7/")
+        wait_event(client, job.id, "Checkpoint created at step 90")
+        wait_event(client, job.id, "Step 91/")
         srv.kill()  # server and worker, SIGKILL: no chance to save anything more
 
         srv.start()
@@ -369,8 +370,9 @@ def test_killed_server_resumes_the_job(tmp_path):
         done = wait_for(client, job.id, {"succeeded", "failed"}, timeout=180)
         assert done.status == "succeeded", done.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500)]
-        assert any("resuming from the checkpoint at step 6" in m for m in messages), messages[:10]
-        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [18, 12, 6]
+        resumed = [m for m in messages if "resuming from the checkpoint at step" in m]
+        assert resumed and resumed[0].endswith(("step 90", "step 180")), messages[:10]
+        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [270, 180, 90]
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         )
