@@ -242,8 +242,15 @@ def evaluate(
     from .evaluate.compare import compare
     from .evaluate.report import format_comparison
 
-    _say("evaluating base and tuned model...")
-    report = compare(run, data, n_samples=samples)
+    from tqdm import tqdm
+
+    with tqdm(total=None, file=sys.stderr, desc="evaluating base and tuned", unit="step") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = compare(run, data, n_samples=samples, on_progress=progress)
     if json_out:
         _print_json(report)
     else:

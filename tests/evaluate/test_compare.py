@@ -17,7 +17,9 @@ def test_tuned_beats_base_on_held_out_data(tmp_path):
     held = write_chat(tmp_path / "held.jsonl", 12)
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), base="tiny-llama", n_epochs=3,
                       batch_size=4, learning_rate_multiplier=3.0))
-    report = compare(tmp_path / "run", held, n_samples=2, max_tokens=8)
+    seen = []
+    report = compare(tmp_path / "run", held, n_samples=2, max_tokens=8, on_progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(d, 6) for d in range(1, 7)]  # loss + 2 samples, for base then tuned
     assert report["tuned"]["loss"] < report["base"]["loss"]
     assert report["tuned"]["token_accuracy"] > report["base"]["token_accuracy"]
     assert report["n_examples"] == 12 and len(report["base"]["samples"]) == 2

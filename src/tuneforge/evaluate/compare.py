@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Callable
 
 from ..data.render import render_example
 from ..data.validate import load_examples
@@ -36,23 +37,26 @@ def _prompt(example) -> list[dict]:
     return example.messages[:last]
 
 
-def _score(model, tokenizer, rendered, examples, n_samples: int, classify: bool, max_tokens: int) -> dict:
+def _score(model, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick) -> dict:
     report = evaluate_loss(model, rendered, pad_id=tokenizer.pad_token_id)
+    tick()
     if classify:
-        hits = sum(
-            complete(model, tokenizer, _prompt(e), Sampling(max_tokens=16)).text.strip()
-            == e.assistant_messages()[-1]["content"].strip()
-            for e in examples
-        )
+        hits = 0
+        for e in examples:
+            answer = complete(model, tokenizer, _prompt(e), Sampling(max_tokens=16)).text
+            hits += answer.strip() == e.assistant_messages()[-1]["content"].strip()
+            tick()
         report["exact_match"] = hits / len(examples)
-    report["samples"] = [
-        complete(model, tokenizer, _prompt(e), Sampling(max_tokens=max_tokens)).text
-        for e in examples[:n_samples]
-    ]
+    report["samples"] = []
+    for e in examples[:n_samples]:
+        report["samples"].append(complete(model, tokenizer, _prompt(e), Sampling(max_tokens=max_tokens)).text)
+        tick()
     return report
 
 
-def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_tokens: int = 96) -> dict:
+def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_tokens: int = 96,
+            on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Score base and tuned; `on_progress(done, total)` hears of each finished unit of work."""
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)
     examples = [e for e in load_examples(data) if e.kind != "text" and e.assistant_messages()]
@@ -61,13 +65,21 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     tuned, tokenizer = load_tuned(run_dir)
     rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
     classify = is_classification(examples)
+    total = 2 * (1 + min(n_samples, len(examples)) + (len(examples) if classify else 0))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress(done, total)
     if hasattr(tuned, "disable_adapter"):
         base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
     else:
         base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].eval()
     with base_ctx:
-        base_report = _score(base, tokenizer, rendered, examples, n_samples, classify, max_tokens)
-    tuned_report = _score(tuned, tokenizer, rendered, examples, n_samples, classify, max_tokens)
+        base_report = _score(base, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick)
+    tuned_report = _score(tuned, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick)
     report = {
         "data": str(data),
         "n_examples": len(examples),
