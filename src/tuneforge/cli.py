@@ -13,7 +13,7 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -103,11 +103,11 @@ def _local_tokens_per_second() -> float:
 def data_convert(
     file: Path,
     out: Annotated[Path, typer.Option("-o", "--out", help="JSONL file to write.")],
-    prompt_col: Annotated[Optional[str], typer.Option(help="Column with the prompt.")] = None,
-    completion_col: Annotated[Optional[str], typer.Option(help="Column with the answer.")] = None,
-    text_col: Annotated[Optional[str], typer.Option(help="Classification: column with the text.")] = None,
-    label_col: Annotated[Optional[str], typer.Option(help="Classification: column with the label.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System message for every example.")] = None,
+    prompt_col: Annotated[str | None, typer.Option(help="Column with the prompt.")] = None,
+    completion_col: Annotated[str | None, typer.Option(help="Column with the answer.")] = None,
+    text_col: Annotated[str | None, typer.Option(help="Classification: column with the text.")] = None,
+    label_col: Annotated[str | None, typer.Option(help="Classification: column with the label.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message for every example.")] = None,
     json_out: JsonOpt = False,
 ):
     """Convert a CSV file into chat JSONL (prompt/completion or text/label columns)."""
@@ -168,11 +168,11 @@ def _sigterm_as_interrupt():
 @app.command()
 @user_errors
 def train(
-    data: Annotated[Optional[Path], typer.Option(help="Training file (JSONL or .txt).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to create.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Training file (JSONL or .txt).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder to create.")] = None,
     base: Annotated[str, typer.Option(help="Base model: catalogue name, HF folder or .gguf.")] = "smollm2-135m-instruct",
     method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
-    validation_data: Annotated[Optional[Path], typer.Option(help="Validation file; default: hold out 10%.")] = None,
+    validation_data: Annotated[Path | None, typer.Option(help="Validation file; default: hold out 10%.")] = None,
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
     batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
     learning_rate_multiplier: Annotated[str, typer.Option(help="Scales the base learning rate, or auto.")] = "auto",
@@ -183,13 +183,14 @@ def train(
     seed: Annotated[int, typer.Option()] = 42,
     early_stopping: Annotated[int, typer.Option(help="Stop after N validation passes without improvement (0 = off).")] = 0,
     precision: Annotated[str, typer.Option(help="auto, bf16 or fp32.")] = "auto",
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ):
     """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
     from .train.config import TrainConfig
-    from .train.loop import TrainingStopped, train as run_training
+    from .train.loop import TrainingStopped
+    from .train.loop import train as run_training
 
     if method not in ("lora", "full"):
         raise ValueError(f"--method must be lora or full, not {method!r}")
@@ -239,10 +240,10 @@ def evaluate(
     json_out: JsonOpt = False,
 ):
     """Compare the base and the tuned model on held-out data."""
+    from tqdm import tqdm
+
     from .evaluate.compare import compare
     from .evaluate.report import format_comparison
-
-    from tqdm import tqdm
 
     with tqdm(total=None, file=sys.stderr, desc="evaluating base and tuned", unit="step") as bar:
 
@@ -261,11 +262,11 @@ def evaluate(
 @user_errors
 def chat(
     model: Annotated[str, typer.Argument(help="Run folder, or a base model name.")],
-    prompt: Annotated[Optional[str], typer.Argument(help="Message; omit for an interactive chat.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Message; omit for an interactive chat.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_tokens: Annotated[int, typer.Option()] = 256,
     temperature: Annotated[float, typer.Option()] = 0.0,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     json_out: JsonOpt = False,
 ):
     """Ask a tuned (or base) model; prints just the answer."""
@@ -326,8 +327,8 @@ def export(
 def import_run_cmd(
     run: Path,
     project: Annotated[str, typer.Option(help="Project whose API keys may use the model.")] = "default",
-    suffix: Annotated[Optional[str], typer.Option(help="Part of the ft: name.")] = None,
-    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    suffix: Annotated[str | None, typer.Option(help="Part of the ft: name.")] = None,
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
 ):
     """Register a run folder with the server; prints the new ft: model name alone on stdout."""
     from .jobs.imports import import_run
@@ -355,7 +356,7 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="Training worker processes to start.")] = 1,
-    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL",
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL",
                                                         help="Default: SQLite under the tuneforge home.")] = None,
 ):
     """Run the OpenAI-compatible API server (files, fine-tuning jobs, models, chat)."""
@@ -366,7 +367,7 @@ def serve(
 
 @app.command()
 def worker(
-    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
 ):
     """Run one training worker against the server's database."""
     from .jobs.worker import run_worker
@@ -376,8 +377,8 @@ def worker(
 
 @app.command()
 def usage(
-    project: Annotated[Optional[str], typer.Option(help="Only this project.")] = None,
-    database_url: Annotated[Optional[str], typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
     json_out: JsonOpt = False,
 ):
     """Served traffic per project and model: requests, tokens, errors, mean latency."""
@@ -396,7 +397,7 @@ def usage(
 @keys_app.command("create")
 def keys_create(
     project: Annotated[str, typer.Option(help="Project the key belongs to.")] = "default",
-    name: Annotated[Optional[str], typer.Option()] = None,
+    name: Annotated[str | None, typer.Option()] = None,
 ):
     """Create an API key; prints the key alone on stdout (it is not shown again)."""
     from .store.keys import create_key

@@ -33,7 +33,7 @@ def test_mask_covers_exactly_the_assistant_turns_and_their_end_token():
     assert learned_text(tok, r) == "first answer<|im_end|>\nsecond answer<|im_end|>\n"
     assert len(r.input_ids) == len(r.labels)
     # every learned position carries its own input token as label (shifting happens in packing)
-    assert all(l in (IGNORE, i) for i, l in zip(r.input_ids, r.labels))
+    assert all(lab in (IGNORE, i) for i, lab in zip(r.input_ids, r.labels))
     assert tok.eos_token_id in [t for t in r.labels if t != IGNORE]
 
 

@@ -48,7 +48,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.port = _free_port()
         # Its own session: SIGKILL to the group takes the workers down too (a crashed machine).
         self.proc = subprocess.Popen(

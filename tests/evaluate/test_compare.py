@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from tests.conftest import write_chat
+from tuneforge.data.example import Example
 from tuneforge.evaluate.compare import compare, is_classification
 from tuneforge.evaluate.report import format_comparison
-from tuneforge.data.example import Example
 from tuneforge.train.config import TrainConfig
 from tuneforge.train.loop import train
 
@@ -34,8 +34,8 @@ def test_classification_is_recognised_and_scored(tmp_path):
             ("boring", "negative")] * 4
     data = tmp_path / "cls.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t},
-                                                      {"role": "assistant", "content": l}]}) + "\n"
-                            for t, l in rows))
+                                                      {"role": "assistant", "content": label}]}) + "\n"
+                            for t, label in rows))
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), base="tiny-llama", n_epochs=1))
     report = compare(tmp_path / "run", data, n_samples=1, max_tokens=4)
     assert report["classification"] is True

@@ -31,7 +31,7 @@ class Batch:
     def n_loss_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(
             self.input_ids.to(device),
             self.position_ids.to(device),

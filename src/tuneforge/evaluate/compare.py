@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..data.render import render_example
 from ..data.validate import load_examples

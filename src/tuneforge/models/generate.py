@@ -8,8 +8,8 @@ saw it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from transformers import TextIteratorStreamer

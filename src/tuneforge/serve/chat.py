@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
@@ -25,8 +26,15 @@ from .engine import Engine, Target
 from .errors import APIError, bad_request, error_body
 from .models import resolve_model
 from .protocol import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatRequest, CompletionChoice, CompletionRequest, SamplingParams,
-    TextCompletion, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatRequest,
+    CompletionChoice,
+    CompletionRequest,
+    SamplingParams,
+    TextCompletion,
+    Usage,
 )
 
 FINGERPRINT = "tuneforge"

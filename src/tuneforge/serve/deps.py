@@ -7,7 +7,8 @@ would confirm they exist).
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy import select

@@ -26,8 +26,18 @@ from .deps import DB, Caller, SettingsDep
 from .errors import bad_request, not_found
 from .paging import check_limit, page, page_list
 from .protocol import (
-    Checkpoint, CheckpointList, CheckpointMetrics, EventList, FineTuningJob, Hyperparameters, JobCreate, JobError,
-    JobEvent, JobList, Method, SupervisedMethod,
+    Checkpoint,
+    CheckpointList,
+    CheckpointMetrics,
+    EventList,
+    FineTuningJob,
+    Hyperparameters,
+    JobCreate,
+    JobError,
+    JobEvent,
+    JobList,
+    Method,
+    SupervisedMethod,
 )
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)

@@ -5,7 +5,8 @@ Rows are ordered by their insertion sequence (`seq`), so a cursor stays valid wh
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session

@@ -7,7 +7,7 @@ named) and a faithful /openapi.json. Range checks that OpenAI answers with 400 l
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,15 +27,15 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
-    expires_at: Optional[int] = None
-    status_details: Optional[str] = None
+    expires_at: int | None = None
+    status_details: str | None = None
 
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
-    first_id: Optional[str] = None
-    last_id: Optional[str] = None
+    first_id: str | None = None
+    last_id: str | None = None
     has_more: bool = False
 
 
@@ -49,46 +49,46 @@ class FileDeleted(BaseModel):
 
 
 class Hyperparameters(BaseModel):
-    batch_size: Union[Auto, int, None] = None
-    learning_rate_multiplier: Union[Auto, float, None] = None
-    n_epochs: Union[Auto, int, None] = None
+    batch_size: Auto | int | None = None
+    learning_rate_multiplier: Auto | float | None = None
+    n_epochs: Auto | int | None = None
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Union[Auto, float, None] = None
+    beta: Auto | float | None = None
 
 
 class SupervisedMethod(BaseModel):
-    hyperparameters: Optional[Hyperparameters] = None
+    hyperparameters: Hyperparameters | None = None
 
 
 class DpoMethod(BaseModel):
-    hyperparameters: Optional[DpoHyperparameters] = None
+    hyperparameters: DpoHyperparameters | None = None
 
 
 class Method(BaseModel):
     type: Literal["supervised", "dpo", "reinforcement"]
-    supervised: Optional[SupervisedMethod] = None
-    dpo: Optional[DpoMethod] = None
-    reinforcement: Optional[dict[str, Any]] = None
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: dict[str, Any] | None = None
 
 
 class JobCreate(BaseModel):
     model: str
     training_file: str
-    hyperparameters: Optional[Hyperparameters] = None
-    method: Optional[Method] = None
-    suffix: Optional[str] = None
-    validation_file: Optional[str] = None
-    seed: Optional[int] = None
-    metadata: Optional[dict[str, str]] = None
-    integrations: Optional[list[dict[str, Any]]] = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    validation_file: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
 
 
 class JobError(BaseModel):
     code: str
     message: str
-    param: Optional[str] = None
+    param: str | None = None
 
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
@@ -98,22 +98,22 @@ class FineTuningJob(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
-    error: Optional[JobError] = None
-    fine_tuned_model: Optional[str] = None
-    finished_at: Optional[int] = None
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
     hyperparameters: Hyperparameters
     model: str
     organization_id: str
     result_files: list[str] = Field(default_factory=list)
     seed: int
     status: JobStatus
-    trained_tokens: Optional[int] = None
+    trained_tokens: int | None = None
     training_file: str
-    validation_file: Optional[str] = None
-    estimated_finish: Optional[int] = None
-    integrations: Optional[list[dict[str, Any]]] = None
-    metadata: Optional[dict[str, str]] = None
-    method: Optional[Method] = None
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
 
 
 class JobList(BaseModel):
@@ -128,8 +128,8 @@ class JobEvent(BaseModel):
     created_at: int
     level: Literal["info", "warn", "error"]
     message: str
-    data: Optional[dict[str, Any]] = None
-    type: Optional[Literal["message", "metrics"]] = None
+    data: dict[str, Any] | None = None
+    type: Literal["message", "metrics"] | None = None
 
 
 class EventList(BaseModel):
@@ -139,13 +139,13 @@ class EventList(BaseModel):
 
 
 class CheckpointMetrics(BaseModel):
-    full_valid_loss: Optional[float] = None
-    full_valid_mean_token_accuracy: Optional[float] = None
-    step: Optional[float] = None
-    train_loss: Optional[float] = None
-    train_mean_token_accuracy: Optional[float] = None
-    valid_loss: Optional[float] = None
-    valid_mean_token_accuracy: Optional[float] = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
 
 
 class Checkpoint(BaseModel):
@@ -161,8 +161,8 @@ class Checkpoint(BaseModel):
 class CheckpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Checkpoint]
-    first_id: Optional[str] = None
-    last_id: Optional[str] = None
+    first_id: str | None = None
+    last_id: str | None = None
     has_more: bool = False
 
 
@@ -194,44 +194,44 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # e.g. assistant `refusal`, `audio`: kept, not used
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[dict[str, Any]], None] = None
-    name: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
-    tool_call_id: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(BaseModel):
-    include_usage: Optional[bool] = None
+    include_usage: bool | None = None
 
 
 class SamplingParams(BaseModel):
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logprobs: Union[bool, int, None] = None
-    user: Optional[str] = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | int | None = None
+    user: str | None = None
 
 
 class ChatRequest(SamplingParams):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    top_logprobs: Optional[int] = None
-    metadata: Optional[dict[str, str]] = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = None
+    metadata: dict[str, str] | None = None
 
 
 class CompletionRequest(SamplingParams):
-    prompt: Union[str, list[str]]
-    echo: Optional[bool] = None
-    suffix: Optional[str] = None
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
 
 
 class Usage(BaseModel):
@@ -242,15 +242,15 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-    refusal: Optional[str] = None
+    content: str | None = None
+    refusal: str | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
-    logprobs: Optional[dict[str, Any]] = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -259,15 +259,15 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length", "content_filter"]
-    logprobs: Optional[dict[str, Any]] = None
+    logprobs: dict[str, Any] | None = None
 
 
 class TextCompletion(BaseModel):
@@ -276,5 +276,5 @@ class TextCompletion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

@@ -10,9 +10,9 @@ leaves a partial file that looks finished.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 

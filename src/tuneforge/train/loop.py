@@ -14,9 +14,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,8 +30,8 @@ from . import metrics as metrics_log
 from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
-from .loss import batch_loss
 from .device import autocast, autocast_dtype, pick_device, prepare_for_autocast, set_threads
+from .loss import batch_loss
 
 Event = dict
 RESULT_FILE = "result.json"
