@@ -31,6 +31,7 @@ from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
 from .device import autocast, autocast_dtype, pick_device, prepare_for_autocast, set_threads
+from .fused import fuse_for_training
 from .loss import batch_loss
 
 Event = dict
@@ -122,6 +123,7 @@ def train(
     model.train()
     dtype = autocast_dtype(cfg.precision, device)
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
+    fuse_for_training(model)  # norms, MLPs and LoRA linears as one autograd node each (train.fused)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")

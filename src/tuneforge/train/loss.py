@@ -21,7 +21,8 @@ from ..data.pack import Batch
 from ..data.render import IGNORE
 from .attention import packed
 
-CHUNK = 512  # loss positions per vocabulary-projection chunk (512 x 49,152 fp32 logits = 100 MB)
+CHUNK = 128  # loss positions per vocabulary-projection chunk: 128 x 49,152 fp32 = 25 MB, under
+# glibc's mmap threshold, so the work buffers come from the heap instead of fresh zeroed pages
 
 
 @dataclass
@@ -52,6 +53,10 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, dtype, chunk, grad_enabled):
+        # Each pass over a [chunk, vocab] tensor costs about as much as the projection itself on a
+        # CPU, so there are as few as possible: max (which also gives the prediction), exp of the
+        # shifted logits (fp32), their sum, and one scaled cast to the compute dtype for the gradient.
+        # The one-hot part of softmax - one-hot is applied after the projection back, on [chunk, width].
         with torch.autocast(hidden.device.type, enabled=False):
             w = _low_precision(weight, dtype)
             want_h, want_w = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
@@ -59,21 +64,29 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
             total = hidden.new_zeros((), dtype=torch.float32)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            # Two [chunk, vocab] work buffers, reused by every chunk: a fresh tensor of that size costs
+            # more in page faults than the arithmetic done on it.
+            rows = min(chunk, len(targets))
+            low = torch.empty((rows, w.shape[0]), dtype=dtype, device=hidden.device)
+            high = torch.empty((rows, w.shape[0]), dtype=torch.float32, device=hidden.device)
             for i in range(0, len(targets), chunk):
                 h, t = hidden[i : i + chunk].to(dtype), targets[i : i + chunk]
-                logits = (h @ w.T).float()
-                correct += (logits.argmax(-1) == t).sum()
-                lse = logits.logsumexp(-1, keepdim=True)
-                total += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                logits = torch.mm(h, w.T, out=low[: len(t)])
+                top, predicted = logits.max(-1)
+                correct += (predicted == t).sum()
+                top = top.float()[:, None]
+                target_logit = logits.gather(1, t[:, None]).float()
+                exp = high[: len(t)].copy_(logits).sub_(top).exp_()  # <= 1: no overflow
+                norm = exp.sum(-1, keepdim=True)
+                total += (top + norm.log() - target_logit).sum()
                 if not (want_h or want_w):
                     continue
-                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(t)), t] -= 1  # d(sum of losses) / d(logits)
-                probs = probs.to(dtype)
-                if grad_h is not None:
-                    grad_h[i : i + chunk] = probs @ w
-                if grad_w is not None:
+                probs = logits.copy_(exp.div_(norm))  # softmax, in the compute dtype
+                if grad_h is not None:  # (softmax - onehot) @ w
+                    grad_h[i : i + chunk] = (probs @ w).float() - w.index_select(0, t).float()
+                if grad_w is not None:  # (softmax - onehot).T @ h
                     grad_w += (probs.T @ h).float()
+                    grad_w.index_add_(0, t, h.float(), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(correct)

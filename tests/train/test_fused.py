@@ -1,0 +1,91 @@
+"""Fused norms and MLPs are an optimisation only: transformers' loss and gradients, for LoRA and full."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tuneforge.data.example import Example
+from tuneforge.data.pack import pack
+from tuneforge.data.render import render_example
+from tuneforge.models.adapters import prepare_for_training
+from tuneforge.models.tiny import tiny_model
+from tuneforge.train.device import prepare_for_autocast
+from tuneforge.train.fused import fuse_for_training
+from tuneforge.train.loss import batch_loss
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_model(seed=0)
+    for name, p in model.named_parameters():  # norms start at one: make their weights matter
+        if "norm" in name:
+            torch.nn.init.normal_(p, mean=1.0, std=0.2)
+    examples = [
+        Example("chat", [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        for q, a in [("What is 2+2?", "4."), ("Name a colour.", "Blue, like the sea."), ("Say hi.", "Hi!")]
+    ]
+    return model, pack([render_example(e, tok) for e in examples], 4096, tok.pad_token_id)
+
+
+def _model(model, method):
+    torch.manual_seed(0)  # LoRA A is initialised from the global generator
+    m = prepare_for_training(copy.deepcopy(model), method, rank=4, alpha=8, dropout=0.0, targets=TARGETS)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    return m
+
+
+def _step(m, batch, dtype):
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = batch_loss(m, batch)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fused_layers_give_transformers_loss_and_gradients(tiny, method):
+    model, batch = tiny
+    plain, fused = _model(model, method), _model(model, method)
+    counts = fuse_for_training(fused)
+    assert counts["norm"] == 2 * 2 + 1 and counts["mlp"] == 2  # two per layer and the final norm
+    assert counts["lora"] == (2 * len(TARGETS) if method == "lora" else 0)
+    ref_loss, ref_grads = _step(plain, batch, None)
+    loss, grads = _step(fused, batch, None)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    if method == "full":
+        assert any("norm" in n for n in grads)  # trained norm weights get their gradient too
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fused_layers_under_bf16_are_as_close_to_fp32_as_transformers(tiny, method):
+    """bf16 rounds at other points in each; the fused one may not stray further from fp32."""
+    model, batch = tiny
+    truth_loss, truth = _step(_model(model, method), batch, None)
+    runs = []
+    for fuse in (False, True):
+        m = _model(model, method)
+        prepare_for_autocast(m, torch.bfloat16)  # the training loop's set-up
+        if fuse:
+            fuse_for_training(m)
+        runs.append(_step(m, batch, torch.bfloat16))
+    (plain_loss, plain_grads), (loss, grads) = runs
+    assert abs(loss - truth_loss) <= max(2 * abs(plain_loss - truth_loss), 1e-3 * truth_loss)
+    for name, g in truth.items():
+        plain_err = ((plain_grads[name] - g).norm() / g.norm()).item()
+        err = ((grads[name] - g).norm() / g.norm()).item()
+        assert err <= max(2 * plain_err, 0.02), (name, err, plain_err)
+
+
+def test_other_architectures_keep_their_forward():
+    norm = torch.nn.RMSNorm(8)  # not one of the transformers classes the fusions were written against
+    model = torch.nn.Sequential(norm, torch.nn.Linear(8, 8))
+    assert fuse_for_training(model) == {"norm": 0, "mlp": 0, "lora": 0}
