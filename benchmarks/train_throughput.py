@@ -47,9 +47,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _peak_worker(args) -> dict:
     import torch
 
-    from tuneforge.train.device import set_threads
+    from tuneforge.train.device import configure_cpu
 
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     best = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rates = []
@@ -116,9 +116,9 @@ def _trl_worker(args) -> dict:
     from tuneforge.evaluate.metrics import evaluate_loss
     from tuneforge.models.load import load_base
     from tuneforge.train.config import BASE_LEARNING_RATE, TrainConfig
-    from tuneforge.train.device import autocast_dtype, set_threads
+    from tuneforge.train.device import autocast_dtype, configure_cpu
 
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     model, tokenizer = load_base(args.base)
     train_r, valid_r = _data(tokenizer, args.max_length)
     rows = [

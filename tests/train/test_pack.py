@@ -165,12 +165,23 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
-def test_prepare_for_autocast_gives_the_autocast_numbers(tiny):
-    """Frozen base in bf16, casts done once: exactly what autocast computes anyway (loss and grads)."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepare_for_autocast_gives_the_autocast_numbers(tiny, tied):
+    """Frozen base in bf16, casts done once: exactly what autocast computes anyway (loss and grads).
+    With the head tied to the input embeddings, those rows are rounded to bf16 too: close, not equal."""
+    from transformers import LlamaForCausalLM
+
     from tuneforge.models.adapters import prepare_for_training
+    from tuneforge.models.tiny import tiny_config
     from tuneforge.train.device import prepare_for_autocast
 
-    model, tok, rendered = tiny
+    tied_model, tok, rendered = tiny
+    model = tied_model
+    if not tied:
+        config = tiny_config(len(tok))
+        config.tie_word_embeddings = False
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
     batch = pack(rendered, 4096, tok.pad_token_id)
     results = []
     for store in (False, True):
@@ -183,10 +194,16 @@ def test_prepare_for_autocast_gives_the_autocast_numbers(tiny):
             prepare_for_autocast(m, torch.bfloat16)
             assert m.get_base_model().model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
             assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+            assert m.get_output_embeddings().weight.dtype == torch.bfloat16
+            with torch.no_grad():  # the residual stream starts in fp32 whatever the embedding is stored in
+                assert m.get_input_embeddings()(batch.input_ids).dtype == torch.float32
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = batch_loss(m, batch)
         out.loss.backward()
         results.append((out.loss.item(), _grads(m)))
+    if tied:
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-2)
+        return
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)

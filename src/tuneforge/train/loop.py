@@ -30,7 +30,7 @@ from . import metrics as metrics_log
 from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
-from .device import autocast, autocast_dtype, pick_device, prepare_for_autocast, set_threads
+from .device import autocast, autocast_dtype, configure_cpu, pick_device, prepare_for_autocast
 from .fused import fuse_for_training
 from .loss import batch_loss
 
@@ -98,7 +98,7 @@ def train(
     emit = on_event or (lambda event: None)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
+    configure_cpu(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device()
 

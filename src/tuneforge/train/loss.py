@@ -64,29 +64,37 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
             total = hidden.new_zeros((), dtype=torch.float32)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            # Two [chunk, vocab] work buffers, reused by every chunk: a fresh tensor of that size costs
-            # more in page faults than the arithmetic done on it.
-            rows = min(chunk, len(targets))
-            low = torch.empty((rows, w.shape[0]), dtype=dtype, device=hidden.device)
-            high = torch.empty((rows, w.shape[0]), dtype=torch.float32, device=hidden.device)
+            # Work buffers reused by every chunk: a fresh [chunk, vocab] tensor costs more in page
+            # faults than the arithmetic done on it. Every product has the same [chunk, ...] shape (a
+            # short last chunk is padded with zero rows): oneDNN keeps a primitive, with its own
+            # buffers, for each shape it has seen, so a last chunk of new length every step would add
+            # tens of MB per step for the 49,152-wide products.
+            h = torch.zeros((chunk, hidden.shape[1]), dtype=dtype, device=hidden.device)
+            low = torch.empty((chunk, w.shape[0]), dtype=dtype, device=hidden.device)
+            high = torch.empty((chunk, w.shape[0]), dtype=torch.float32, device=hidden.device)
             for i in range(0, len(targets), chunk):
-                h, t = hidden[i : i + chunk].to(dtype), targets[i : i + chunk]
-                logits = torch.mm(h, w.T, out=low[: len(t)])
+                t = targets[i : i + chunk]
+                n = len(t)
+                h[:n] = hidden[i : i + n]
+                if n < chunk:
+                    h[n:].zero_()
+                logits = torch.mm(h, w.T, out=low)[:n]
                 top, predicted = logits.max(-1)
                 correct += (predicted == t).sum()
                 top = top.float()[:, None]
                 target_logit = logits.gather(1, t[:, None]).float()
-                exp = high[: len(t)].copy_(logits).sub_(top).exp_()  # <= 1: no overflow
+                exp = high[:n].copy_(logits).sub_(top).exp_()  # <= 1: no overflow
                 norm = exp.sum(-1, keepdim=True)
                 total += (top + norm.log() - target_logit).sum()
                 if not (want_h or want_w):
                     continue
-                probs = logits.copy_(exp.div_(norm))  # softmax, in the compute dtype
+                logits.copy_(exp.div_(norm))  # softmax, in the compute dtype
+                low[n:].zero_()  # padding rows: no gradient
                 if grad_h is not None:  # (softmax - onehot) @ w
-                    grad_h[i : i + chunk] = (probs @ w).float() - w.index_select(0, t).float()
+                    grad_h[i : i + n] = (low @ w)[:n].float() - w.index_select(0, t).float()
                 if grad_w is not None:  # (softmax - onehot).T @ h
-                    grad_w += (probs.T @ h).float()
-                    grad_w.index_add_(0, t, h.float(), alpha=-1)
+                    grad_w += (low.T @ h).float()
+                    grad_w.index_add_(0, t, h[:n].float(), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(correct)
