@@ -55,6 +55,7 @@ def test_fused_layers_give_transformers_loss_and_gradients(tiny, method):
     counts = fuse_for_training(fused)
     assert counts["norm"] == 2 * 2 + 1 and counts["mlp"] == 2  # two per layer and the final norm
     assert counts["lora"] == (2 * len(TARGETS) if method == "lora" else 0)
+    assert counts["groups"] == (2 * 2 if method == "lora" else 0)  # q/k/v and gate/up of each layer
     ref_loss, ref_grads = _step(plain, batch, None)
     loss, grads = _step(fused, batch, None)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -88,4 +89,4 @@ def test_fused_layers_under_bf16_are_as_close_to_fp32_as_transformers(tiny, meth
 def test_other_architectures_keep_their_forward():
     norm = torch.nn.RMSNorm(8)  # not one of the transformers classes the fusions were written against
     model = torch.nn.Sequential(norm, torch.nn.Linear(8, 8))
-    assert fuse_for_training(model) == {"norm": 0, "mlp": 0, "lora": 0}
+    assert fuse_for_training(model) == {"norm": 0, "mlp": 0, "groups": 0, "lora": 0}

@@ -84,3 +84,84 @@ def fuse_lora(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
     return n
+
+
+class _LoraGroup(torch.autograd.Function):
+    """Several plain LoRA linears that read the same input (q/k/v, gate/up), as one node.
+
+    One product with the frozen weights stacked ([sum of widths, in]), one with the stacked A matrices,
+    and in the backward pass one input-gradient product for all of them: 3 (or 2) times fewer small,
+    latency-bound ops and autograd nodes than one `_LoraLinear` each. Returns the outputs side by side
+    in one tensor; the caller splits it (whose backward is a single concatenation).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, widths, scale, dtype, *adapters):
+        with torch.autocast(x.device.type, enabled=False):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            a_all = torch.cat([a.to(dtype) for a in adapters[0::2]])  # [n * rank, in]
+            bs = [b.to(dtype) for b in adapters[1::2]]
+            rank = a_all.shape[0] // len(bs)
+            xa = x2 @ a_all.T  # [tokens, n * rank]
+            weight = weight.to(dtype)
+            y = x2 @ weight.T
+            start = 0
+            for i, (width, b) in enumerate(zip(widths, bs)):
+                y[:, start : start + width].addmm_(xa[:, i * rank : (i + 1) * rank], b.T, alpha=scale)
+                start += width
+        ctx.save_for_backward(x2, xa, weight, a_all, *bs)
+        ctx.scale, ctx.shape, ctx.widths, ctx.rank = scale, shape, widths, rank
+        ctx.dtypes = (x.dtype, [t.dtype for t in adapters])
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, weight, a_all, *bs = ctx.saved_tensors
+        x_dtype, adapter_dtypes = ctx.dtypes
+        rank, scale = ctx.rank, ctx.scale
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
+            pieces = g.split(list(ctx.widths), dim=1)
+            g_xa = torch.cat([p @ b for p, b in zip(pieces, bs)], dim=1).mul_(scale)  # [tokens, n * rank]
+            grad_a = (g_xa.T @ x2).split(rank)
+            grads = []
+            for i, (p, a_grad) in enumerate(zip(pieces, grad_a)):
+                grads.append(a_grad.to(adapter_dtypes[2 * i]))
+                grads.append((p.T @ xa[:, i * rank : (i + 1) * rank]).mul_(scale).to(adapter_dtypes[2 * i + 1]))
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ weight).addmm_(g_xa, a_all).to(x_dtype).view(ctx.shape)
+        return (grad_x, None, None, None, None, *grads)
+
+
+def lora_group(modules) -> bool:
+    """Prepare plain LoRA linears that share their input to run as one `_LoraGroup`: their frozen
+    weights become row blocks of one stacked matrix (views, no copy left behind). False if they can't."""
+    if not all(type(m) is PeftLoraLinear and _plain(m) and m.base_layer.bias is None for m in modules):
+        return False
+    names = [m.active_adapters[0] for m in modules]
+    ranks = {m.lora_A[n].weight.shape[0] for m, n in zip(modules, names)}
+    scales = {m.scaling[n] for m, n in zip(modules, names)}
+    dtypes = {m.base_layer.weight.dtype for m in modules}
+    if len(ranks) != 1 or len(scales) != 1 or len(dtypes) != 1:
+        return False
+    stacked = torch.cat([m.base_layer.weight.detach() for m in modules])
+    modules[0]._tuneforge_stacked = stacked
+    start = 0
+    for m in modules:
+        width = m.base_layer.weight.shape[0]
+        m.base_layer.weight.data = stacked[start : start + width]
+        start += width
+    return True
+
+
+def run_group(modules, x):
+    """The outputs of `modules` (prepared by lora_group) for input x, side by side in one tensor."""
+    widths = tuple(m.base_layer.weight.shape[0] for m in modules)
+    stacked = modules[0]._tuneforge_stacked
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    name = modules[0].active_adapters[0]
+    adapters = [t for m in modules for t in (m.lora_A[name].weight, m.lora_B[name].weight)]
+    return _LoraGroup.apply(x, stacked, widths, modules[0].scaling[name], dtype, *adapters), widths
