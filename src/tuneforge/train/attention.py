@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .device import compute_dtype
+
 NAME = "tuneforge_packed"
 
 
@@ -123,7 +125,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     q, k, v = regroup(query), regroup(key), regroup(value)
     kind = q.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+    dtype = compute_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = scaling if scaling is not None else dim**-0.5
     if seg.width <= SHORT and not dropout:

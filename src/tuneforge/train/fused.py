@@ -25,12 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama as llama
 
+from .device import compute_dtype
 from .lora import fuse_lora, lora_group, run_group
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -62,7 +58,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, _compute_dtype(hidden_states))
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -88,8 +84,6 @@ def _mlp_forward(self, x):
         gate, up = both.split(widths, dim=-1)
     else:
         gate, up = self.gate_proj(x), self.up_proj(x)
-    if gate.dtype != up.dtype:
-        up = up.to(gate.dtype)
     return self.down_proj(_SwiGLU.apply(gate, up))
 
 
@@ -107,8 +101,10 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
 
 
 def _is_rms_norm(module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and type(module).__name__ in _NORMS and (
-        isinstance(getattr(module, "weight", None), torch.nn.Parameter) and hasattr(module, "variance_epsilon")
+    return (
+        type(module).__name__ in _NORMS
+        and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+        and hasattr(module, "variance_epsilon")
     )
 
 
@@ -144,5 +140,5 @@ def fuse_for_training(model: torch.nn.Module) -> dict:
             module._tuneforge_group = [module.q_proj, module.k_proj, module.v_proj]
             module.forward = types.MethodType(_attention_forward, module)
             counts["groups"] += 1
-    counts["lora"] = fuse_lora(model)  # the rest (o_proj, down_proj) one node each
+    counts["lora"] = fuse_lora(model)  # every plain LoRA linear; o_proj and down_proj run this way
     return counts

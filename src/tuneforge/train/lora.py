@@ -18,6 +18,8 @@ import types
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+from .device import compute_dtype
+
 
 class _LoraLinear(torch.autograd.Function):
     """y = x @ W.T (+ bias) + scale * (x @ A.T) @ B.T, all products in `dtype`; W and bias frozen."""
@@ -54,11 +56,10 @@ def _fused_forward(self, x, *args, **kwargs):
     if self.disable_adapters or self.merged or args or kwargs:
         return PeftLoraLinear.forward(self, x, *args, **kwargs)
     (name,) = self.active_adapters
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     base = self.base_layer
     return _LoraLinear.apply(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dtype
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+        compute_dtype(x),
     )
 
 
@@ -144,7 +145,7 @@ def lora_group(modules) -> bool:
     ranks = {m.lora_A[n].weight.shape[0] for m, n in zip(modules, names)}
     scales = {m.scaling[n] for m, n in zip(modules, names)}
     dtypes = {m.base_layer.weight.dtype for m in modules}
-    if len(ranks) != 1 or len(scales) != 1 or len(dtypes) != 1:
+    if len(set(names)) != 1 or len(ranks) != 1 or len(scales) != 1 or len(dtypes) != 1:
         return False
     stacked = torch.cat([m.base_layer.weight.detach() for m in modules])
     modules[0]._tuneforge_stacked = stacked
@@ -160,8 +161,6 @@ def run_group(modules, x):
     """The outputs of `modules` (prepared by lora_group) for input x, side by side in one tensor."""
     widths = tuple(m.base_layer.weight.shape[0] for m in modules)
     stacked = modules[0]._tuneforge_stacked
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     name = modules[0].active_adapters[0]
     adapters = [t for m in modules for t in (m.lora_A[name].weight, m.lora_B[name].weight)]
-    return _LoraGroup.apply(x, stacked, widths, modules[0].scaling[name], dtype, *adapters), widths
+    return _LoraGroup.apply(x, stacked, widths, modules[0].scaling[name], compute_dtype(x), *adapters), widths

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data.pack import Batch
 from ..data.render import IGNORE
 from .attention import packed
+from .device import compute_dtype
 
 CHUNK = 128  # loss positions per vocabulary-projection chunk: 128 x 49,152 fp32 = 25 MB, under
 # glibc's mmap threshold, so the work buffers come from the heap instead of fresh zeroed pages
@@ -149,10 +150,8 @@ def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     targets = batch.targets[mask]
     head = lm.get_output_embeddings()
     if _fusable(head, lm.config):
-        kind = hidden.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         total, correct = _ProjectedCrossEntropy.apply(
-            hidden, head.weight, targets, dtype, chunk, torch.is_grad_enabled()
+            hidden, head.weight, targets, compute_dtype(hidden), chunk, torch.is_grad_enabled()
         )
     else:
         total, correct = _generic_loss(head, hidden, targets, chunk)
