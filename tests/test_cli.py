@@ -96,6 +96,12 @@ def test_train_resumes_after_a_kill(tmp_path):
     assert result["steps"] == 72 and steps == list(range(1, 73))  # no step lost or repeated
 
 
+def test_resume_of_a_folder_that_is_no_run_says_so(tmp_path):
+    proc = tf("train", "--resume", tmp_path / "never-trained", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "never-trained: not a tuneforge run folder (no config.json)" in proc.stderr
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 40)
     run = tmp_path / "run"

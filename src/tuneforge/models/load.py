@@ -72,9 +72,7 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None):
     from ..train.config import TrainConfig  # the run's saved config names its base model
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a tuneforge run folder (no config.json)")
-    cfg = TrainConfig.load(run_dir)
+    cfg = TrainConfig.load(run_dir)  # says so when run_dir is not a run folder
     model, _ = load_base(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = attach(model, Path(weights) if weights else weights_dir(run_dir))

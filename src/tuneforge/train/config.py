@@ -67,7 +67,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, run_dir: Path) -> TrainConfig:
-        raw = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a tuneforge run folder (no {CONFIG_FILE})")
+        raw = json.loads(path.read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
