@@ -68,6 +68,18 @@ def test_pack_lays_out_every_example_once_with_per_example_targets(tiny):
         assert (row_tgt[ends] == IGNORE).all()
 
 
+def test_rows_are_padded_to_a_multiple_that_carries_no_loss(tiny):
+    _, tok, rendered = tiny
+    batch = pack(rendered, 4096, tok.pad_token_id, multiple=128)
+    n = sum(len(r.input_ids) for r in rendered)
+    assert batch.input_ids.shape == (1, -(-n // 128) * 128) and batch.n_tokens == n
+    assert (batch.input_ids[0, n:] == tok.pad_token_id).all()
+    assert (batch.targets[0, n:] == IGNORE).all()
+    assert batch.position_ids[0, n:].tolist() == list(range(batch.input_ids.shape[1] - n))  # its own "example"
+    assert pack(rendered, n + 1, tok.pad_token_id, multiple=128).input_ids.shape == (1, n + 1)  # never past the row limit
+    assert pack(rendered, 4096, tok.pad_token_id, multiple=1).input_ids.shape == (1, n)
+
+
 def test_segments_cover_each_example_and_padding():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
     seg = segments(pos)
