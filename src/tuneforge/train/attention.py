@@ -147,12 +147,25 @@ AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # no mask: 
 @contextlib.contextmanager
 def packed(model, position_ids: torch.Tensor):
     """Within this block, `model` attends only within the examples that `position_ids` delimit."""
+    with _within(model, segments(position_ids)):
+        yield
+
+
+@contextlib.contextmanager
+def _within(model, seg: Segments):
     config = model.config
     previous = config._attn_implementation
-    token = _current.set(segments(position_ids))
+    token = _current.set(seg)
     config._attn_implementation = NAME
     try:
         yield
     finally:
         config._attn_implementation = previous
         _current.reset(token)
+
+
+def replay(model):
+    """A context that re-enters the current `packed` block later: for a layer recomputed in the
+    backward pass (train.recompute), after the forward pass has left the block."""
+    seg = _current.get()
+    return _within(model, seg) if seg is not None else contextlib.nullcontext()

@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes; 0 = once per epoch
     early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = one per physical core
+    activation_checkpointing: bool = False  # recompute layers in the backward pass: less memory, slower
 
     @property
     def learning_rate(self) -> float:

@@ -33,6 +33,7 @@ from .config import CONFIG_FILE, TrainConfig
 from .device import autocast, autocast_dtype, configure_cpu, pick_device, prepare_for_autocast
 from .fused import fuse_for_training
 from .loss import batch_loss
+from .recompute import recompute_layers
 
 Event = dict
 RESULT_FILE = "result.json"
@@ -124,6 +125,8 @@ def train(
     dtype = autocast_dtype(cfg.precision, device)
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     fuse_for_training(model)  # norms, MLPs and LoRA linears as one autograd node each (train.fused)
+    if cfg.activation_checkpointing:
+        recompute_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
