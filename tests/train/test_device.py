@@ -1,0 +1,35 @@
+"""Preparing a memory-mapped model for bf16 training keeps its numbers (file pages handed back)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tuneforge.models.adapters import prepare_for_training
+from tuneforge.models.tiny import tiny_model
+from tuneforge.train import device
+from tuneforge.train.device import prepare_for_autocast
+
+
+def test_a_memory_mapped_model_prepares_to_the_same_weights(tmp_path, monkeypatch):
+    model, _ = tiny_model(seed=0)
+    model.save_pretrained(tmp_path / "m")
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert device._weights_file_maps()  # its weights are views of the mapped file: the path under test
+    dropped = []
+    monkeypatch.setattr(device, "_drop_file_pages", lambda t, spans, real=device._drop_file_pages: (
+        dropped.append(t.numel()), real(t, spans)))
+    prepared = []
+    for m in (copy.deepcopy(model), mapped):
+        torch.manual_seed(0)  # LoRA A is drawn from the global generator
+        m = prepare_for_training(m, "lora", rank=4, alpha=8, dropout=0.0, targets=["q_proj", "down_proj"])
+        prepare_for_autocast(m, torch.bfloat16)
+        prepared.append(dict(m.named_parameters()))
+    in_memory, from_file = prepared
+    assert sum(dropped) > 0
+    for name, p in in_memory.items():
+        q = from_file[name]
+        assert q.dtype == p.dtype and torch.equal(q, p), name
+        assert q.requires_grad == p.requires_grad
