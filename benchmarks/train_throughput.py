@@ -3,6 +3,7 @@
     pip install -e '.[bench]' -c benchmarks/constraints.txt     # TRL is benchmark-only
     python benchmarks/train_throughput.py                       # LoRA and full, 3 repetitions
     python benchmarks/train_throughput.py --quick               # smoke run: LoRA, 1 epoch, 1 repetition
+    python benchmarks/train_throughput.py --checkpointing       # + tuneforge with activation checkpointing
 
 Both trainers get the same examples (examples/shakespeare_ml.jsonl, tuneforge's seeded 90/10 split),
 the same token ids and loss positions (TRL receives tuneforge's rendering as a pre-tokenised dataset
@@ -83,6 +84,7 @@ def _tuneforge_worker(args) -> dict:
     cfg = TrainConfig(
         data=str(DATA), out=out, base=args.base, method=args.method, n_epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
+        activation_checkpointing=args.worker == "tuneforge-ckpt",
     )
     result = train(cfg)
     rows = metrics_log.read(Path(out))
@@ -235,13 +237,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--skip-trl", action="store_true", help="tuneforge only (no TRL installed)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also tuneforge with activation checkpointing (TRL's default is gradient checkpointing)")
     p.add_argument("--json", help="also write all runs to this file")
-    p.add_argument("--worker", choices=["peak", "tuneforge", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["peak", "tuneforge", "tuneforge-ckpt", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--method", default="lora", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
-        fn = {"peak": _peak_worker, "tuneforge": _tuneforge_worker, "trl": _trl_worker}[args.worker]
+        fn = {"peak": _peak_worker, "tuneforge": _tuneforge_worker, "tuneforge-ckpt": _tuneforge_worker,
+              "trl": _trl_worker}[args.worker]
         result = fn(args)
         result["peak_rss_mb"] = _peak_rss_mb()
         print("RESULT " + json.dumps(result), flush=True)
@@ -250,7 +255,7 @@ def main() -> None:
     if args.quick:
         args.reps, args.methods, args.epochs = 1, "lora", 1
     methods = args.methods.split(",")
-    trainers = ["tuneforge"] + ([] if args.skip_trl else ["trl"])
+    trainers = ["tuneforge"] + (["tuneforge-ckpt"] if args.checkpointing else []) + ([] if args.skip_trl else ["trl"])
     shape = _model_shape(args.base) | {"lengths": _train_lengths(args)}
     print(f"machine: {_machine()}")
     peaks = [_run("peak", args, {"method": "lora"})]
@@ -263,7 +268,7 @@ def main() -> None:
                 r = _run(trainer, args, {"method": method})
                 r["flops"] = _flops(r, method, shape, args.epochs)
                 runs[(method, trainer)].append(r)
-                print(f"  rep {rep + 1} {method:4s} {trainer:9s} {r['tokens'] / r['train_seconds']:7.1f} tok/s  "
+                print(f"  rep {rep + 1} {method:4s} {trainer:14s} {r['tokens'] / r['train_seconds']:7.1f} tok/s  "
                       f"wall {r['wall']:5.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
                       f"valid loss {r['valid_loss']:.4f}", flush=True)
     peaks.append(_run("peak", args, {"method": "lora"}))
@@ -294,15 +299,16 @@ def _table(runs, methods, trainers, peak, args) -> None:
                   f"| {med(r['valid_loss'] for r in rs):.4f} |")
     if "trl" not in trainers:
         return
-    print("\n| method | tokens/s vs TRL | peak RSS vs TRL | wall vs TRL | valid loss (tuneforge - TRL) |")
-    print("|---|---|---|---|---|")
+    print("\n| method | trainer | tokens/s vs TRL | peak RSS vs TRL | wall vs TRL | valid loss (tuneforge - TRL) |")
+    print("|---|---|---|---|---|---|")
     for method in methods:
-        tf, trl = runs[(method, "tuneforge")], runs[(method, "trl")]
-        speed = med(r["tokens"] / r["train_seconds"] for r in tf) / med(r["tokens"] / r["train_seconds"] for r in trl)
-        rss = med(r["peak_rss_mb"] for r in tf) / med(r["peak_rss_mb"] for r in trl)
-        wall = med(r["wall"] for r in tf) / med(r["wall"] for r in trl)
-        dloss = med(r["valid_loss"] for r in tf) - med(r["valid_loss"] for r in trl)
-        print(f"| {method} | {speed:.2f}x | {rss:.2f}x | {wall:.2f}x | {dloss:+.4f} |")
+        for ours in (t for t in trainers if t != "trl"):
+            tf, trl = runs[(method, ours)], runs[(method, "trl")]
+            speed = med(r["tokens"] / r["train_seconds"] for r in tf) / med(r["tokens"] / r["train_seconds"] for r in trl)
+            rss = med(r["peak_rss_mb"] for r in tf) / med(r["peak_rss_mb"] for r in trl)
+            wall = med(r["wall"] for r in tf) / med(r["wall"] for r in trl)
+            dloss = med(r["valid_loss"] for r in tf) - med(r["valid_loss"] for r in trl)
+            print(f"| {method} | {ours} | {speed:.2f}x | {rss:.2f}x | {wall:.2f}x | {dloss:+.4f} |")
 
 
 def _peak_rss_mb() -> float:

@@ -67,10 +67,31 @@ ONEDNN_CACHE = "128"
 
 def configure_cpu(threads: int = 0) -> None:
     """One intra-op thread per physical core; tokenizers must not spawn their own pool on top of it;
-    a small oneDNN kernel cache (read when the first matmul runs, so call this before any)."""
+    a small oneDNN kernel cache (read when the first matmul runs, so call this before any); freed
+    large tensors kept for reuse (_reuse_large_allocations)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
     torch.set_num_threads(threads or physical_cores())
+    _reuse_large_allocations()
+
+
+# PyTorch has no caching allocator on the CPU: every tensor is malloc'd and freed. glibc serves blocks
+# over 32 MB with a fresh mmap and unmaps them on free, so each such tensor is paid for again in page
+# faults (zeroed 4 KB pages) the next time. Full fine-tuning makes ~8 of them a step (the 113 MB fp32
+# embedding gradient, its bf16 cast, the optimizer's temporaries): 215,000 page faults a step,
+# measured 234 -> 320 tokens/s with these settings, +220 MB peak RSS. LoRA runs are unchanged.
+MMAP_THRESHOLD = 256 << 20  # blocks up to this size come from the heap, and are reused
+TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap before it is returned
+
+
+def _reuse_large_allocations() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): their allocators make their own choices
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
 
 
 def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
