@@ -93,8 +93,8 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                 low[n:].zero_()  # padding rows: no gradient
                 if grad_h is not None:  # (softmax - onehot) @ w
                     grad_h[i : i + n] = (low @ w)[:n].float() - w.index_select(0, t).float()
-                if grad_w is not None:  # (softmax - onehot).T @ h
-                    grad_w += (low.T @ h).float()
+                if grad_w is not None:  # (softmax - onehot).T @ h, accumulated in fp32 without an fp32 temporary
+                    grad_w.add_(low.T @ h)
                     grad_w.index_add_(0, t, h[:n].float(), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
@@ -103,9 +103,11 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_correct):
+        # The saved gradients are this node's own buffers, read once: scaled in place (for the tied
+        # embedding that is a 113 MB tensor that need not be allocated and paged in again).
         saved = iter(ctx.saved_tensors)
-        grad_h = next(saved).mul(grad_total).to(ctx.dtypes[0]) if ctx.has[0] else None
-        grad_w = next(saved).mul(grad_total).to(ctx.dtypes[1]) if ctx.has[1] else None
+        grad_h = next(saved).mul_(grad_total).to(ctx.dtypes[0]) if ctx.has[0] else None
+        grad_w = next(saved).mul_(grad_total).to(ctx.dtypes[1]) if ctx.has[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
