@@ -9,7 +9,8 @@ Both trainers get the same examples (examples/shakespeare_ml.jsonl, tuneforge's 
 the same token ids and loss positions (TRL receives tuneforge's rendering as a pre-tokenised dataset
 with labels), the same base weights, LoRA rank/alpha/targets, batch size, max length, epochs,
 learning rate and schedule, and bf16 autocast when the CPU has native bf16 (TRL's default). TRL
-otherwise keeps its defaults (padding to the longest example of a batch, gradient checkpointing).
+otherwise keeps its defaults (padding to the longest example of a batch, gradient checkpointing) and
+runs without tuneforge's process settings (train.device.configure_cpu), with the same thread count.
 Each run is its own subprocess, so its peak RSS (VmHWM) is its own; runs alternate between the
 two trainers so a noisy neighbour hurts both alike.
 
@@ -118,9 +119,11 @@ def _trl_worker(args) -> dict:
     from tuneforge.evaluate.metrics import evaluate_loss
     from tuneforge.models.load import load_base
     from tuneforge.train.config import BASE_LEARNING_RATE, TrainConfig
-    from tuneforge.train.device import autocast_dtype, configure_cpu
+    from tuneforge.train.device import autocast_dtype, physical_cores
 
-    configure_cpu(args.threads)
+    # TRL as its users run it: the same thread count, none of tuneforge's process settings (oneDNN
+    # kernel cache, glibc allocator thresholds: train.device.configure_cpu), which speed TRL up too.
+    torch.set_num_threads(args.threads or physical_cores())
     model, tokenizer = load_base(args.base)
     train_r, valid_r = _data(tokenizer, args.max_length)
     rows = [
