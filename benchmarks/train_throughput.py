@@ -207,11 +207,9 @@ def _model_shape(base: str) -> dict:
     from transformers import AutoConfig
 
     from tuneforge.models.catalogue import resolve
-    from tuneforge.models.load import _gguf_cache_dir
+    from tuneforge.models.load import model_folder
 
-    spec = resolve(base)
-    folder = _gguf_cache_dir(spec) if spec.source == "gguf" else spec.path
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(model_folder(resolve(base)))  # converts the GGUF on a new machine
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

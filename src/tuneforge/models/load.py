@@ -39,18 +39,25 @@ def _convert_gguf(spec: ModelSpec, out) -> None:
     tmp.rename(out)  # atomic: a crash mid-write never leaves a half cache behind
 
 
+def model_folder(spec: ModelSpec) -> Path:
+    """The Hugging Face folder a (non-tiny) catalogue model loads from; a GGUF file is converted
+    into the cache on first use."""
+    if spec.source != "gguf":
+        return Path(spec.path)
+    folder = _gguf_cache_dir(spec)
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(spec, folder)
+    return folder
+
+
 def load_base(name: str | ModelSpec, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a catalogue name or path, in train mode off, on the CPU."""
     spec = name if isinstance(name, ModelSpec) else resolve(name)
     if spec.source == "tiny":
         model, tokenizer = tiny_model()
         return model.to(dtype), tokenizer
-    folder = spec.path
-    if spec.source == "gguf":
-        folder = _gguf_cache_dir(spec)
-        if not folder.exists():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(spec, folder)
+    folder = model_folder(spec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if tokenizer.pad_token_id is None:

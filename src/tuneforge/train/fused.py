@@ -72,19 +72,42 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        # the same fused kernels autograd would run, plus one silu recomputed instead of kept
-        grad_up = grad * F.silu(gate)
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        _swiglu_backward(grad, gate, up, grad_gate, grad_up)
         return grad_gate, grad_up
+
+
+class _StackedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up for gate and up side by side in one tensor (a LoRA group's output): its
+    gradient is written into one tensor of the same layout, where split() + two gradients would make
+    autograd concatenate them (a copy of [tokens, 2 x width] per layer)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, width):
+        ctx.save_for_backward(gate_up)
+        ctx.width = width
+        return F.silu(gate_up[..., :width]) * gate_up[..., width:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        w = ctx.width
+        grad_gate_up = torch.empty_like(gate_up)
+        _swiglu_backward(grad, gate_up[..., :w], gate_up[..., w:], grad_gate_up[..., :w], grad_gate_up[..., w:])
+        return grad_gate_up, None
+
+
+def _swiglu_backward(grad, gate, up, grad_gate, grad_up) -> None:
+    # the same fused kernels autograd would run, plus one silu recomputed instead of kept
+    torch.mul(grad, F.silu(gate), out=grad_up)
+    torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
 
 
 def _mlp_forward(self, x):
     if getattr(self, "_tuneforge_group", None):
         both, widths = run_group(self._tuneforge_group, x)
-        gate, up = both.split(widths, dim=-1)
-    else:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(_SwiGLU.apply(gate, up))
+        return self.down_proj(_StackedSwiGLU.apply(both, widths[0]))
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
