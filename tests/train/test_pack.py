@@ -219,3 +219,31 @@ def test_prepare_for_autocast_gives_the_autocast_numbers(tiny, tied):
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
+
+
+def test_padding_takes_free_places_in_the_examples_slots():
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1]])  # examples of 4 and 2 tokens, then 2 of padding
+    real = torch.tensor([[True] * 6 + [False] * 2])
+    seg = segments(pos, real)
+    assert (seg.n, seg.width) == (2, 4)  # without `real` the padding is a third slot
+    assert segments(pos).n == 3
+    slots = torch.full((seg.n * seg.width,), -1)
+    slots[seg.scatter] = torch.arange(8)
+    assert slots.view(2, 4)[0].tolist() == [0, 1, 2, 3]
+    assert slots.view(2, 4)[1, :2].tolist() == [4, 5]  # the second example, then the padding after it
+    assert sorted(slots.view(2, 4)[1, 2:].tolist()) == [6, 7]
+    assert torch.equal(seg.gather[seg.scatter], torch.arange(8))
+    # more padding than free places: the rest gets a slot of its own
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    seg = segments(pos, torch.tensor([[True] * 3 + [False] * 5]))
+    assert (seg.n, seg.width) == (3, 3)
+    assert torch.equal(seg.gather[seg.scatter], torch.arange(8))
+    assert len(set(seg.scatter.tolist())) == 8
+
+
+def test_batches_mark_their_padding(tiny):
+    _, tok, rendered = tiny
+    batch = pack(rendered, 4096, tok.pad_token_id, multiple=128)
+    n = sum(len(r.input_ids) for r in rendered)
+    assert batch.real[0, :n].all() and not batch.real[0, n:].any()
+    assert segments(batch.position_ids, batch.real).n == len(rendered)

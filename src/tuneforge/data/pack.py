@@ -5,7 +5,8 @@ rows of at most `max_row_tokens` as first-fit allows. Position ids restart at 0 
 with no attention mask, transformers reads that as a packed row and builds a block-diagonal causal
 mask, so no token attends across an example boundary and no FLOP is spent on padding between
 examples. Rows end with padding up to a multiple of ROW_MULTIPLE tokens (see there); padding is its
-own "example" (positions restart, no targets), so it changes no real token's numbers.
+own "example" (positions restart, no targets), so it changes no real token's numbers, and
+`Batch.real` marks it, so packed attention spends no slot of its own on it (train.attention).
 
 Targets are shifted per example here (target[t] = label[t+1], and nothing at an example's last
 token), so the loss never asks one example to predict the first token of the next.
@@ -32,6 +33,7 @@ class Batch:
     input_ids: torch.Tensor  # [rows, length]
     position_ids: torch.Tensor  # [rows, length], restarting at 0 per example
     targets: torch.Tensor  # [rows, length], already shifted; IGNORE where no loss
+    real: torch.Tensor  # [rows, length], False for the padding at row ends
     n_examples: int
     n_tokens: int  # real tokens (not padding)
 
@@ -44,6 +46,7 @@ class Batch:
             self.input_ids.to(device),
             self.position_ids.to(device),
             self.targets.to(device),
+            self.real.to(device),
             self.n_examples,
             self.n_tokens,
         )
@@ -68,7 +71,7 @@ def pack(examples: list[Rendered], max_row_tokens: int, pad_id: int, multiple: i
             room.append(max_row_tokens - n)
     length = max(max_row_tokens - left for left in room)
     length = min(max_row_tokens, -(-length // multiple) * multiple)
-    ids, pos, tgt = [], [], []
+    ids, pos, tgt, real = [], [], [], []
     for row in rows:
         i, p, t = [], [], []
         for r in row:
@@ -80,10 +83,12 @@ def pack(examples: list[Rendered], max_row_tokens: int, pad_id: int, multiple: i
         ids.append(i + [pad_id] * pad)
         pos.append(p + list(range(pad)))  # padding is its own "example": attends only to itself
         tgt.append(t + [IGNORE] * pad)
+        real.append([True] * len(i) + [False] * pad)
     return Batch(
         input_ids=torch.tensor(ids),
         position_ids=torch.tensor(pos),
         targets=torch.tensor(tgt),
+        real=torch.tensor(real),
         n_examples=len(examples),
         n_tokens=sum(min(len(r.input_ids), max_row_tokens) for r in examples),
     )

@@ -28,27 +28,49 @@ NAME = "tuneforge_packed"
 
 @dataclass
 class Segments:
-    gather: torch.Tensor  # [n * width]: flat token index for each slot (padding slots repeat token 0)
+    gather: torch.Tensor  # [n * width]: flat token index for each slot (unused places repeat token 0)
     scatter: torch.Tensor  # [rows * length]: slot of each token
     n: int
     width: int
 
 
-def segments(position_ids: torch.Tensor) -> Segments:
-    """Examples of a packed batch: a new one starts wherever the position does not go up by one."""
+def segments(position_ids: torch.Tensor, real: torch.Tensor | None = None) -> Segments:
+    """Examples of a packed batch: a new one starts wherever the position does not go up by one.
+
+    `real` ([rows, length], False for a row's end padding) keeps padding out of the example count:
+    its tokens take the free places at the end of the examples' slots (each slot is as wide as the
+    longest example), after every real token of the slot, so no real token sees them; only when
+    those run out do they get slots of their own. A batch of 4 examples and padding is attended as 4
+    slots, not 5. Padding outputs are never used: they carry no loss and nothing attends to them.
+    """
     rows, length = position_ids.shape
+    total = rows * length
+    device = position_ids.device
     prev = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=1)
     start = (position_ids - prev) != 1
     start[:, 0] = True
-    start = start.reshape(-1)
-    starts = start.nonzero().squeeze(1)
-    seg = start.cumsum(0) - 1
-    total = rows * length
-    width = int(torch.diff(starts, append=starts.new_tensor([total])).max())
-    scatter = seg * width + torch.arange(total, device=starts.device) - starts[seg]
-    gather = torch.zeros(len(starts) * width, dtype=torch.long, device=starts.device)
-    gather[scatter] = torch.arange(total, device=starts.device)
-    return Segments(gather, scatter, len(starts), width)
+    tokens = torch.arange(total, device=device)
+    is_real = real.reshape(-1) if real is not None else torch.ones(total, dtype=torch.bool, device=device)
+    real_tokens, pad_tokens = tokens[is_real], tokens[~is_real]
+    first = start.reshape(-1)[real_tokens]  # real tokens that start an example
+    seg = first.cumsum(0) - 1
+    starts = real_tokens[first]
+    n = len(starts)
+    width = int(torch.bincount(seg).max()) if n else 1
+    scatter = torch.empty(total, dtype=torch.long, device=device)
+    scatter[real_tokens] = seg * width + real_tokens - starts[seg]
+    if len(pad_tokens):
+        free = torch.ones(n * width, dtype=torch.bool, device=device)
+        free[scatter[real_tokens]] = False
+        places = free.nonzero().squeeze(1)
+        if len(places) < len(pad_tokens):  # no room left in the examples' slots: slots of their own
+            extra = -(-(len(pad_tokens) - len(places)) // width)
+            places = torch.cat([places, torch.arange(n * width, (n + extra) * width, device=device)])
+            n += extra
+        scatter[pad_tokens] = places[: len(pad_tokens)]
+    gather = torch.zeros(n * width, dtype=torch.long, device=device)
+    gather[scatter] = tokens
+    return Segments(gather, scatter, n, width)
 
 
 class _Regroup(torch.autograd.Function):
@@ -158,9 +180,10 @@ AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # no mask: 
 
 
 @contextlib.contextmanager
-def packed(model, position_ids: torch.Tensor):
-    """Within this block, `model` attends only within the examples that `position_ids` delimit."""
-    with _within(model, segments(position_ids)):
+def packed(model, position_ids: torch.Tensor, real: torch.Tensor | None = None):
+    """Within this block, `model` attends only within the examples that `position_ids` delimit
+    (`real`: False for padding, see `segments`)."""
+    with _within(model, segments(position_ids, real)):
         yield
 
 

@@ -155,7 +155,7 @@ def _generic_loss(head, hidden, targets, chunk):
 
 def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     lm = causal_lm(model)
-    with packed(lm, batch.position_ids):
+    with packed(lm, batch.position_ids, batch.real):
         out = lm.get_decoder()(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
         )
