@@ -153,15 +153,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError("packed_attention runs only inside tuneforge.train.attention.packed()")
     rows, _, length, dim = query.shape
 
-    def regroup(x):  # [rows, h, L, dim] -> [n, h, width, dim]
-        flat = x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
+    dtype = compute_dtype(query)
+
+    def regroup(x):  # [rows, h, L, dim] -> [n, h, width, dim], cast to the compute dtype on the way
+        # (rotary embeddings hand over fp32 q and k: one pass casts and lays out, the rest moves bf16)
+        flat = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(rows * length, x.shape[1], dim)
         slots = _Regroup.apply(flat, seg.gather, seg.scatter, None)
         return slots.view(seg.n, seg.width, x.shape[1], dim).transpose(1, 2)
 
     q, k, v = regroup(query), regroup(key), regroup(value)
     kind = q.device.type
-    dtype = compute_dtype(q)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = scaling if scaling is not None else dim**-0.5
     if seg.width <= SHORT and not dropout:
         with torch.autocast(kind, enabled=False):

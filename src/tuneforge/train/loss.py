@@ -119,8 +119,9 @@ def _chunk_rows(n: int, most: int) -> int:
     """Rows per chunk for n loss positions: the fewest chunks of at most `most` rows, evenly filled and
     rounded up to a multiple of ROUND (the last chunk is padded with zero rows to that size)."""
     chunks = max(1, -(-n // most))
+    rows = -(-n // chunks)  # ceiling divisions
     step = min(ROUND, most)
-    return min(most, max(step, -(-(-(-n // chunks)) // step) * step))
+    return min(most, max(step, -(-rows // step) * step))
 
 
 def _fusable(head, config) -> bool:
