@@ -86,3 +86,36 @@ def test_other_architectures_keep_their_forward():
     norm = torch.nn.RMSNorm(8)  # not one of the transformers classes the fusions were written against
     model = torch.nn.Sequential(norm, torch.nn.Linear(8, 8))
     assert fuse_for_training(model) == {"norm": 0, "mlp": 0, "groups": 0, "lora": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_transformers_rotary(dtype):
+    """Same output; in bf16 the input gradient is rounded once (transformers rounds each of its two
+    terms, then adds them in bf16), so it may only be closer to the fp32 gradient."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tuneforge.train.fused import _Rotary
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 7, 3 * 4 * 8, generator=g).to(dtype)  # [rows, length, 3 heads x 4 x dim 8]
+    angles = torch.randn(2, 7, 4, generator=g)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # fp32, as transformers
+    grad = torch.randn(2, 4, 7, 8, generator=g)
+
+    def run(rotary, inputs):
+        leaf = inputs.clone().requires_grad_()
+        x = leaf.view(2, 7, 3, 4, 8)[:, :, 1].transpose(1, 2)  # the middle third, as q/k are views of q/k/v
+        out = rotary(x)
+        out.backward(grad)
+        return out, leaf.grad
+
+    transformers_rotary = lambda x: apply_rotary_pos_emb(x, x, cos, sin)[0]  # noqa: E731
+    ref, ref_grad = run(transformers_rotary, qkv)
+    out, out_grad = run(lambda x: _Rotary.apply(x, cos, sin), qkv)
+    assert out.dtype == ref.dtype == torch.float32 and out_grad.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out_grad, ref_grad, rtol=1e-6, atol=1e-6)
+        return
+    _, truth = run(transformers_rotary, qkv.float())
+    assert (out_grad.float() - truth).norm() <= (ref_grad.float() - truth).norm()
