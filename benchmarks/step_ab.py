@@ -96,7 +96,8 @@ def main() -> None:
 
     import tuneforge
 
-    (base_batches, base_step), (new_batches, new_step) = (prepare(pkg, args.method) for pkg in (import_revision(args.base), tuneforge))
+    base = import_revision(args.base)
+    (base_batches, base_step), (new_batches, new_step) = (prepare(pkg, args.method) for pkg in (base, tuneforge))
     pairs = list(zip(base_batches, new_batches))
     for old, new in pairs:  # warm-up: kernel caches, allocator
         base_step(old), new_step(new)
