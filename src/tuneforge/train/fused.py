@@ -9,6 +9,8 @@ make their own copy), and SwiGLU keeps three [tokens, 3 x width] tensors for its
   tensor they would have cast it to (so q/k/v or gate/up share one input); it keeps only its fp32
   input and the per-token scale for the backward pass.
 - `_SwiGLU` keeps just its two bf16 inputs and recomputes silu(gate) in the backward pass.
+- `_Rotary` applies rotary embeddings in two passes each way (transformers: five), in the layout packed
+  attention gathers from.
 - Plain LoRA q/k/v (in LlamaAttention) and gate/up run as one `train.lora._LoraGroup` each: the
   rank-16 products are latency-bound on a CPU, so fewer and wider ones pay (~9% a LoRA step).
 
@@ -148,7 +150,8 @@ class _Rotary(torch.autograd.Function):
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
-    """transformers' LlamaAttention.forward for training (no cache), with q, k and v as one LoRA group."""
+    """transformers' LlamaAttention.forward for training (no cache): q, k and v as one LoRA group, rotary
+    embeddings as one node."""
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     qkv, widths = run_group(self._tuneforge_group, hidden_states)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(widths, dim=-1))
