@@ -81,7 +81,7 @@ def pack(examples: list[Rendered], max_row_tokens: int, pad_id: int, multiple: i
             t += shifted_targets(r)[:n]
         pad = length - len(i)
         ids.append(i + [pad_id] * pad)
-        pos.append(p + list(range(pad)))  # padding is its own "example": attends only to itself
+        pos.append(p + list(range(pad)))  # padding is its own "example" (packed attention: see Batch.real)
         tgt.append(t + [IGNORE] * pad)
         real.append([True] * len(i) + [False] * pad)
     return Batch(
