@@ -36,7 +36,10 @@ DATA = ROOT / "examples" / "shakespeare_ml.jsonl"
 
 def import_revision(rev: str):
     """tuneforge as of git revision `rev`, importable beside the working tree's as tuneforge_base."""
-    archive = subprocess.run(["git", "archive", rev, "src/tuneforge"], cwd=ROOT, capture_output=True, check=True).stdout
+    proc = subprocess.run(["git", "archive", rev, "src/tuneforge"], cwd=ROOT, capture_output=True)
+    if proc.returncode:
+        raise SystemExit(f"step_ab: --base {rev}: not a git revision with src/tuneforge ({proc.stderr.decode().strip()})")
+    archive = proc.stdout
     folder = Path(tempfile.mkdtemp(prefix="tf-ab-"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
