@@ -13,6 +13,7 @@ attention costs Σ len² instead of rows · L².
 from __future__ import annotations
 
 import contextlib
+import functools
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ class _ShortCausalAttention(torch.autograd.Function):
         kv = k.shape[1]
         q = q.reshape(n * kv, heads // kv * w, dim)
         k, v = k.reshape(n * kv, w, dim), v.reshape(n * kv, w, dim)
-        scores = torch.baddbmm(_causal_bias(w, heads // kv, q), q, k.transpose(-1, -2), alpha=scale)
+        scores = torch.baddbmm(_causal_bias(w, heads // kv, q.dtype, q.device), q, k.transpose(-1, -2), alpha=scale)
         probs = torch.softmax(scores, -1)
         out = torch.bmm(probs, v)
         ctx.save_for_backward(q, k, v, probs)
@@ -133,10 +134,12 @@ class _ShortCausalAttention(torch.autograd.Function):
         return grad_q, grad_k.view(n, -1, w, dim), grad_v.view(n, -1, w, dim), None
 
 
-def _causal_bias(w: int, groups: int, like: torch.Tensor) -> torch.Tensor:
-    """[groups * w, w]: 0 where a query (row i of each group) may see a key (j <= i), else -inf."""
-    upper = torch.ones(w, w, dtype=torch.bool, device=like.device).triu_(1)
-    bias = torch.zeros(w, w, dtype=like.dtype, device=like.device).masked_fill_(upper, float("-inf"))
+@functools.lru_cache(maxsize=8)
+def _causal_bias(w: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[groups * w, w]: 0 where a query (row i of each group) may see a key (j <= i), else -inf.
+    Made once per slot width, not once per layer: every layer of a step has the same width."""
+    upper = torch.ones(w, w, dtype=torch.bool, device=device).triu_(1)
+    bias = torch.zeros(w, w, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
     return bias.repeat(groups, 1)
 
 

@@ -127,8 +127,8 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        half = x.shape[-1] // 2
         rows, heads, length, dim = x.shape
+        half = dim // 2
         out = torch.empty(rows, length, heads, dim, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
         out = out.transpose(1, 2)
         torch.mul(x, c, out=out)
