@@ -5,6 +5,10 @@
     python benchmarks/train_throughput.py --quick               # smoke run: LoRA, 1 epoch, 1 repetition
     python benchmarks/train_throughput.py --checkpointing       # + tuneforge with activation checkpointing
 
+On a GPU (both trainers run on it when torch sees one), with a bigger model of random weights:
+    python benchmarks/random_model.py --shape llama-1b --out /tmp/llama-1b
+    python benchmarks/train_throughput.py --base /tmp/llama-1b --batch-size 16 --repeat 8 --reps 1
+
 Both trainers get the same examples (examples/shakespeare_ml.jsonl, tuneforge's seeded 90/10 split),
 the same token ids and loss positions (TRL receives tuneforge's rendering as a pre-tokenised dataset
 with labels), the same base weights, LoRA rank/alpha/targets, batch size, max length, epochs,
@@ -21,8 +25,11 @@ Measured per run:
 - model FLOP/s: (4·N for LoRA, 6·N for full) · tokens + causal attention 6·layers·width·len² per
   example, N = all parameters of the base model; the same count for both trainers whatever they
   actually execute (tuneforge skips the vocabulary projection where there is no loss).
-- % of the matmul peak measured here (best of square fp32 and bf16 matmuls, same thread count).
-- validation loss: tuneforge's evaluate_loss on the same held-out examples after the last epoch.
+- % of the matmul peak measured here (best of square fp32 and bf16 matmuls, same thread count; on a
+  GPU bf16 only, 8192-square), and on a GPU also of its datasheet dense bf16 peak (MFU).
+- peak memory: the process's VmHWM; on a GPU also torch's peak of allocated GPU memory.
+- validation loss: tuneforge's evaluate_loss on the same held-out examples after the last epoch
+  (with --repeat the held-out examples have copies in the training set: a speed run, not a loss one).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ def _peak_worker(args) -> dict:
     from tuneforge.train.device import configure_cpu
 
     configure_cpu(args.threads)
+    if torch.cuda.is_available():
+        return _cuda_peak()
     best = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rates = []
@@ -66,12 +75,41 @@ def _peak_worker(args) -> dict:
     return best
 
 
-def _data(tokenizer, max_length):
+def _cuda_peak() -> dict:
+    import torch
+
+    rates = []
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    for _ in range(3):
+        a @ b
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        rates.append(2 * 8192**3 / (start.elapsed_time(end) / 1e3))
+    name = torch.cuda.get_device_name()
+    # no fp32 column on a GPU (tensor cores run bf16): fp32 repeats bf16 so the driver's sums hold
+    return {"bf16": max(rates), "fp32": max(rates), "gpu": name, "datasheet_bf16": _datasheet_peak(name)}
+
+
+# Datasheet dense bf16 peaks (no sparsity), FLOP/s, for MFU: by a word of torch's device name.
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def _datasheet_peak(device_name: str) -> float | None:
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756e12
+    return next((v for k, v in DATASHEET_BF16.items() if k in device_name.split()), None)
+
+
+def _data(tokenizer, max_length, data):
     from tuneforge.data.validate import load_examples
     from tuneforge.train.config import TrainConfig
     from tuneforge.train.loop import _render, _split
 
-    cfg = TrainConfig(data=str(DATA), out="-", max_length=max_length)
+    cfg = TrainConfig(data=data, out="-", max_length=max_length)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, max_length), cfg, tokenizer)
     return _render(train_ex, tokenizer, max_length), _render(valid_ex, tokenizer, max_length)
 
@@ -83,7 +121,7 @@ def _tuneforge_worker(args) -> dict:
 
     out = tempfile.mkdtemp(prefix="tf-bench-")
     cfg = TrainConfig(
-        data=str(DATA), out=out, base=args.base, method=args.method, n_epochs=args.epochs,
+        data=args.data, out=out, base=args.base, method=args.method, n_epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
         activation_checkpointing=args.worker == "tuneforge-ckpt",
     )
@@ -104,7 +142,7 @@ def _tuneforge_worker(args) -> dict:
 def _train_lengths(args) -> list[int]:
     from tuneforge.models.load import load_tokenizer
 
-    train_r, _ = _data(load_tokenizer(args.base), args.max_length)
+    train_r, _ = _data(load_tokenizer(args.base), args.max_length, args.data)
     return [len(r.input_ids) for r in train_r]
 
 
@@ -125,14 +163,15 @@ def _trl_worker(args) -> dict:
     # kernel cache, glibc allocator thresholds: train.device.configure_cpu), which speed TRL up too.
     torch.set_num_threads(args.threads or physical_cores())
     model, tokenizer = load_base(args.base)
-    train_r, valid_r = _data(tokenizer, args.max_length)
+    train_r, valid_r = _data(tokenizer, args.max_length, args.data)
     rows = [
         {"input_ids": r.input_ids, "labels": [t if lab != IGNORE else IGNORE for t, lab in zip(r.input_ids, r.labels)]}
         for r in train_r
     ]
     batch_size = args.batch_size if args.batch_size != "auto" else TrainConfig("-", "-").resolve(len(train_r)).batch_size
     steps = -(-len(train_r) // int(batch_size)) * args.epochs
-    bf16 = autocast_dtype("auto", torch.device("cpu")) is not None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = autocast_dtype("auto", device) is not None
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
         per_device_train_batch_size=int(batch_size),
@@ -145,7 +184,7 @@ def _trl_worker(args) -> dict:
         max_grad_norm=1.0,
         seed=42,
         bf16=bf16,
-        use_cpu=True,
+        use_cpu=device.type == "cpu",
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
@@ -173,7 +212,7 @@ def _trl_worker(args) -> dict:
     runtime = time.perf_counter() - started
     dtype = torch.bfloat16 if bf16 else None
     valid = evaluate_loss(trainer.model, valid_r, pad_id=tokenizer.pad_token_id, batch_size=int(batch_size),
-                          dtype=dtype)
+                          device=device, dtype=dtype)
     return {
         "tokens": sum(len(r.input_ids) for r in train_r) * args.epochs,
         "train_seconds": StepTimer.seconds,
@@ -189,7 +228,7 @@ def _trl_worker(args) -> dict:
 def _run(worker: str, args, extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--method", args.method if extra is None else extra["method"],
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--threads", str(args.threads), "--base", args.base]
+           "--threads", str(args.threads), "--base", args.base, "--data", args.data]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -236,7 +275,9 @@ def main() -> None:
     p.add_argument("--batch-size", default="auto", help="examples per step for both trainers")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="catalogue name or model folder (random_model.py)")
+    p.add_argument("--data", default=str(DATA), help="chat JSONL both trainers train on")
+    p.add_argument("--repeat", type=int, default=1, help="train on --data's lines this many times over (GPU runs)")
     p.add_argument("--skip-trl", action="store_true", help="tuneforge only (no TRL installed)")
     p.add_argument("--checkpointing", action="store_true",
                    help="also tuneforge with activation checkpointing (TRL's default is gradient checkpointing)")
@@ -250,18 +291,24 @@ def main() -> None:
               "trl": _trl_worker}[args.worker]
         result = fn(args)
         result["peak_rss_mb"] = _peak_rss_mb()
+        result |= _gpu_memory()
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     if args.quick:
         args.reps, args.methods, args.epochs = 1, "lora", 1
+    if args.repeat > 1:
+        lines = Path(args.data).read_text().splitlines()
+        repeated = Path(tempfile.mkdtemp(prefix="tf-bench-data-")) / "repeated.jsonl"
+        repeated.write_text("\n".join(lines * args.repeat) + "\n")
+        args.data = str(repeated)
     methods = args.methods.split(",")
     trainers = ["tuneforge"] + (["tuneforge-ckpt"] if args.checkpointing else []) + ([] if args.skip_trl else ["trl"])
     shape = _model_shape(args.base) | {"lengths": _train_lengths(args)}
     print(f"machine: {_machine()}")
     peaks = [_run("peak", args, {"method": "lora"})]
-    print(f"matmul peak: fp32 {peaks[0]['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks[0]['bf16'] / 1e9:.0f} GFLOP/s",
-          flush=True)
+    print(f"matmul peak: fp32 {peaks[0]['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks[0]['bf16'] / 1e9:.0f} GFLOP/s"
+          + (f" ({peaks[0]['gpu']})" if "gpu" in peaks[0] else ""), flush=True)
     runs: dict[tuple[str, str], list[dict]] = {(m, t): [] for m in methods for t in trainers}
     for rep in range(args.reps):
         for method in methods:
@@ -271,9 +318,10 @@ def main() -> None:
                 runs[(method, trainer)].append(r)
                 print(f"  rep {rep + 1} {method:4s} {trainer:14s} {r['tokens'] / r['train_seconds']:7.1f} tok/s  "
                       f"wall {r['wall']:5.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+                      + (f"GPU {r['peak_gpu_mb']:6.0f} MB  " if "peak_gpu_mb" in r else "") +
                       f"valid loss {r['valid_loss']:.4f}", flush=True)
     peaks.append(_run("peak", args, {"method": "lora"}))
-    peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
+    peak = peaks[0] | {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
     _table(runs, methods, trainers, peak, args)
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -284,9 +332,12 @@ def main() -> None:
 
 def _table(runs, methods, trainers, peak, args) -> None:
     med = statistics.median
+    gpu = "gpu" in peak
     print(f"\nmatmul peak (best of start/end): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; {args.reps} repetition(s), {args.epochs} epoch(s), medians\n")
-    print("| method | trainer | batch | tokens/s | model GFLOP/s | % bf16 peak | % fp32 peak | peak RSS MB "
+    # on a GPU: % of the datasheet peak (MFU) and GPU memory instead of the fp32 column
+    third, memory = ("MFU (datasheet bf16)", "peak GPU MB") if gpu else ("% fp32 peak", "peak RSS MB")
+    print(f"| method | trainer | batch | tokens/s | model GFLOP/s | % bf16 peak | {third} | {memory} "
           "| wall s | valid loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in methods:
@@ -294,19 +345,22 @@ def _table(runs, methods, trainers, peak, args) -> None:
             rs = runs[(method, trainer)]
             tps = med(r["tokens"] / r["train_seconds"] for r in rs)
             fps = med(r["flops"] / r["train_seconds"] for r in rs)
+            other = peak.get("datasheet_bf16") if gpu else peak["fp32"]
             print(f"| {method} | {trainer} | {rs[0]['batch_size']} | {tps:.0f} | {fps / 1e9:.0f} "
-                  f"| {100 * fps / peak['bf16']:.0f}% | {100 * fps / peak['fp32']:.0f}% "
-                  f"| {med(r['peak_rss_mb'] for r in rs):.0f} | {med(r['wall'] for r in rs):.1f} "
-                  f"| {med(r['valid_loss'] for r in rs):.4f} |")
+                  f"| {100 * fps / peak['bf16']:.0f}% | {f'{100 * fps / other:.0f}%' if other else '-'} "
+                  f"| {med(r['peak_gpu_mb' if gpu else 'peak_rss_mb'] for r in rs):.0f} "
+                  f"| {med(r['wall'] for r in rs):.1f} | {med(r['valid_loss'] for r in rs):.4f} |")
     if "trl" not in trainers:
         return
-    print("\n| method | trainer | tokens/s vs TRL | peak RSS vs TRL | wall vs TRL | valid loss (tuneforge - TRL) |")
+    memory = "peak GPU memory" if "gpu" in peak else "peak RSS"
+    print(f"\n| method | trainer | tokens/s vs TRL | {memory} vs TRL | wall vs TRL | valid loss (tuneforge - TRL) |")
     print("|---|---|---|---|---|---|")
     for method in methods:
         for ours in (t for t in trainers if t != "trl"):
             tf, trl = runs[(method, ours)], runs[(method, "trl")]
             speed = med(r["tokens"] / r["train_seconds"] for r in tf) / med(r["tokens"] / r["train_seconds"] for r in trl)
-            rss = med(r["peak_rss_mb"] for r in tf) / med(r["peak_rss_mb"] for r in trl)
+            key = "peak_gpu_mb" if "gpu" in peak else "peak_rss_mb"
+            rss = med(r[key] for r in tf) / med(r[key] for r in trl)
             wall = med(r["wall"] for r in tf) / med(r["wall"] for r in trl)
             dloss = med(r["valid_loss"] for r in tf) - med(r["valid_loss"] for r in trl)
             print(f"| {method} | {ours} | {speed:.2f}x | {rss:.2f}x | {wall:.2f}x | {dloss:+.4f} |")
@@ -320,6 +374,14 @@ def _peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _gpu_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def _machine() -> str:
