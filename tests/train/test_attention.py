@@ -1,4 +1,4 @@
-"""The short-slot attention kernel is SDPA's causal grouped-query attention, written out for speed."""
+"""The packed-attention kernels are SDPA's causal grouped-query attention, written out for speed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.attention import _ShortCausalAttention
+from tuneforge.train import attention
+from tuneforge.train.attention import _BlockedCausalAttention, _ShortCausalAttention
+
+KERNELS = {"short": _ShortCausalAttention.apply, "blocked": _BlockedCausalAttention.apply}
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", 4)  # w=11: three query blocks, the last one partial
 
 
 def _inputs(dtype, n=3, heads=6, kv=2, w=11, dim=16):
@@ -28,25 +36,28 @@ def _sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def test_equals_sdpa_in_fp32():
-    for ours, ref in zip(_run(_ShortCausalAttention.apply, torch.float32), _run(_sdpa, torch.float32)):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_equals_sdpa_in_fp32(kernel):
+    for ours, ref in zip(_run(KERNELS[kernel], torch.float32), _run(_sdpa, torch.float32)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("part", range(4))  # output, then the gradients of q, k and v
-def test_bf16_is_no_further_from_fp32_than_sdpa_in_bf16(part):
+def test_bf16_is_no_further_from_fp32_than_sdpa_in_bf16(part, kernel):
     truth = _run(_sdpa, torch.float32)[part]
-    ours = _run(_ShortCausalAttention.apply, torch.bfloat16)[part]
+    ours = _run(KERNELS[kernel], torch.bfloat16)[part]
     sdpa = _run(_sdpa, torch.bfloat16)[part]
     err = lambda x: ((x - truth).norm() / truth.norm()).item()  # noqa: E731
     assert err(ours) <= max(1.5 * err(sdpa), 1e-2)
 
 
-def test_no_query_sees_a_later_key():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_query_sees_a_later_key(kernel):
     (q, k, v), _ = _inputs(torch.float32)
-    out = _ShortCausalAttention.apply(q, k, v, 0.3)
+    out = KERNELS[kernel](q, k, v, 0.3)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 5:], v2[:, :, 5:] = 100.0, -100.0  # change every key and value from position 5 on
-    out2 = _ShortCausalAttention.apply(q, k2, v2, 0.3)
+    out2 = KERNELS[kernel](q, k2, v2, 0.3)
     torch.testing.assert_close(out2[:, :, :5], out[:, :, :5], rtol=0, atol=0)
     assert not torch.allclose(out2[:, :, 5:], out[:, :, 5:])

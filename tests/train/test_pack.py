@@ -91,11 +91,12 @@ def test_segments_cover_each_example_and_padding():
     assert torch.equal(seg.gather[seg.scatter], flat)
 
 
-@pytest.mark.parametrize("kernel", ["short", "sdpa"])
+@pytest.mark.parametrize("kernel", ["short", "blocked", "sdpa"])
 @pytest.mark.parametrize("rows", ["one", "several"])  # several: row ends and padding in between
 def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, monkeypatch):
     model, tok, rendered = tiny
-    monkeypatch.setattr(attention, "SHORT", 4096 if kernel == "short" else 0)
+    monkeypatch.setattr(attention, "_kernel", lambda width, device_type, dropout: kernel)
+    monkeypatch.setattr(attention, "BLOCK", 5)  # the blocked kernel: several blocks, the last one partial
     row_tokens = 4096 if rows == "one" else max(len(r.input_ids) for r in rendered) + 10
     reference, ours = copy.deepcopy(model), copy.deepcopy(model)
     ref_loss = _reference(reference, rendered)

@@ -4,10 +4,12 @@ Left to itself, transformers reads packed rows (position ids restarting per exam
 block-diagonal [rows, 1, L, L] mask and SDPA then does L² work per row, nearly all of it masked out.
 During our own forward passes (`packed(model, position_ids)`), the model's attention implementation
 is swapped for `packed_attention`: it regroups each example's queries, keys and values into its own
-slot of a [examples, heads, longest, head_dim] tensor, runs causal SDPA on that (the kernel skips the
-upper triangle; a slot's padding sits after all its real tokens, so no real query sees it) and puts
-the outputs back in packed order. No mask is built, nothing crosses an example boundary, and
-attention costs Σ len² instead of rows · L².
+slot of a [examples, heads, longest, head_dim] tensor, runs causal attention on that (a slot's
+padding sits after all its real tokens, so no real query sees it) and puts the outputs back in packed
+order. No mask is built, nothing crosses an example boundary, and attention costs Σ len² instead of
+rows · L². The kernel depends on the slot width (`_kernel`): matmuls that keep the probabilities for
+short slots; the same a block of queries at a time, probabilities recomputed, for wide ones on the
+CPU; SDPA on a GPU.
 """
 
 from __future__ import annotations
@@ -134,6 +136,85 @@ class _ShortCausalAttention(torch.autograd.Function):
         return grad_q, grad_k.view(n, -1, w, dim), grad_v.view(n, -1, w, dim), None
 
 
+class _BlockedCausalAttention(torch.autograd.Function):
+    """Causal attention for slots too wide to keep their [w, w] probabilities: queries a block of
+    BLOCK positions at a time against only the keys they can see (the upper triangle is skipped a
+    block at a time), and the backward pass recomputes each block's probabilities instead of keeping
+    them - FlashAttention's bargain (memory linear in w), with the work in batched matrix products of
+    a few hundred rows, where SDPA's CPU kernel works in small tiles: 1.5-2x faster than SDPA forward
+    and backward at w = 200-1024 on the embedded model's shapes (`_kernel`).
+
+    q: [n, heads, w, dim]; k, v: [n, kv_heads, w, dim]; all in the compute dtype. The gradients of
+    k and v, summed over blocks, are accumulated in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        n, heads, w, dim = q.shape
+        kv = k.shape[1]
+        groups = heads // kv
+        q = q.reshape(n * kv, groups, w, dim)
+        k, v = k.reshape(n * kv, w, dim), v.reshape(n * kv, w, dim)
+        out = torch.empty_like(q)
+        for start, end in _blocks(w):
+            probs = _block_probs(q, k, start, end, scale)
+            out[:, :, start:end] = torch.bmm(probs, v[:, :end]).view(n * kv, groups, end - start, dim)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.shape = scale, (n, heads, w, dim)
+        return out.view(n, heads, w, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        n, heads, w, dim = ctx.shape
+        batch, groups = q.shape[:2]
+        grad_out = grad_out.to(q.dtype).reshape(batch, groups, w, dim)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for start, end in _blocks(w):
+            probs = _block_probs(q, k, start, end, ctx.scale)  # recomputed, not kept
+            g = grad_out[:, :, start:end].reshape(batch, -1, dim)
+            grad_v[:, :end] += torch.bmm(probs.transpose(-1, -2), g)
+            grad_probs = torch.bmm(g, v[:, :end].transpose(-1, -2))
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :end]).view(batch, groups, end - start, dim)
+            grad_k[:, :end] += torch.bmm(grad_scores.transpose(-1, -2), _query_block(q, start, end))
+        grad_q.mul_(ctx.scale)
+        grad_k = grad_k.mul_(ctx.scale).to(k.dtype).view(n, -1, w, dim)
+        return grad_q.view(n, heads, w, dim), grad_k, grad_v.to(v.dtype).view(n, -1, w, dim), None
+
+
+BLOCK = 64  # query positions per block of _BlockedCausalAttention (x groups: the product's rows; 64
+# and 128 measured alike from w=200 to 1024, 64 ahead at the short end)
+
+
+def _blocks(w: int):
+    return [(start, min(start + BLOCK, w)) for start in range(0, w, BLOCK)]
+
+
+def _query_block(q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[batch, groups, w, dim] -> the block's queries as [batch, groups * (end - start), dim]."""
+    return q[:, :, start:end].reshape(q.shape[0], -1, q.shape[-1])
+
+
+def _block_probs(q, k, start, end, scale):
+    """softmax(scale * q_block k[:end]^T + causal bias): [batch, groups * (end - start), end]."""
+    bias = _block_bias(end - start, q.shape[1], end, q.dtype, q.device)
+    scores = torch.baddbmm(bias, _query_block(q, start, end), k[:, :end].transpose(-1, -2), alpha=scale)
+    return torch.softmax(scores, -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_bias(rows: int, groups: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[groups * rows, end]: the causal bias of the query block ending at `end` (its last `rows`
+    positions) against keys 0..end-1: -inf where the key comes after the query."""
+    query = torch.arange(end - rows, end, device=device)
+    later = torch.arange(end, device=device)[None, :] > query[:, None]
+    bias = torch.zeros(rows, end, dtype=dtype, device=device).masked_fill_(later, float("-inf"))
+    return bias.repeat(groups, 1)
+
+
 @functools.lru_cache(maxsize=8)
 def _causal_bias(w: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[groups * w, w]: 0 where a query (row i of each group) may see a key (j <= i), else -inf.
@@ -143,7 +224,19 @@ def _causal_bias(w: int, groups: int, dtype: torch.dtype, device: torch.device) 
     return bias.repeat(groups, 1)
 
 
-SHORT = 256  # widest slot for _ShortCausalAttention; wider ones use SDPA (memory-efficient kernel)
+SHORT = 160  # widest slot for _ShortCausalAttention (keeps [w, w] probabilities); wider: blocked, or SDPA
+
+
+def _kernel(width: int, device_type: str, dropout: float) -> str:
+    """Which attention a slot width gets. On the CPU, measured forward+backward on the embedded model's
+    shapes (4 slots, 9 heads in 3 kv groups, bf16, 2 cores): the short kernel is fastest up to ~160
+    positions (w=104: 1.6 ms, blocked 2.3); from there the blocked one (w=256: 8.6 ms, short 11.9,
+    SDPA 16.6; w=512: 28 / 48 / 56; w=1024: 88 / 189 / 136). On a GPU, SDPA's flash kernels."""
+    if dropout:
+        return "sdpa"
+    if width <= SHORT:
+        return "short"
+    return "blocked" if device_type == "cpu" else "sdpa"
 
 
 _current: ContextVar[Segments | None] = ContextVar("tuneforge_segments", default=None)
@@ -167,9 +260,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = regroup(query), regroup(key), regroup(value)
     kind = q.device.type
     scale = scaling if scaling is not None else dim**-0.5
-    if seg.width <= SHORT and not dropout:
+    kernel = _kernel(seg.width, kind, dropout)
+    if kernel != "sdpa":
+        function = _ShortCausalAttention if kernel == "short" else _BlockedCausalAttention
         with torch.autocast(kind, enabled=False):
-            out = _ShortCausalAttention.apply(q, k, v, scale)
+            out = function.apply(q, k, v, scale)
     else:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1]
