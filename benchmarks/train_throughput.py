@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -278,6 +279,8 @@ def main() -> None:
     p.add_argument("--base", default="smollm2-135m-instruct", help="catalogue name or model folder (random_model.py)")
     p.add_argument("--data", default=str(DATA), help="chat JSONL both trainers train on")
     p.add_argument("--repeat", type=int, default=1, help="train on --data's lines this many times over (GPU runs)")
+    p.add_argument("--long", action="store_true",
+                   help="train on multi-turn conversations of 6-10 of --data's exchanges each (440-755 tokens)")
     p.add_argument("--skip-trl", action="store_true", help="tuneforge only (no TRL installed)")
     p.add_argument("--checkpointing", action="store_true",
                    help="also tuneforge with activation checkpointing (TRL's default is gradient checkpointing)")
@@ -297,6 +300,8 @@ def main() -> None:
 
     if args.quick:
         args.reps, args.methods, args.epochs = 1, "lora", 1
+    if args.long:
+        args.data = str(_long_conversations(Path(args.data)))
     if args.repeat > 1:
         lines = Path(args.data).read_text().splitlines()
         repeated = Path(tempfile.mkdtemp(prefix="tf-bench-data-")) / "repeated.jsonl"
@@ -328,6 +333,21 @@ def main() -> None:
             "machine": _machine(), "peak": peak, "args": vars(args),
             "runs": {f"{m}/{t}": v for (m, t), v in runs.items()},
         }, indent=2) + "\n")
+
+
+def _long_conversations(path: Path, seed: int = 0) -> Path:
+    """As many conversations as `path` has, each 6-10 of its exchanges (drawn with a fixed seed) one
+    after another under the first one's system message: slots wider than the short-attention kernel's."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rng = random.Random(seed)
+    out = []
+    for _ in rows:
+        picks = rng.sample(rows, rng.randint(6, 10))
+        system = [m for m in picks[0]["messages"] if m["role"] == "system"][:1]
+        out.append({"messages": system + [m for p in picks for m in p["messages"] if m["role"] != "system"]})
+    target = Path(tempfile.mkdtemp(prefix="tf-bench-data-")) / "long.jsonl"
+    target.write_text("".join(json.dumps(o) + "\n" for o in out))
+    return target
 
 
 def _table(runs, methods, trainers, peak, args) -> None:
