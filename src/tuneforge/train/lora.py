@@ -53,14 +53,20 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    if self.disable_adapters or self.merged or args or kwargs:
+    parts = None if args or kwargs else lora_parts(self)
+    if parts is None:
         return PeftLoraLinear.forward(self, x, *args, **kwargs)
-    (name,) = self.active_adapters
-    base = self.base_layer
-    return _LoraLinear.apply(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-        compute_dtype(x),
-    )
+    return _LoraLinear.apply(x, *parts, compute_dtype(x))
+
+
+def lora_parts(module):
+    """(weight, bias, A, B, scale) of a LoRA linear that fuse_lora took over, while its adapter is on
+    and not merged into the weight; None otherwise (then PEFT's own forward is the one to run)."""
+    if getattr(module, "forward", None).__func__ is not _fused_forward or module.disable_adapters or module.merged:
+        return None
+    (name,) = module.active_adapters
+    base = module.base_layer
+    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
 
 
 def _plain(module) -> bool:
