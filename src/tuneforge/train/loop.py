@@ -30,7 +30,7 @@ from . import metrics as metrics_log
 from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
-from .device import autocast, autocast_dtype, configure_cpu, pick_device, prepare_for_autocast
+from .device import autocast, autocast_dtype, configure_cpu, pick_device, prepare_for_autocast, release_free_memory
 from .fused import fuse_for_training
 from .loss import batch_loss
 from .recompute import recompute_layers
@@ -205,6 +205,7 @@ def train(
                 if stopped_early:
                     break
             state.epoch, state.step_in_epoch = epoch + 1, 0
+            release_free_memory()
             ckpt = checkpoint("epoch")
             emit({"type": "checkpoint", "path": str(ckpt), "step": state.global_step, "metrics": last_row})
             if stopped_early:
