@@ -1,16 +1,20 @@
-"""Preparing a memory-mapped model for bf16 training keeps its numbers (file pages handed back)."""
+"""Preparing a memory-mapped model for bf16 training keeps its numbers (file pages handed back); free
+heap memory can be handed back too."""
 
 from __future__ import annotations
 
 import copy
+import os
+import platform
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from tuneforge.models.adapters import prepare_for_training
 from tuneforge.models.tiny import tiny_model
 from tuneforge.train import device
-from tuneforge.train.device import prepare_for_autocast
+from tuneforge.train.device import configure_cpu, prepare_for_autocast, release_free_memory
 
 
 def test_a_memory_mapped_model_prepares_to_the_same_weights(tmp_path, monkeypatch):
@@ -33,3 +37,19 @@ def test_a_memory_mapped_model_prepares_to_the_same_weights(tmp_path, monkeypatc
         q = from_file[name]
         assert q.dtype == p.dtype and torch.equal(q, p), name
         assert q.requires_grad == p.requires_grad
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or platform.libc_ver()[0] != "glibc",
+                    reason="reads Linux's /proc and calls glibc's malloc_trim")
+def test_free_heap_memory_goes_back_to_the_system():
+    configure_cpu()  # blocks up to 256 MB come from the heap and stay there when freed
+    blocks = [torch.ones(16 << 20) for _ in range(4)]  # 4 x 64 MB, paged in
+    del blocks
+    before = _rss_mb()
+    release_free_memory()
+    assert _rss_mb() < before - 128
