@@ -62,7 +62,8 @@ def _fused_forward(self, x, *args, **kwargs):
 def lora_parts(module):
     """(weight, bias, A, B, scale) of a LoRA linear that fuse_lora took over, while its adapter is on
     and not merged into the weight; None otherwise (then PEFT's own forward is the one to run)."""
-    if getattr(module, "forward", None).__func__ is not _fused_forward or module.disable_adapters or module.merged:
+    taken = getattr(getattr(module, "forward", None), "__func__", None) is _fused_forward
+    if not taken or module.disable_adapters or module.merged:
         return None
     (name,) = module.active_adapters
     base = module.base_layer
