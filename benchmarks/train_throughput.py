@@ -300,6 +300,8 @@ def main() -> None:
 
     if args.quick:
         args.reps, args.methods, args.epochs = 1, "lora", 1
+    if not Path(args.data).is_file():
+        raise SystemExit(f"train_throughput: --data {args.data}: no such file")
     if args.long:
         args.data = str(_long_conversations(Path(args.data)))
     if args.repeat > 1:
