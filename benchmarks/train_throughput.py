@@ -91,8 +91,8 @@ def _cuda_peak() -> dict:
         end.synchronize()
         rates.append(2 * 8192**3 / (start.elapsed_time(end) / 1e3))
     name = torch.cuda.get_device_name()
-    # no fp32 column on a GPU (tensor cores run bf16): fp32 repeats bf16 so the driver's sums hold
-    return {"bf16": max(rates), "fp32": max(rates), "gpu": name, "datasheet_bf16": _datasheet_peak(name)}
+    # no fp32 peak on a GPU: tensor cores run bf16, and the table's other column is the datasheet's
+    return {"bf16": max(rates), "gpu": name, "datasheet_bf16": _datasheet_peak(name)}
 
 
 # Datasheet dense bf16 peaks (no sparsity), FLOP/s, for MFU: by a word of torch's device name.
@@ -314,8 +314,7 @@ def main() -> None:
     shape = _model_shape(args.base) | {"lengths": _train_lengths(args)}
     print(f"machine: {_machine()}")
     peaks = [_run("peak", args, {"method": "lora"})]
-    print(f"matmul peak: fp32 {peaks[0]['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks[0]['bf16'] / 1e9:.0f} GFLOP/s"
-          + (f" ({peaks[0]['gpu']})" if "gpu" in peaks[0] else ""), flush=True)
+    print(f"matmul peak: {_describe(peaks[0])}", flush=True)
     runs: dict[tuple[str, str], list[dict]] = {(m, t): [] for m in methods for t in trainers}
     for rep in range(args.reps):
         for method in methods:
@@ -328,7 +327,7 @@ def main() -> None:
                       + (f"GPU {r['peak_gpu_mb']:6.0f} MB  " if "peak_gpu_mb" in r else "") +
                       f"valid loss {r['valid_loss']:.4f}", flush=True)
     peaks.append(_run("peak", args, {"method": "lora"}))
-    peak = peaks[0] | {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
+    peak = peaks[0] | {k: max(p[k] for p in peaks) for k in ("fp32", "bf16") if k in peaks[0]}
     _table(runs, methods, trainers, peak, args)
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -352,11 +351,16 @@ def _long_conversations(path: Path, seed: int = 0) -> Path:
     return target
 
 
+def _describe(peak: dict) -> str:
+    rates = ", ".join(f"{k} {peak[k] / 1e9:.0f} GFLOP/s" for k in ("fp32", "bf16") if k in peak)
+    return rates + (f" ({peak['gpu']})" if "gpu" in peak else "")
+
+
 def _table(runs, methods, trainers, peak, args) -> None:
     med = statistics.median
     gpu = "gpu" in peak
-    print(f"\nmatmul peak (best of start/end): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; {args.reps} repetition(s), {args.epochs} epoch(s), medians\n")
+    print(f"\nmatmul peak (best of start/end): {_describe(peak)}; {args.reps} repetition(s), {args.epochs} epoch(s), "
+          "medians\n")
     # on a GPU: % of the datasheet peak (MFU) and GPU memory instead of the fp32 column
     third, memory = ("MFU (datasheet bf16)", "peak GPU MB") if gpu else ("% fp32 peak", "peak RSS MB")
     print(f"| method | trainer | batch | tokens/s | model GFLOP/s | % bf16 peak | {third} | {memory} "

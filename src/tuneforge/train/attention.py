@@ -219,18 +219,20 @@ def _block_probs(qt, k, start, end, groups):
 def _diagonal_bias(rows: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[rows * groups, rows]: the causal bias of a query block against its own positions (the keys
     before the block are all visible): -inf where the key comes after the query."""
-    later = torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
-    bias = torch.zeros(rows, rows, dtype=dtype, device=device).masked_fill_(later, float("-inf"))
-    return bias.repeat_interleave(groups, dim=0)
+    return _causal_tile(rows, dtype, device).repeat_interleave(groups, dim=0)
 
 
 @functools.lru_cache(maxsize=8)
 def _causal_bias(w: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[groups * w, w]: 0 where a query (row i of each group) may see a key (j <= i), else -inf.
     Made once per slot width, not once per layer: every layer of a step has the same width."""
-    upper = torch.ones(w, w, dtype=torch.bool, device=device).triu_(1)
-    bias = torch.zeros(w, w, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
-    return bias.repeat(groups, 1)
+    return _causal_tile(w, dtype, device).repeat(groups, 1)
+
+
+def _causal_tile(w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[w, w]: 0 where query i may see key j (j <= i), else -inf."""
+    later = torch.ones(w, w, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(w, w, dtype=dtype, device=device).masked_fill_(later, float("-inf"))
 
 
 SHORT = 160  # widest slot for _ShortCausalAttention (keeps [w, w] probabilities); wider: blocked, or SDPA

@@ -85,10 +85,18 @@ MMAP_THRESHOLD = 256 << 20  # blocks up to this size come from the heap, and are
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the top of the heap before it is returned
 
 
-def _reuse_large_allocations() -> None:
+def _glibc():
+    """glibc, for its allocator's settings; None elsewhere (macOS, musl: their allocators make their
+    own choices)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): their allocators make their own choices
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _reuse_large_allocations() -> None:
+    libc = _glibc()
+    if libc is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
@@ -97,13 +105,12 @@ def _reuse_large_allocations() -> None:
 
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps up to TRIM_THRESHOLD of them for
-    reuse within steps). Called between epochs and when training ends, where a few page faults cost
-    nothing: without it, whatever runs next - writing the plot, evaluation in the same process - is
-    stacked on top of the training steps' high-water mark."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    reuse within steps). Called at the end of each epoch (the last one too), where a few page faults
+    cost nothing: without it, whatever runs next - writing the plot, evaluation in the same process -
+    is stacked on top of the training steps' high-water mark."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers.models.llama import modeling_llama as llama
 
 from .device import compute_dtype
-from .lora import fuse_lora, lora_group, lora_parts, run_group
+from .lora import fuse_lora, lora_gradients, lora_group, lora_parts, lora_product, run_group
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -110,41 +110,35 @@ class _SwiGLUDown(torch.autograd.Function):
     tenth of a LoRA step's saved activations)."""
 
     @staticmethod
-    def forward(ctx, gate_up, width, weight, a, b, scale, dtype):
+    def forward(ctx, gate_up, width, weight, bias, a, b, scale, dtype):
         with torch.autocast(gate_up.device.type, enabled=False):
             shape = gate_up.shape
             gate_up2 = gate_up.reshape(-1, shape[-1]).to(dtype)
             act = F.silu(gate_up2[:, :width]) * gate_up2[:, width:]
-            w, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
-            xa = act @ a_.T
-            y = (act @ w.T).addmm_(xa, b_.T, alpha=scale)
-        ctx.save_for_backward(gate_up2, xa, w, a_, b_)
+            y, saved = lora_product(act, weight, bias, a, b, scale, dtype)
+        ctx.save_for_backward(gate_up2, *saved)
         ctx.width, ctx.scale, ctx.shape, ctx.dtypes = width, scale, shape, (gate_up.dtype, a.dtype, b.dtype)
-        return y.view(*shape[:-1], w.shape[0])
+        return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        gate_up, xa, w, a_, b_ = ctx.saved_tensors
-        width, scale = ctx.width, ctx.scale
+        gate_up, *saved = ctx.saved_tensors
+        width = ctx.width
         gate_up_dtype, a_dtype, b_dtype = ctx.dtypes
         with torch.autocast(grad_y.device.type, enabled=False):
-            g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
-            g_xa = (g @ b_).mul_(scale)
-            grad_b = (g.T @ xa).mul_(scale).to(b_dtype)
-            grad_act = (g @ w).addmm_(g_xa, a_)
+            g_xa, grad_b, grad_act = lora_gradients(grad_y, saved, ctx.scale, True)
             gate, up = gate_up[:, :width], gate_up[:, width:]
             silu = F.silu(gate)
             grad_a = (g_xa.T @ (silu * up)).to(a_dtype)  # the input, made again
             grad_gate_up = torch.empty_like(gate_up)
-            torch.mul(grad_act, silu, out=grad_gate_up[:, width:])
-            torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate_up[:, :width])
+            _swiglu_backward(grad_act, gate, up, grad_gate_up[:, :width], grad_gate_up[:, width:], silu)
         grad_gate_up = grad_gate_up.to(gate_up_dtype).view(ctx.shape)
-        return grad_gate_up, None, None, grad_a, grad_b, None, None
+        return grad_gate_up, None, None, None, grad_a, grad_b.to(b_dtype), None, None
 
 
-def _swiglu_backward(grad, gate, up, grad_gate, grad_up) -> None:
-    # the same fused kernels autograd would run, plus one silu recomputed instead of kept
-    torch.mul(grad, F.silu(gate), out=grad_up)
+def _swiglu_backward(grad, gate, up, grad_gate, grad_up, silu=None) -> None:
+    # the same fused kernels autograd would run, plus silu(gate) recomputed (or handed in) instead of kept
+    torch.mul(grad, F.silu(gate) if silu is None else silu, out=grad_up)
     torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
 
 
@@ -152,9 +146,8 @@ def _mlp_forward(self, x):
     if getattr(self, "_tuneforge_group", None):
         both, widths = run_group(self._tuneforge_group, x)
         down = lora_parts(self.down_proj)
-        if down is not None and down[1] is None:
-            weight, _, a, b, scale = down
-            return _SwiGLUDown.apply(both, widths[0], weight, a, b, scale, compute_dtype(both))
+        if down is not None:
+            return _SwiGLUDown.apply(both, widths[0], *down, compute_dtype(both))
         return self.down_proj(_StackedSwiGLU.apply(both, widths[0]))
     return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 

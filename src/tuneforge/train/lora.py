@@ -29,27 +29,42 @@ class _LoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            w, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
-            xa = x2 @ a_.T  # [tokens, rank]
-            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
-            y.addmm_(xa, b_.T, alpha=scale)
-        ctx.save_for_backward(x2, xa, w, a_, b_)
+            y, saved = lora_product(x2, weight, bias, a, b, scale, dtype)
+        ctx.save_for_backward(x2, *saved)
         ctx.scale, ctx.shape, ctx.dtypes = scale, shape, (x.dtype, a.dtype, b.dtype)
-        return y.view(*shape[:-1], w.shape[0])
+        return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, w, a_, b_ = ctx.saved_tensors
+        x2, *saved = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         with torch.autocast(grad_y.device.type, enabled=False):
-            g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
-            g_xa = (g @ b_).mul_(ctx.scale)  # [tokens, rank]
+            g_xa, grad_b, grad_x = lora_gradients(grad_y, saved, ctx.scale, ctx.needs_input_grad[0])
             grad_a = (g_xa.T @ x2).to(a_dtype)
-            grad_b = (g.T @ xa).mul_(ctx.scale).to(b_dtype)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(g_xa, a_).to(x_dtype).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+            if grad_x is not None:
+                grad_x = grad_x.to(x_dtype).view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b.to(b_dtype), None, None
+
+
+def lora_product(x2, weight, bias, a, b, scale, dtype):
+    """x2 @ W.T (+ bias) + scale * (x2 @ A.T) @ B.T with every product in `dtype` (x2: [tokens, in],
+    already in `dtype`); returns it and what `lora_gradients` needs: (xa, W, A, B) in `dtype`."""
+    w, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
+    xa = x2 @ a_.T  # [tokens, rank]
+    y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
+    y.addmm_(xa, b_.T, alpha=scale)
+    return y, (xa, w, a_, b_)
+
+
+def lora_gradients(grad_y, saved, scale, input_grad: bool):
+    """For `lora_product`'s output gradient: (scale * grad_y @ B - what A's gradient is made of, with
+    the input -, B's gradient, the input's gradient or None), in the product dtype."""
+    xa, w, a_, b_ = saved
+    g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
+    g_xa = (g @ b_).mul_(scale)  # [tokens, rank]
+    grad_b = (g.T @ xa).mul_(scale)
+    grad_x = (g @ w).addmm_(g_xa, a_) if input_grad else None
+    return g_xa, grad_b, grad_x
 
 
 def _fused_forward(self, x, *args, **kwargs):
