@@ -339,7 +339,17 @@ def main() -> None:
 def _long_conversations(path: Path, seed: int = 0) -> Path:
     """As many conversations as `path` has, each 6-10 of its exchanges (drawn with a fixed seed) one
     after another under the first one's system message: slots wider than the short-attention kernel's."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"train_throughput: {path} line {number}: not JSON ({e.msg})") from None
+    chats = [i + 1 for i, row in enumerate(rows) if isinstance(row, dict) and "messages" in row]
+    if len(chats) < len(rows) or len(rows) < 10:
+        bad = next((i + 1 for i in range(len(rows)) if i + 1 not in chats), None)
+        raise SystemExit(f"train_throughput: --long needs a chat JSONL of at least 10 conversations; {path}"
+                         + (f" line {bad} has no 'messages'" if bad else f" has {len(rows)}"))
     rng = random.Random(seed)
     out = []
     for _ in rows:
