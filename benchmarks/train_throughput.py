@@ -341,15 +341,17 @@ def _long_conversations(path: Path, seed: int = 0) -> Path:
     after another under the first one's system message: slots wider than the short-attention kernel's."""
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            rows += [json.loads(line)] if line.strip() else []
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"train_throughput: {path} line {number}: not JSON ({e.msg})") from None
-    chats = [i + 1 for i, row in enumerate(rows) if isinstance(row, dict) and "messages" in row]
-    if len(chats) < len(rows) or len(rows) < 10:
-        bad = next((i + 1 for i in range(len(rows)) if i + 1 not in chats), None)
-        raise SystemExit(f"train_throughput: --long needs a chat JSONL of at least 10 conversations; {path}"
-                         + (f" line {bad} has no 'messages'" if bad else f" has {len(rows)}"))
+        if not isinstance(row, dict) or "messages" not in row:
+            raise SystemExit(f"train_throughput: --long needs chat JSONL; {path} line {number} has no 'messages'")
+        rows.append(row)
+    if len(rows) < 10:
+        raise SystemExit(f"train_throughput: --long needs at least 10 conversations; {path} has {len(rows)}")
     rng = random.Random(seed)
     out = []
     for _ in rows:
