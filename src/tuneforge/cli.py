@@ -191,6 +191,7 @@ def train(
 ):
     """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
     from .train.config import TrainConfig
+    from .train.distributed import launched_rank
     from .train.loop import TrainingStopped
     from .train.loop import train as run_training
 
@@ -218,9 +219,12 @@ def train(
         result = run_training(cfg, on_event=progress, resume=resume is not None)
     except TrainingStopped as stop:
         progress.close()
-        _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
+        if launched_rank() == 0:
+            _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
         raise typer.Exit(130) from None
     progress.close()
+    if launched_rank() != 0:
+        return  # under torchrun, rank 0 speaks for the run
     if json_out:
         _print_json(asdict(result))
     else:

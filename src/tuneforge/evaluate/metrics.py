@@ -40,10 +40,16 @@ def evaluate_loss(
         n += out.n_tokens
         correct += out.n_correct
     model.train(was_training)
-    loss = total / max(n, 1)
+    return summarise(total, n, correct)
+
+
+def summarise(total_loss: float, n_tokens: int, n_correct: int) -> dict:
+    """The reported metrics from summed loss, loss tokens and correct predictions (sums, so that
+    parts evaluated separately - by the processes of a distributed run - add up)."""
+    loss = total_loss / max(n_tokens, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "token_accuracy": correct / max(n, 1),
-        "n_tokens": n,
+        "token_accuracy": n_correct / max(n_tokens, 1),
+        "n_tokens": n_tokens,
     }

@@ -4,7 +4,9 @@ One optimizer step = `batch_size` examples packed into padding-free rows (data.p
 taken on assistant tokens only (data.render) and computed without the full logits tensor
 (train.loss). Everything else a run needs - events for whoever is watching, checkpoints at each epoch
 end, resume, early stopping - is here in plain sight. The loop knows nothing about HTTP or databases:
-it reports through `on_event` and asks `should_stop` whether to pause.
+it reports through `on_event` and asks `should_stop` whether to pause. Under torchrun the same loop
+runs in every process, each on its share of every step's examples (train.distributed); rank 0 alone
+writes the run folder and reports.
 """
 
 from __future__ import annotations
@@ -23,14 +25,22 @@ import torch
 from ..data.pack import pack
 from ..data.render import render_example
 from ..data.validate import load_examples
-from ..evaluate.metrics import evaluate_loss
+from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
 from ..models.load import load_base
+from . import distributed, speed
 from . import metrics as metrics_log
-from . import speed
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
-from .device import autocast, autocast_dtype, configure_cpu, pick_device, prepare_for_autocast, release_free_memory
+from .device import (
+    autocast,
+    autocast_dtype,
+    configure_cpu,
+    physical_cores,
+    pick_device,
+    prepare_for_autocast,
+    release_free_memory,
+)
 from .fused import fuse_for_training
 from .loss import batch_loss
 from .recompute import recompute_layers
@@ -96,23 +106,34 @@ def train(
     should_stop: Callable[[], str | None] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    emit = on_event or (lambda event: None)
+    group = distributed.join()
+    try:
+        return _train(cfg, group, on_event, should_stop, resume)
+    finally:
+        distributed.leave(group)
+
+
+def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, resume: bool) -> TrainResult:
+    main = group.main
+    emit = on_event if on_event is not None and main else (lambda event: None)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    configure_cpu(cfg.threads)
+    configure_cpu(cfg.threads or distributed.threads(group, physical_cores()))
     torch.manual_seed(cfg.seed)
     device = pick_device()
 
     emit({"type": "message", "message": f"Loading base model {cfg.base}"})
-    model, tokenizer = load_base(cfg.base)
+    with distributed.main_first(group):
+        model, tokenizer = load_base(cfg.base)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     train_r = _render(train_ex, tokenizer, cfg.max_length)
     valid_r = _render(valid_ex, tokenizer, cfg.max_length)
     if not train_r:
         raise ValueError(f"{cfg.data}: no example has assistant tokens to learn from")
     cfg = cfg.resolve(len(train_r))
-    cfg.save(run_dir)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if main:
+        cfg.save(run_dir)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
     emit({"type": "message", "message": (
         f"{len(train_r)} training and {len(valid_r)} validation examples; "
         f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
@@ -128,6 +149,9 @@ def train(
     if cfg.activation_checkpointing:
         recompute_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    if group.world > 1:
+        distributed.broadcast_parameters(params, group)
+        torch.manual_seed(cfg.seed + group.rank)  # dropout masks of their own in each process
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
     )
@@ -140,27 +164,41 @@ def train(
     if resume and checkpoint_dirs(run_dir):
         last = checkpoint_dirs(run_dir)[-1]
         state = restore_checkpoint(last, model, optimizer, scheduler)
-        metrics_log.truncate_after(run_dir, state.global_step)
+        if main:
+            metrics_log.truncate_after(run_dir, state.global_step)
         emit({"type": "message", "message": f"Resumed from checkpoint at step {state.global_step}"})
-    else:
+    elif main:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / metrics_log.METRICS_FILE).unlink(missing_ok=True)
+    distributed.barrier(group)  # no process reads the run folder before rank 0 has set it up
 
     pad_id = tokenizer.pad_token_id
-    validate = lambda: evaluate_loss(  # noqa: E731
-        model, valid_r, pad_id=pad_id, batch_size=cfg.batch_size,
-        max_row_tokens=cfg.max_row_tokens, device=device, dtype=dtype,
-    )
+
+    def validate() -> dict:
+        # each process evaluates every world-th example; the sums make the whole set's metrics
+        part = evaluate_loss(
+            model, valid_r[group.rank :: group.world], pad_id=pad_id, batch_size=cfg.batch_size,
+            max_row_tokens=cfg.max_row_tokens, device=device, dtype=dtype,
+        )
+        n = part["n_tokens"]
+        total, n, correct = distributed.sum_values(
+            [part["loss"] * n, n, part["token_accuracy"] * n], group, device
+        )
+        return summarise(total, round(n), round(correct))
+
     last_row: dict = {}
     stopped_early = False
 
     def checkpoint(kind: str) -> Path:
+        if not main:
+            return run_dir / "checkpoints"
         return save_checkpoint(run_dir, model, optimizer, scheduler, state, kind, last_row)
 
     if valid_r and state.global_step == 0:
         # The untrained model's validation loss: the baseline every later pass is compared with.
         base = validate()
-        (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
+        if main:
+            (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
         emit({"type": "message", "message": f"Base model validation loss {base['loss']:.4f}"})
     emit({"type": "message", "message": f"Training started: {total_steps} steps"})
     try:
@@ -170,11 +208,12 @@ def train(
                 if should_stop is not None and (reason := should_stop()):
                     raise TrainingStopped(reason, checkpoint("interrupt"))
                 started = time.perf_counter()
-                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
-                batch = pack([train_r[i] for i in idx], cfg.max_row_tokens, pad_id).to(device)
-                with autocast(device, dtype):
-                    out = batch_loss(model, batch)
-                out.loss.backward()
+                step_ex = [train_r[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()]
+                if group.world > 1:
+                    mine = distributed.share([len(r.input_ids) for r in step_ex], group)
+                    step_ex = [step_ex[i] for i in mine]
+                out = _step(model, step_ex, cfg, pad_id, device, dtype, group)
+                distributed.sum_gradients(params, group)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -182,15 +221,15 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 state.step_in_epoch = s + 1
-                state.trained_tokens += batch.n_tokens
+                state.trained_tokens += out.n_tokens
                 row = {
                     "step": state.global_step,
                     "epoch": epoch + 1,
                     "total_steps": total_steps,
-                    "train_loss": out.loss.item(),
-                    "train_mean_token_accuracy": out.n_correct / max(out.n_tokens, 1),
+                    "train_loss": out.loss,
+                    "train_mean_token_accuracy": out.accuracy,
                     "learning_rate": lr,
-                    "tokens_per_second": batch.n_tokens / (time.perf_counter() - started),
+                    "tokens_per_second": out.n_tokens / (time.perf_counter() - started),
                     "trained_tokens": state.trained_tokens,
                 }
                 end_of_epoch = state.step_in_epoch == steps_per_epoch
@@ -200,13 +239,15 @@ def train(
                     row |= {"valid_loss": v["loss"], "valid_mean_token_accuracy": v["token_accuracy"]}
                     stopped_early = _early_stop(state, v["loss"], cfg.early_stopping_patience)
                 last_row = row
-                metrics_log.append(run_dir, row)
+                if main:
+                    metrics_log.append(run_dir, row)
                 emit({"type": "metrics", "data": row})
                 if stopped_early:
                     break
             state.epoch, state.step_in_epoch = epoch + 1, 0
             release_free_memory()
             ckpt = checkpoint("epoch")
+            distributed.barrier(group)  # a resume or the final copy reads it
             emit({"type": "checkpoint", "path": str(ckpt), "step": state.global_step, "metrics": last_row})
             if stopped_early:
                 emit({"type": "message", "message": "Early stopping: validation loss stopped improving"})
@@ -214,7 +255,36 @@ def train(
     except KeyboardInterrupt as interrupt:
         raise TrainingStopped("interrupted", checkpoint("interrupt")) from interrupt
 
-    return _finish(run_dir, cfg, state, last_row, stopped_early, emit)
+    if main:
+        result = _finish(run_dir, cfg, state, last_row, stopped_early, emit)
+    distributed.barrier(group)  # the others return what rank 0 wrote
+    return result if main else TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+
+
+@dataclass
+class StepOut:
+    loss: float  # mean over the step's loss tokens, all processes
+    accuracy: float
+    n_tokens: int  # real tokens trained, all processes
+
+
+def _step(model, examples, cfg: TrainConfig, pad_id: int, device, dtype, group: distributed.Group) -> StepOut:
+    """Forward and backward pass of one step's examples (this process's share of them).
+
+    The loss is divided by the loss tokens of the whole step, all processes together, so gradients
+    summed over the processes are those of the step's mean loss; alone, it is the plain mean.
+    """
+    if examples:
+        batch = pack(examples, cfg.max_row_tokens, pad_id).to(device)
+        with autocast(device, dtype):
+            out = batch_loss(model, batch)
+        local = [out.loss.item() * out.n_tokens, out.n_tokens, out.n_correct, batch.n_tokens]
+    else:  # more processes than this step has examples: this one contributes zero gradients
+        local = [0.0, 0, 0, 0]
+    total, n_loss, correct, n_tokens = distributed.sum_values(local, group, device)
+    if examples:
+        (out.loss * (out.n_tokens / max(n_loss, 1))).backward()
+    return StepOut(total / max(n_loss, 1), correct / max(n_loss, 1), round(n_tokens))
 
 
 def _early_stop(state: LoopState, valid_loss: float, patience: int) -> bool:

@@ -1,0 +1,64 @@
+"""Data-parallel training (train.distributed): two torchrun processes on the CPU (gloo over loopback)
+train the same model a single process trains, from the same batches."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tuneforge.train import metrics as metrics_log
+from tuneforge.train.config import TrainConfig
+from tuneforge.train.distributed import Group, share
+from tuneforge.train.loop import train
+
+
+def test_share_gives_every_example_to_one_process_and_balances_tokens():
+    lengths = [90, 10, 40, 40, 30, 75, 5, 60, 20]
+    parts = [share(lengths, Group(rank=r, world=3)) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(lengths) // 2, loads
+    assert share(lengths, Group()) == list(range(len(lengths)))
+    # fewer examples than processes: the last one gets none (and contributes zero gradients)
+    assert [share([7, 3], Group(rank=r, world=3)) for r in range(3)] == [[0], [1], []]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file):
+    # batch 3 of 22 training examples: every 8th step has one example, so one process sits it out
+    common = dict(base="tiny-llama", n_epochs=2, batch_size=3, precision="fp32", seed=3)
+    single = train(TrainConfig(data=str(chat_file), out=str(tmp_path / "one"), **common))
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "tuneforge", "train", "--data", str(chat_file), "--out", str(tmp_path / "two"),
+           "--base", "tiny-llama", "--n-epochs", "2", "--batch-size", "3", "--precision", "fp32",
+           "--seed", "3", "--quiet", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads(proc.stdout)["steps"] == single.steps == 16  # one report: rank 0's
+
+    one, two = metrics_log.read(tmp_path / "one"), metrics_log.read(tmp_path / "two")
+    assert [r["trained_tokens"] for r in two] == [r["trained_tokens"] for r in one]
+    for key in ("train_loss", "train_mean_token_accuracy"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key
+    assert [r["valid_loss"] for r in two if "valid_loss" in r] == pytest.approx(
+        [r["valid_loss"] for r in one if "valid_loss" in r], rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (b[name] - a[name]).abs().max() <= 1e-4 * a[name].abs().max() + 1e-6, name
+    # the adapters did move: equal weights are not equal by standing still
+    assert one[-1]["train_loss"] < one[0]["train_loss"]
