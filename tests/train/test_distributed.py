@@ -35,16 +35,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file, method):
     # batch 3 of 22 training examples: every 8th step has one example, so one process sits it out
-    common = dict(base="tiny-llama", n_epochs=2, batch_size=3, precision="fp32", seed=3)
+    common = dict(base="tiny-llama", method=method, n_epochs=2, batch_size=3, precision="fp32", seed=3)
     single = train(TrainConfig(data=str(chat_file), out=str(tmp_path / "one"), **common))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "tuneforge", "train", "--data", str(chat_file), "--out", str(tmp_path / "two"),
            "--base", "tiny-llama", "--n-epochs", "2", "--batch-size", "3", "--precision", "fp32",
-           "--seed", "3", "--quiet", "--json"]
+           "--seed", "3", "--method", method, "--quiet", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads(proc.stdout)["steps"] == single.steps == 16  # one report: rank 0's
@@ -55,10 +56,10 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key
     assert [r["valid_loss"] for r in two if "valid_loss" in r] == pytest.approx(
         [r["valid_loss"] for r in one if "valid_loss" in r], rel=1e-4)
-    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    a, b = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
     assert a.keys() == b.keys()
     for name in a:
         assert (b[name] - a[name]).abs().max() <= 1e-4 * a[name].abs().max() + 1e-6, name
-    # the adapters did move: equal weights are not equal by standing still
+    # the weights did move: equal weights are not equal by standing still
     assert one[-1]["train_loss"] < one[0]["train_loss"]
