@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import write_chat
 from tuneforge.train import metrics as metrics_log
@@ -127,6 +129,9 @@ def test_export_writes_a_loadable_merged_model(tmp_path, chat_file):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in model.named_parameters())
+    # the weights as trained (fp32), even where chat and the server load them in bf16
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
     assert (Path(tmp_path / "merged") / "tokenizer.json").exists()
 
 

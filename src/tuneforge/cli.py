@@ -315,10 +315,12 @@ def export(
     json_out: JsonOpt = False,
 ):
     """Write merged full weights of a run in Hugging Face format."""
+    import torch
+
     from .models.adapters import merged
     from .models.load import load_tuned
 
-    model, tokenizer = load_tuned(run)
+    model, tokenizer = load_tuned(run, dtype=torch.float32)  # the weights as trained, not as served
     full = merged(model)
     full.save_pretrained(out)
     tokenizer.save_pretrained(out)

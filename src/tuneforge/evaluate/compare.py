@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..data.render import render_example
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
@@ -62,7 +64,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     examples = [e for e in load_examples(data) if e.kind != "text" and e.assistant_messages()]
     if not examples:
         raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
-    tuned, tokenizer = load_tuned(run_dir)
+    tuned, tokenizer = load_tuned(run_dir, dtype=torch.float32)  # metrics in full precision
     rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
     classify = is_classification(examples)
     total = 2 * (1 + min(n_samples, len(examples)) + (len(examples) if classify else 0))

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..settings import get_settings
+from ..train.device import inference_dtype
 from .adapters import attach
 from .catalogue import ModelSpec, resolve
 from .tiny import tiny_model
@@ -74,13 +75,14 @@ def weights_dir(run_or_weights: str | Path) -> Path:
     return p
 
 
-def load_tuned(run_dir: str | Path, weights: str | Path | None = None):
-    """(model, tokenizer) of a finished run (or one of its checkpoints), ready for inference."""
+def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of a finished run (or one of its checkpoints), ready for inference: in
+    `dtype`, by default the one this machine answers prompts in (train.device.inference_dtype)."""
     from ..train.config import TrainConfig  # the run's saved config names its base model
 
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)  # says so when run_dir is not a run folder
-    model, _ = load_base(cfg.base)
+    model, _ = load_base(cfg.base, dtype or inference_dtype())
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = attach(model, Path(weights) if weights else weights_dir(run_dir))
     model.eval()
@@ -101,9 +103,9 @@ def load_tokenizer(name: str):
 
 
 def load_any(name_or_run: str):
-    """A run folder (tuned model) or a base model name/path, ready for inference."""
+    """A run folder (tuned model) or a base model name/path, ready for inference (inference_dtype)."""
     path = Path(name_or_run)
     if (path / "config.json").is_file() and (path / "tokenizer").is_dir():
         return load_tuned(path)
-    model, tokenizer = load_base(name_or_run)
+    model, tokenizer = load_base(name_or_run, inference_dtype())
     return model.eval(), tokenizer

@@ -23,12 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
 from ..models.adapters import ADAPTER_FILE
 from ..models.generate import Completion, Sampling, complete, input_ids, stream
 from ..models.load import load_base
+from ..train.device import inference_dtype
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -54,7 +54,7 @@ class Engine:
 
     def _base(self, name: str):
         if name not in self._bases:
-            model, tokenizer = load_base(name)
+            model, tokenizer = load_base(name, inference_dtype())
             model.eval()
             self._bases[name] = (model, tokenizer)
         return self._bases[name]
@@ -88,7 +88,7 @@ class Engine:
         _, tokenizer = self._base(base)
         key = str(weights.resolve())
         if key not in self._full:
-            self._full[key] = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+            self._full[key] = AutoModelForCausalLM.from_pretrained(weights, dtype=inference_dtype()).eval()
             while len(self._full) > self.max_full_models:
                 self._full.popitem(last=False)
         self._full.move_to_end(key)

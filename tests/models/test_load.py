@@ -1,0 +1,43 @@
+"""Models answer prompts in bf16 where the hardware computes in it natively, fp32 elsewhere; export
+and evaluation keep the trained fp32 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.models.load import load_any, load_tuned
+from tuneforge.serve.engine import Engine, Target
+from tuneforge.train import device
+from tuneforge.train.config import TrainConfig
+from tuneforge.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.conftest import write_chat
+
+    folder = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=str(write_chat(folder / "t.jsonl", 12)), out=str(folder / "run"), base="tiny-llama",
+                      n_epochs=1, precision="fp32"))
+    return folder / "run"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prompts_are_answered_in_bf16_where_the_cpu_multiplies_in_it(run, monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert device.inference_dtype() == expected
+    tuned, tok = load_tuned(run)
+    assert tuned.dtype == expected
+    assert load_any(str(run))[0].dtype == expected and load_any("tiny-llama")[0].dtype == expected
+    with Engine().use(Target("tiny-llama")) as (model, _):
+        assert model.dtype == expected
+    # the same model either way: bf16 answers what fp32 answers, to bf16's precision
+    exact, _ = load_tuned(run, dtype=torch.float32)
+    assert exact.dtype == torch.float32
+    ids = torch.tensor([tok("What is twice 3?")["input_ids"]])
+    with torch.no_grad():
+        a, b = exact(input_ids=ids).logits[0].float(), tuned(input_ids=ids).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
