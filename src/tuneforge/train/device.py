@@ -33,12 +33,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def inference_dtype(device: torch.device | None = None) -> torch.dtype:
-    """The dtype a model is loaded in to answer prompts (chat, the server): bf16 where the hardware
-    multiplies in it natively, fp32 elsewhere. Decoding reads every weight once per token, so half
-    the bytes is ~1.4x the tokens/s (the embedded model on 2 Zen 4 cores: 16 -> 23) and half the
-    memory per loaded model. Evaluation and export keep fp32."""
-    return autocast_dtype("auto", device or pick_device()) or torch.float32
+def inference_dtype(device: torch.device = torch.device("cpu")) -> torch.dtype:
+    """The dtype a model answering prompts on `device` is loaded in (chat and the server answer on
+    the CPU, where models.load puts them): bf16 where the hardware multiplies in it natively, fp32
+    elsewhere. Decoding reads every weight once per token, so half the bytes is ~1.4x the tokens/s
+    (the embedded model on 2 Zen 4 cores: 16 -> 23) and half the memory per loaded model. Evaluation
+    and export keep fp32."""
+    return autocast_dtype("auto", device) or torch.float32
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
