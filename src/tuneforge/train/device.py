@@ -33,7 +33,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def inference_dtype(device: torch.device = torch.device("cpu")) -> torch.dtype:
+CPU = torch.device("cpu")
+
+
+def inference_dtype(device: torch.device = CPU) -> torch.dtype:
     """The dtype a model answering prompts on `device` is loaded in (chat and the server answer on
     the CPU, where models.load puts them): bf16 where the hardware multiplies in it natively, fp32
     elsewhere. Decoding reads every weight once per token, so half the bytes is ~1.4x the tokens/s
