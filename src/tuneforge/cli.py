@@ -98,6 +98,35 @@ def _local_tokens_per_second() -> float:
     return estimated_tokens_per_second()
 
 
+@data_app.command("stored")
+@user_errors
+def data_stored(
+    out: Annotated[Path, typer.Option("-o", "--out", help="JSONL file to write.")],
+    project: Annotated[str, typer.Option(help="Project whose stored completions to read.")] = "default",
+    model: Annotated[str | None, typer.Option(help="Only completions of this model (e.g. an ft: name).")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="Only completions with this metadata: key=value.")] = None,
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    json_out: JsonOpt = False,
+):
+    """Write the server's stored chat completions (`store: true`) as chat JSONL: training data again."""
+    from .monitor.stored import training_examples, write_jsonl
+
+    wanted = {}
+    for pair in metadata or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--metadata {pair!r}: expected key=value")
+        wanted[key] = value
+    examples = training_examples(project, model, wanted, database_url)
+    if not examples:
+        raise ValueError(f"no stored completions in project {project!r} match (model={model}, metadata={wanted})")
+    write_jsonl(examples, out)
+    if json_out:
+        _print_json({"out": str(out), "n_examples": len(examples)})
+    else:
+        typer.echo(f"wrote {len(examples)} examples to {out}")
+
+
 @data_app.command("convert")
 @user_errors
 def data_convert(

@@ -136,3 +136,21 @@ def test_other_projects_see_nothing(client):
         job_id = s.scalar(select(JobRow.id))
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {other}"}).status_code == 404
+
+
+def test_stored_completions_round_trip_in_the_database(client):
+    # (the SDK-level test is tests/e2e/test_stored.py; this one also runs against PostgreSQL)
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    kept = client.post("/v1/chat/completions", json=ask | {"store": True, "metadata": {"k": "v"}}).json()
+    client.post("/v1/chat/completions", json=ask)
+    listed = client.get("/v1/chat/completions", params={"metadata[k]": "v"}).json()
+    assert [x["id"] for x in listed["data"]] == [kept["id"]] and listed["first_id"] == kept["id"]
+    assert client.get(f"/v1/chat/completions/{kept['id']}").json()["choices"] == kept["choices"]
+    assert client.post(f"/v1/chat/completions/{kept['id']}", json={"metadata": {"k": "w"}}).json()["metadata"] == {"k": "w"}
+    assert client.get("/v1/chat/completions", params={"metadata[k]": "v"}).json()["data"] == []
+    messages = client.get(f"/v1/chat/completions/{kept['id']}/messages").json()["data"]
+    assert [(m["id"], m["role"], m["content"]) for m in messages] == [(f"{kept['id']}-0", "user", "hi")]
+    assert client.delete(f"/v1/chat/completions/{kept['id']}").json() == {
+        "id": kept["id"], "object": "chat.completion.deleted", "deleted": True}
+    r = client.get(f"/v1/chat/completions/{kept['id']}")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "completion_id"

@@ -27,7 +27,7 @@ from ..settings import Settings, get_settings
 from ..store.database import get_engine, session_factory
 from ..store.keys import ensure_initial_key
 from ..ui import mount_ui
-from . import chat, errors, files, fine_tuning, models, reports
+from . import chat, errors, files, fine_tuning, models, reports, stored
 from .engine import Engine
 
 log = logging.getLogger("tuneforge.serve")
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(url)
     app.state.engine = Engine()
     errors.install(app)
-    for module in (files, fine_tuning, models, chat):
+    for module in (files, fine_tuning, models, chat, stored):
         app.include_router(module.router)
     app.include_router(reports.router)  # tuneforge's own: upload report, model sizes (the dashboard uses them)
 

@@ -21,9 +21,11 @@ from sqlalchemy.orm import Session
 from ..models.generate import Completion, Sampling
 from ..store.database import new_id
 from ..store.keys import Principal
+from . import stored
 from .deps import DB, Caller
 from .engine import Engine, Target
 from .errors import APIError, bad_request, error_body
+from .metadata import check_metadata
 from .models import resolve_model
 from .protocol import (
     AssistantMessage,
@@ -128,19 +130,37 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     samplings = _samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
                            prompt_tokens, context)
     work = [(messages, s) for s in samplings]
+    check_metadata(req.metadata)
     cid, created = "chatcmpl-" + new_id("", 29), int(time.time())
+
+    def completion(results: list[Completion]) -> ChatCompletion:
+        return ChatCompletion(
+            id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
+            usage=_usage(prompt_tokens, results),
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+                     for i, r in enumerate(results)],
+        )
+
+    def kept(done: ChatCompletion, db: Session) -> None:
+        if req.store:
+            sent = [m.model_dump(exclude_none=True) for m in req.messages]
+            stored.keep(db, caller.project, sent, done, req.metadata)
+
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
-                                          include_usage, request))
-    results = engine.complete(target, work)
-    usage = _usage(prompt_tokens, results)
-    _note_usage(request, req.model, usage)
-    return ChatCompletion(
-        id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
-                 for i, r in enumerate(results)],
-    )
+                                          include_usage, request, lambda results: _keep_later(request, kept,
+                                                                                             completion(results))))
+    done = completion(engine.complete(target, work))
+    _note_usage(request, req.model, done.usage)
+    kept(done, db)
+    return done
+
+
+def _keep_later(request: Request, kept, done: ChatCompletion) -> None:
+    # a streamed response outlives the request's database session: a session of its own
+    with request.app.state.sessions() as db:
+        kept(done, db)
 
 
 def text_completion(request: Request, db: Session, caller: Principal, req: CompletionRequest):
@@ -198,7 +218,7 @@ async def _generated(engine: Engine, target: Target, work) -> AsyncIterator[tupl
         yield item
 
 
-async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request):
+async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request, finished):
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -207,6 +227,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
         return base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
 
     results: list[Completion] = []
+    by_choice: dict[int, Completion] = {}
     started: set[int] = set()
     try:
         async for i, item in _generated(engine, target, work):
@@ -215,6 +236,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
                 yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
             if isinstance(item, Completion):
                 results.append(item)
+                by_choice[i] = item
                 yield chunk(i, {}, item.finish_reason)
             elif item:
                 yield chunk(i, {"content": item})
@@ -223,6 +245,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
         return
     usage = _usage(prompt_tokens, results)
     _note_usage(request, model, usage)
+    await anyio.to_thread.run_sync(finished, [by_choice[i] for i in sorted(by_choice)])
     if include_usage:
         yield base | {"choices": [], "usage": usage.model_dump()}
 

@@ -20,10 +20,11 @@ from ..jobs import queue
 from ..jobs.queue import METHOD_KEY
 from ..models.catalogue import available
 from ..settings import Settings
-from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, new_id
+from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, metadata_matches, new_id
 from ..store.keys import Principal
 from .deps import DB, Caller, SettingsDep
 from .errors import bad_request, not_found
+from .metadata import check_metadata, metadata_filter
 from .paging import check_limit, page, page_list
 from .protocol import (
     Checkpoint,
@@ -108,9 +109,7 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise bad_request("suffix must be 1 to 64 letters, digits, '-', '_' or '.'", param="suffix",
                           code="invalid_suffix")
-    if req.metadata and (len(req.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())):
-        raise bad_request("metadata takes at most 16 pairs, keys up to 64 and values up to 512 characters",
-                          param="metadata", code="invalid_metadata")
+    check_metadata(req.metadata)
     if (req.metadata or {}).get(METHOD_KEY, "lora") not in ("lora", "full"):
         raise bad_request(f"metadata['{METHOD_KEY}'] must be 'lora' or 'full'", param="metadata",
                           code="invalid_metadata")
@@ -136,8 +135,7 @@ def list_jobs(db: Session, caller: Principal, settings: Settings, after: str | N
               metadata: dict[str, str]) -> JobList:
     check_limit(limit, 100)
     rows = db.scalars(select(JobRow).where(JobRow.project == caller.project).order_by(JobRow.seq.desc())).all()
-    if metadata:  # a JSON column cannot be filtered the same way on SQLite and PostgreSQL
-        rows = [r for r in rows if all((r.meta or {}).get(k) == v for k, v in metadata.items())]
+    rows = [r for r in rows if metadata_matches(r.meta, metadata)]
     rows, more = page_list(rows, after, limit)
     return JobList(data=[job_object(r, settings) for r in rows], has_more=more)
 
@@ -184,10 +182,7 @@ def create_route(req: JobCreate, db: DB, caller: Caller, settings: SettingsDep):
 @router.get("/jobs", response_model=JobList)
 def list_route(request: Request, db: DB, caller: Caller, settings: SettingsDep, after: str | None = None,
                limit: Annotated[int, Query()] = 20):
-    # metadata[key]=value query parameters (OpenAI's filter syntax) do not fit a declared parameter.
-    metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
-                if k.startswith("metadata[") and k.endswith("]")}
-    return list_jobs(db, caller, settings, after, limit, metadata)
+    return list_jobs(db, caller, settings, after, limit, metadata_filter(request))
 
 
 @router.get("/jobs/{fine_tuning_job_id}", response_model=FineTuningJob)

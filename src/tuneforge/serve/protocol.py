@@ -226,6 +226,7 @@ class ChatRequest(SamplingParams):
     tools: list[dict[str, Any]] | None = None
     top_logprobs: int | None = None
     metadata: dict[str, str] | None = None
+    store: bool | None = None  # keep the completion (stored completions: list, label, turn into training data)
 
 
 class CompletionRequest(SamplingParams):
@@ -261,6 +262,44 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class StoredCompletion(ChatCompletion):
+    metadata: dict[str, str] | None = None
+
+
+class StoredCompletionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StoredCompletion]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class StoredMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # whatever else the request's message carried
+
+    id: str
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StoredMessageList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StoredMessage]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class StoredCompletionUpdate(BaseModel):
+    metadata: dict[str, str] | None
+
+
+class StoredCompletionDeleted(BaseModel):
+    id: str
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    deleted: bool = True
 
 
 class CompletionChoice(BaseModel):

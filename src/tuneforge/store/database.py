@@ -32,6 +32,12 @@ def now() -> float:
     return time.time()
 
 
+def metadata_matches(meta: dict | None, wanted: dict[str, str]) -> bool:
+    """Whether an object's metadata has every wanted key=value. Filtered in Python: a JSON column
+    cannot be queried the same way on SQLite and PostgreSQL."""
+    return all((meta or {}).get(k) == v for k, v in wanted.items())
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -88,6 +94,21 @@ class JobRow(Base):
     control: Mapped[str | None] = mapped_column(String(16))  # "cancel" | "pause" | None
     run_dir: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StoredCompletionRow(Base):
+    """A chat completion kept because its request said `store: true` (OpenAI's stored completions):
+    served traffic that can be read back, labelled with metadata and turned into training data."""
+
+    __tablename__ = "stored_completions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # the completion's chatcmpl- id
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    model: Mapped[str] = mapped_column(String(1000), index=True)
+    messages: Mapped[list[Any]] = mapped_column(JSON)  # the request's messages, as sent
+    completion: Mapped[dict[str, Any]] = mapped_column(JSON)  # the ChatCompletion returned
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class EventRow(Base):

@@ -1,0 +1,123 @@
+"""Stored chat completions: a request with `store: true` is kept, and can be listed, read, labelled
+with metadata and deleted (OpenAI's `/v1/chat/completions` GET/POST/DELETE by id and `/messages`).
+
+This is the loop from serving back to training: what a fine-tuned model answered in production,
+filtered by model or metadata (say `{"rating": "good"}` set after review), becomes a chat JSONL file
+for the next fine-tune (`tuneforge data stored`, monitor.stored). Nothing is kept unless asked.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..store.database import StoredCompletionRow, metadata_matches
+from ..store.keys import Principal
+from .deps import DB, Caller
+from .errors import not_found
+from .metadata import check_metadata, metadata_filter
+from .paging import check_limit, page_list
+from .protocol import (
+    ChatCompletion,
+    StoredCompletion,
+    StoredCompletionDeleted,
+    StoredCompletionList,
+    StoredCompletionUpdate,
+    StoredMessage,
+    StoredMessageList,
+)
+
+
+def keep(db: Session, project: str, messages: list[dict], completion: ChatCompletion,
+         metadata: dict[str, str] | None) -> None:
+    db.add(StoredCompletionRow(id=completion.id, project=project, model=completion.model, messages=messages,
+                               completion=completion.model_dump(), meta=metadata))
+    db.commit()
+
+
+def _get(db: Session, caller: Principal, completion_id: str) -> StoredCompletionRow:
+    row = db.scalar(select(StoredCompletionRow).where(StoredCompletionRow.id == completion_id,
+                                                      StoredCompletionRow.project == caller.project))
+    if row is None:  # only stored completions exist here (and only the caller's project's)
+        raise not_found("chat completion", completion_id, param="completion_id")
+    return row
+
+
+def _object(row: StoredCompletionRow) -> StoredCompletion:
+    return StoredCompletion(**row.completion, metadata=row.meta)
+
+
+def list_stored(db: Session, caller: Principal, model: str | None, metadata: dict[str, str], after: str | None,
+                limit: int, order: str) -> StoredCompletionList:
+    check_limit(limit, 100)
+    stmt = select(StoredCompletionRow).where(StoredCompletionRow.project == caller.project)
+    if model:
+        stmt = stmt.where(StoredCompletionRow.model == model)
+    by_seq = StoredCompletionRow.seq.asc() if order == "asc" else StoredCompletionRow.seq.desc()
+    rows = [r for r in db.scalars(stmt.order_by(by_seq)).all() if metadata_matches(r.meta, metadata)]
+    rows, more = page_list(rows, after, limit)
+    data = [_object(r) for r in rows]
+    return StoredCompletionList(data=data, first_id=data[0].id if data else None,
+                                last_id=data[-1].id if data else None, has_more=more)
+
+
+def list_messages(db: Session, caller: Principal, completion_id: str, after: str | None, limit: int,
+                  order: str) -> StoredMessageList:
+    check_limit(limit, 100)
+    row = _get(db, caller, completion_id)
+    messages = [StoredMessage(**(m | {"id": f"{row.id}-{i}"})) for i, m in enumerate(row.messages)]
+    if order == "desc":
+        messages.reverse()
+    data, more = page_list(messages, after, limit)
+    return StoredMessageList(data=list(data), first_id=data[0].id if data else None,
+                             last_id=data[-1].id if data else None, has_more=more)
+
+
+def update(db: Session, caller: Principal, completion_id: str, req: StoredCompletionUpdate) -> StoredCompletion:
+    check_metadata(req.metadata)
+    row = _get(db, caller, completion_id)
+    row.meta = req.metadata
+    db.commit()
+    return _object(row)
+
+
+def delete(db: Session, caller: Principal, completion_id: str) -> StoredCompletionDeleted:
+    db.delete(_get(db, caller, completion_id))
+    db.commit()
+    return StoredCompletionDeleted(id=completion_id)
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+Order = Annotated[Literal["asc", "desc"], Query()]
+
+
+@router.get("/completions", response_model=StoredCompletionList)
+def list_route(request: Request, db: DB, caller: Caller, model: str | None = None, after: str | None = None,
+               limit: Annotated[int, Query()] = 20, order: Order = "asc"):
+    return list_stored(db, caller, model, metadata_filter(request), after, limit, order)
+
+
+@router.get("/completions/{completion_id}", response_model=StoredCompletion)
+def retrieve_route(completion_id: str, db: DB, caller: Caller):
+    return _object(_get(db, caller, completion_id))
+
+
+@router.post("/completions/{completion_id}", response_model=StoredCompletion)
+def update_route(completion_id: str, req: StoredCompletionUpdate, db: DB, caller: Caller):
+    return update(db, caller, completion_id, req)
+
+
+@router.delete("/completions/{completion_id}", response_model=StoredCompletionDeleted)
+def delete_route(completion_id: str, db: DB, caller: Caller):
+    return delete(db, caller, completion_id)
+
+
+@router.get("/completions/{completion_id}/messages", response_model=StoredMessageList)
+def messages_route(completion_id: str, db: DB, caller: Caller, after: str | None = None,
+                   limit: Annotated[int, Query()] = 20, order: Order = "asc"):
+    return list_messages(db, caller, completion_id, after, limit, order)
