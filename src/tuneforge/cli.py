@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -31,6 +32,11 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 speaks for a run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def user_errors(fn):
     """Turn the library's errors about bad input into one line on stderr and exit status 2."""
 
@@ -42,7 +48,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DataError, ModelNotFound, OSError, ValueError) as err:
-            _say(f"error: {err}")
+            if _rank() == 0:  # under torchrun every process sees the same bad input: one says so
+                _say(f"error: {err}")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -220,7 +227,6 @@ def train(
 ):
     """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
     from .train.config import TrainConfig
-    from .train.distributed import launched_rank
     from .train.loop import TrainingStopped
     from .train.loop import train as run_training
 
@@ -248,11 +254,11 @@ def train(
         result = run_training(cfg, on_event=progress, resume=resume is not None)
     except TrainingStopped as stop:
         progress.close()
-        if launched_rank() == 0:
+        if _rank() == 0:
             _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
         raise typer.Exit(130) from None
     progress.close()
-    if launched_rank() != 0:
+    if _rank() != 0:
         return  # under torchrun, rank 0 speaks for the run
     if json_out:
         _print_json(asdict(result))

@@ -63,3 +63,15 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file, m
         assert (b[name] - a[name]).abs().max() <= 1e-4 * a[name].abs().max() + 1e-6, name
     # the weights did move: equal weights are not equal by standing still
     assert one[-1]["train_loss"] < one[0]["train_loss"]
+
+
+def test_bad_input_is_reported_once_not_by_every_process(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tuneforge", "train", "--data", str(bad),
+           "--out", str(tmp_path / "run"), "--base", "tiny-llama"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "line 1, field messages[0].role" in errors[0], proc.stderr[-3000:]

@@ -57,11 +57,6 @@ def join() -> Group:
     return Group(dist.get_rank(), dist.get_world_size(), local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 when not launched by torchrun), before any join."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def leave(group: Group) -> None:
     if group.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
