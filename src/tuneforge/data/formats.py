@@ -26,6 +26,13 @@ from typing import Any, Literal
 from .example import Example
 
 ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_role(role: str) -> str:
+    """The role chat templates and this format know for an OpenAI message role: the newer `developer`
+    role is the system role."""
+    return "system" if role == "developer" else role
+
 MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call")
 SUPPORTED_SUFFIXES = (".jsonl", ".txt")
 MARKER = re.compile(r"^###\s*(Human|Assistant):[ \t]?(.*)$")

@@ -12,22 +12,30 @@ import json
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from ..data.formats import chat_role
 from ..store.database import StoredCompletionRow, metadata_matches, session
+
+
+def find_stored(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None,
+                newest_first: bool = False) -> list[StoredCompletionRow]:
+    """The stored completions of `project`, of `model` and with every `metadata` pair if given, in
+    the order they were stored (the API's list and this module's export both read them so)."""
+    stmt = select(StoredCompletionRow).where(StoredCompletionRow.project == project)
+    if model:
+        stmt = stmt.where(StoredCompletionRow.model == model)
+    by_seq = StoredCompletionRow.seq.desc() if newest_first else StoredCompletionRow.seq.asc()
+    return [r for r in s.scalars(stmt.order_by(by_seq)).all() if metadata_matches(r.meta, metadata or {})]
 
 
 def training_examples(project: str = "default", model: str | None = None, metadata: dict[str, str] | None = None,
                       database_url: str | None = None) -> list[dict]:
     """One {"messages": [...]} per stored completion of `project` (oldest first) that matches."""
-    stmt = select(StoredCompletionRow).where(StoredCompletionRow.project == project)
-    if model:
-        stmt = stmt.where(StoredCompletionRow.model == model)
     with session(database_url) as s:
-        rows = s.scalars(stmt.order_by(StoredCompletionRow.seq)).all()
+        rows = find_stored(s, project, model, metadata)
     out = []
     for row in rows:
-        if not metadata_matches(row.meta, metadata or {}):
-            continue
         answer = row.completion["choices"][0]["message"].get("content")
         if not (answer or "").strip():
             continue  # nothing to learn from (an empty or refused answer), and the validator agrees
@@ -37,9 +45,7 @@ def training_examples(project: str = "default", model: str | None = None, metada
 
 
 def _training_message(m: dict) -> dict:
-    # the fine-tuning format knows system/user/assistant/tool; OpenAI's `developer` is the system role
-    role = "system" if m["role"] == "developer" else m["role"]
-    return {"role": role, **{k: v for k, v in m.items() if k not in ("role", "id")}}
+    return {"role": chat_role(m["role"]), **{k: v for k, v in m.items() if k not in ("role", "id")}}
 
 
 def write_jsonl(examples: list[dict], path: Path) -> None:

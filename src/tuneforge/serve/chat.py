@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from ..data.formats import chat_role
 from ..models.generate import Completion, Sampling
 from ..store.database import new_id
 from ..store.keys import Principal
@@ -90,9 +91,7 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
         raise bad_request("messages must contain at least one message", param="messages", code="invalid_value")
     out = []
     for m in req.messages:
-        # Chat templates know system/user/assistant; OpenAI's newer `developer` role is the system role.
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
+        out.append({"role": chat_role(m.role), "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
     return out
 
 
@@ -141,26 +140,27 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
                      for i, r in enumerate(results)],
         )
 
-    def kept(done: ChatCompletion, db: Session) -> None:
-        if req.store:
-            sent = [m.model_dump(exclude_none=True) for m in req.messages]
-            stored.keep(db, caller.project, sent, done, req.metadata)
+    def keep(results: list[Completion], db: Session) -> None:
+        sent = [m.model_dump(exclude_none=True) for m in req.messages]
+        stored.keep(db, caller.project, sent, completion(results), req.metadata)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        finished = (lambda results: _in_own_session(request, keep, results)) if req.store else None
         return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
-                                          include_usage, request, lambda results: _keep_later(request, kept,
-                                                                                             completion(results))))
-    done = completion(engine.complete(target, work))
+                                          include_usage, request, finished))
+    results = engine.complete(target, work)
+    done = completion(results)
     _note_usage(request, req.model, done.usage)
-    kept(done, db)
+    if req.store:
+        keep(results, db)
     return done
 
 
-def _keep_later(request: Request, kept, done: ChatCompletion) -> None:
-    # a streamed response outlives the request's database session: a session of its own
+def _in_own_session(request: Request, fn, *args) -> None:
+    # a streamed response outlives the request's database session
     with request.app.state.sessions() as db:
-        kept(done, db)
+        fn(*args, db)
 
 
 def text_completion(request: Request, db: Session, caller: Principal, req: CompletionRequest):
@@ -226,8 +226,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
     def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
         return base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
 
-    results: list[Completion] = []
-    by_choice: dict[int, Completion] = {}
+    results: dict[int, Completion] = {}  # by choice index
     started: set[int] = set()
     try:
         async for i, item in _generated(engine, target, work):
@@ -235,17 +234,18 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
                 started.add(i)
                 yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
             if isinstance(item, Completion):
-                results.append(item)
-                by_choice[i] = item
+                results[i] = item
                 yield chunk(i, {}, item.finish_reason)
             elif item:
                 yield chunk(i, {"content": item})
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return
-    usage = _usage(prompt_tokens, results)
+    done = [results[i] for i in sorted(results)]
+    usage = _usage(prompt_tokens, done)
     _note_usage(request, model, usage)
-    await anyio.to_thread.run_sync(finished, [by_choice[i] for i in sorted(by_choice)])
+    if finished is not None:  # the caller keeps it (store=true)
+        await anyio.to_thread.run_sync(finished, done)
     if include_usage:
         yield base | {"choices": [], "usage": usage.model_dump()}
 

@@ -14,7 +14,8 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store.database import StoredCompletionRow, metadata_matches
+from ..monitor.stored import find_stored
+from ..store.database import StoredCompletionRow
 from ..store.keys import Principal
 from .deps import DB, Caller
 from .errors import not_found
@@ -53,12 +54,7 @@ def _object(row: StoredCompletionRow) -> StoredCompletion:
 def list_stored(db: Session, caller: Principal, model: str | None, metadata: dict[str, str], after: str | None,
                 limit: int, order: str) -> StoredCompletionList:
     check_limit(limit, 100)
-    stmt = select(StoredCompletionRow).where(StoredCompletionRow.project == caller.project)
-    if model:
-        stmt = stmt.where(StoredCompletionRow.model == model)
-    by_seq = StoredCompletionRow.seq.asc() if order == "asc" else StoredCompletionRow.seq.desc()
-    rows = [r for r in db.scalars(stmt.order_by(by_seq)).all() if metadata_matches(r.meta, metadata)]
-    rows, more = page_list(rows, after, limit)
+    rows, more = page_list(find_stored(db, caller.project, model, metadata, newest_first=order == "desc"), after, limit)
     data = [_object(r) for r in rows]
     return StoredCompletionList(data=data, first_id=data[0].id if data else None,
                                 last_id=data[-1].id if data else None, has_more=more)
