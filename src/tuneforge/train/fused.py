@@ -133,7 +133,7 @@ class _SwiGLUDown(torch.autograd.Function):
             grad_gate_up = torch.empty_like(gate_up)
             _swiglu_backward(grad_act, gate, up, grad_gate_up[:, :width], grad_gate_up[:, width:], silu)
         grad_gate_up = grad_gate_up.to(gate_up_dtype).view(ctx.shape)
-        return grad_gate_up, None, None, None, grad_a, grad_b.to(b_dtype), None, None
+        return grad_gate_up, None, None, None, grad_a, grad_b.to(b_dtype, memory_format=torch.contiguous_format), None, None
 
 
 def _swiglu_backward(grad, gate, up, grad_gate, grad_up, silu=None) -> None:

@@ -43,7 +43,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = (g_xa.T @ x2).to(a_dtype)
             if grad_x is not None:
                 grad_x = grad_x.to(x_dtype).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b.to(b_dtype), None, None
+        return grad_x, None, None, grad_a, grad_b.to(b_dtype, memory_format=torch.contiguous_format), None, None
 
 
 def lora_product(x2, weight, bias, a, b, scale, dtype):
@@ -58,13 +58,22 @@ def lora_product(x2, weight, bias, a, b, scale, dtype):
 
 def lora_gradients(grad_y, saved, scale, input_grad: bool):
     """For `lora_product`'s output gradient: (scale * grad_y @ B - what A's gradient is made of, with
-    the input -, B's gradient, the input's gradient or None), in the product dtype."""
+    the input -, B's gradient, the input's gradient or None), in the product dtype. B's gradient is a
+    transposed view: see b_gradient."""
     xa, w, a_, b_ = saved
     g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
     g_xa = (g @ b_).mul_(scale)  # [tokens, rank]
-    grad_b = (g.T @ xa).mul_(scale)
+    grad_b = b_gradient(g, xa, scale)
     grad_x = (g @ w).addmm_(g_xa, a_) if input_grad else None
     return g_xa, grad_b, grad_x
+
+
+def b_gradient(g, xa, scale):
+    """scale * g.T @ xa ([out, rank]), made as (xa.T @ g).T: oneDNN takes [rank, tokens] x [tokens, out]
+    in ~0.6x the time of [out, tokens] x [tokens, rank] (measured 100 vs 163 us at out=1536, 384
+    tokens). A transposed view: cast it to the parameter's dtype with memory_format=contiguous_format,
+    which transposes in the same copy."""
+    return torch.mm(xa.T, g).mul_(scale).T
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -151,7 +160,8 @@ class _LoraGroup(torch.autograd.Function):
             grads = []
             for i, (p, a_grad) in enumerate(zip(pieces, grad_a)):
                 grads.append(a_grad.to(adapter_dtypes[2 * i]))
-                grads.append((p.T @ xa[:, i * rank : (i + 1) * rank]).mul_(scale).to(adapter_dtypes[2 * i + 1]))
+                grad_b = b_gradient(p, xa[:, i * rank : (i + 1) * rank], scale)
+                grads.append(grad_b.to(adapter_dtypes[2 * i + 1], memory_format=torch.contiguous_format))
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ weight).addmm_(g_xa, a_all).to(x_dtype).view(ctx.shape)
