@@ -62,6 +62,10 @@ def test_pack_lays_out_every_example_once_with_per_example_targets(tiny):
             pieces[-1].append(ids[i])
     examples = [p for p in pieces if set(p) != {tok.pad_token_id}]
     assert sorted(examples) == sorted(r.input_ids for r in rendered)
+    # each token knows which of the given examples it came from (rows are filled longest first)
+    for k, r in enumerate(rendered):
+        assert batch.input_ids[batch.example == k].tolist() == r.input_ids
+    assert (batch.example[~batch.real] == -1).all() and (batch.example[batch.real] >= 0).all()
     # each example's last token predicts nothing (never the first token of the next example)
     for row_pos, row_tgt in zip(batch.position_ids, batch.targets):
         ends = (row_pos[1:] == 0).nonzero().squeeze(1)

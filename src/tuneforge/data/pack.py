@@ -34,6 +34,7 @@ class Batch:
     position_ids: torch.Tensor  # [rows, length], restarting at 0 per example
     targets: torch.Tensor  # [rows, length], already shifted; IGNORE where no loss
     real: torch.Tensor  # [rows, length], False for the padding at row ends
+    example: torch.Tensor  # [rows, length], each token's index in pack()'s `examples`; -1 for padding
     n_examples: int
     n_tokens: int  # real tokens (not padding)
 
@@ -47,6 +48,7 @@ class Batch:
             self.position_ids.to(device),
             self.targets.to(device),
             self.real.to(device),
+            self.example.to(device),
             self.n_examples,
             self.n_tokens,
         )
@@ -57,38 +59,42 @@ def shifted_targets(r: Rendered) -> list[int]:
 
 
 def pack(examples: list[Rendered], max_row_tokens: int, pad_id: int, multiple: int = ROW_MULTIPLE) -> Batch:
-    rows: list[list[Rendered]] = []
+    rows: list[list[int]] = []  # indices into examples
     room: list[int] = []
-    for r in sorted(examples, key=lambda r: len(r.input_ids), reverse=True):
-        n = min(len(r.input_ids), max_row_tokens)
+    for k in sorted(range(len(examples)), key=lambda k: len(examples[k].input_ids), reverse=True):
+        n = min(len(examples[k].input_ids), max_row_tokens)
         for i, left in enumerate(room):
             if n <= left:
-                rows[i].append(r)
+                rows[i].append(k)
                 room[i] -= n
                 break
         else:
-            rows.append([r])
+            rows.append([k])
             room.append(max_row_tokens - n)
     length = max(max_row_tokens - left for left in room)
     length = min(max_row_tokens, -(-length // multiple) * multiple)
-    ids, pos, tgt, real = [], [], [], []
+    ids, pos, tgt, real, owner = [], [], [], [], []
     for row in rows:
-        i, p, t = [], [], []
-        for r in row:
+        i, p, t, o = [], [], [], []
+        for k in row:
+            r = examples[k]
             n = min(len(r.input_ids), max_row_tokens)
             i += r.input_ids[:n]
             p += list(range(n))
             t += shifted_targets(r)[:n]
+            o += [k] * n
         pad = length - len(i)
         ids.append(i + [pad_id] * pad)
         pos.append(p + list(range(pad)))  # padding is its own "example" (packed attention: see Batch.real)
         tgt.append(t + [IGNORE] * pad)
         real.append([True] * len(i) + [False] * pad)
+        owner.append(o + [-1] * pad)
     return Batch(
         input_ids=torch.tensor(ids),
         position_ids=torch.tensor(pos),
         targets=torch.tensor(tgt),
         real=torch.tensor(real),
+        example=torch.tensor(owner),
         n_examples=len(examples),
         n_tokens=sum(min(len(r.input_ids), max_row_tokens) for r in examples),
     )

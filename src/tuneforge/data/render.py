@@ -87,10 +87,28 @@ def render_text(example: Example, tokenizer) -> Rendered:
     return Rendered(ids, list(ids))
 
 
+def _truncate(r: Rendered, max_length: int | None) -> Rendered:
+    if max_length is not None and len(r.input_ids) > max_length:
+        return Rendered(r.input_ids[:max_length], r.labels[:max_length], truncated=True)
+    return r
+
+
+def render_preference(example: Example, tokenizer, max_length: int | None = None) -> tuple[Rendered, Rendered]:
+    """A preference pair as (prompt + preferred answer, prompt + non-preferred answer), for DPO: the
+    labels mark only the answer's tokens - assistant turns inside the prompt are context - so a
+    sequence's summed label log-probability is the probability of that answer given the prompt."""
+    prompt = [dict(m, weight=0) if m.get("role") == "assistant" else m for m in example.messages]
+    return tuple(
+        _truncate(render_chat(Example("chat", prompt + (answer or []), example.tools), tokenizer), max_length)
+        for answer in (example.chosen, example.rejected)
+    )
+
+
 def render_example(example: Example, tokenizer, max_length: int | None = None) -> Rendered:
     """Token ids and labels for one example; truncated (and flagged) past max_length.
 
-    Preference pairs train on their chosen answer here (supervised warm-up); DPO proper needs both.
+    Preference pairs train on their chosen answer here (supervised fine-tuning); the DPO objective
+    (train.dpo) reads both answers through render_preference.
     """
     if example.kind == "text":
         r = render_text(example, tokenizer)
@@ -98,6 +116,4 @@ def render_example(example: Example, tokenizer, max_length: int | None = None) -
         r = render_chat(Example("chat", example.messages + (example.chosen or []), example.tools), tokenizer)
     else:
         r = render_chat(example, tokenizer)
-    if max_length is not None and len(r.input_ids) > max_length:
-        r = Rendered(r.input_ids[:max_length], r.labels[:max_length], truncated=True)
-    return r
+    return _truncate(r, max_length)

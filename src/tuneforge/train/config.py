@@ -16,10 +16,14 @@ from ..data.stats import resolve_n_epochs
 
 Auto = Literal["auto"]
 Method = Literal["lora", "full"]
+Objective = Literal["supervised", "dpo"]  # OpenAI's method.type
 
 # Base learning rates; learning_rate_multiplier scales them, as OpenAI's multiplier scales theirs.
 # LoRA adapters start at zero and are small, so they take a much larger step than full weights.
 BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
+# DPO's loss is on whole answers' summed log-probabilities, not a per-token mean, so its gradients are
+# larger: a tenth of the supervised rate (TRL's DPO default for full fine-tuning is lower still, 1e-6).
+DPO_LEARNING_RATE = {"lora": 1e-4, "full": 5e-6}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "config.json"
 
@@ -30,6 +34,8 @@ class TrainConfig:
     out: str
     base: str = "smollm2-135m-instruct"
     method: Method = "lora"
+    objective: Objective = "supervised"  # "dpo": preference pairs, train.dpo
+    dpo_beta: float = 0.1  # how far DPO may move from the reference model (OpenAI's default)
     validation_data: str | None = None
     validation_split: float = 0.1  # held out from `data` when no validation_data (n >= 20)
     n_epochs: int | Auto = "auto"
@@ -54,7 +60,8 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         mult = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
-        return BASE_LEARNING_RATE[self.method] * mult
+        base = DPO_LEARNING_RATE if self.objective == "dpo" else BASE_LEARNING_RATE
+        return base[self.method] * mult
 
     def resolve(self, n_train: int) -> TrainConfig:
         """A copy with every "auto" replaced by its value for a training set of n_train examples."""

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
 from ..models.load import load_base
-from . import distributed, speed
+from . import distributed, dpo, speed
 from . import metrics as metrics_log
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, TrainConfig
@@ -126,8 +126,13 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     with distributed.main_first(group):
         model, tokenizer = load_base(cfg.base)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
-    train_r = _render(train_ex, tokenizer, cfg.max_length)
-    valid_r = _render(valid_ex, tokenizer, cfg.max_length)
+    preference = cfg.objective == "dpo"
+    if preference:  # items are dpo.Pair: both answers of each preference pair
+        train_r = dpo.render_pairs(train_ex, tokenizer, cfg.max_length, cfg.data)
+        valid_r = dpo.render_pairs(valid_ex, tokenizer, cfg.max_length, cfg.validation_data or cfg.data)
+    else:
+        train_r = _render(train_ex, tokenizer, cfg.max_length)
+        valid_r = _render(valid_ex, tokenizer, cfg.max_length)
     if not train_r:
         raise ValueError(f"{cfg.data}: no example has assistant tokens to learn from")
     cfg = cfg.resolve(len(train_r))
@@ -135,7 +140,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         cfg.save(run_dir)
         tokenizer.save_pretrained(run_dir / "tokenizer")
     emit({"type": "message", "message": (
-        f"{len(train_r)} training and {len(valid_r)} validation examples; "
+        f"{len(train_r)} training and {len(valid_r)} validation {'preference pairs' if preference else 'examples'}; "
         f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
 
     model = prepare_for_training(
@@ -170,12 +175,20 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     elif main:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / metrics_log.METRICS_FILE).unlink(missing_ok=True)
-    distributed.barrier(group)  # no process reads the run folder before rank 0 has set it up
-
     pad_id = tokenizer.pad_token_id
+    if preference:
+        ref_train, ref_valid = _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, dtype, pad_id)
+    distributed.barrier(group)  # no process reads the run folder before rank 0 has set it up
 
     def validate() -> dict:
         # each process evaluates every world-th example; the sums make the whole set's metrics
+        if preference:
+            sums = dpo.evaluate(
+                model, valid_r[group.rank :: group.world], ref_valid[group.rank :: group.world],
+                beta=cfg.dpo_beta, batch_size=cfg.batch_size, max_row_tokens=cfg.max_row_tokens,
+                pad_id=pad_id, device=device, dtype=dtype,
+            )
+            return dpo.summarise(distributed.sum_values(sums, group, device))
         part = evaluate_loss(
             model, valid_r[group.rank :: group.world], pad_id=pad_id, batch_size=cfg.batch_size,
             max_row_tokens=cfg.max_row_tokens, device=device, dtype=dtype,
@@ -208,11 +221,15 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
                 if should_stop is not None and (reason := should_stop()):
                     raise TrainingStopped(reason, checkpoint("interrupt"))
                 started = time.perf_counter()
-                step_ex = [train_r[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()]
+                chosen = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
                 if group.world > 1:
-                    mine = distributed.share([len(r.input_ids) for r in step_ex], group)
-                    step_ex = [step_ex[i] for i in mine]
-                out = _step(model, step_ex, cfg, pad_id, device, dtype, group)
+                    mine = distributed.share([_size(train_r[i]) for i in chosen], group)
+                    chosen = [chosen[i] for i in mine]
+                step_ex = [train_r[i] for i in chosen]
+                if preference:
+                    out = _dpo_step(model, step_ex, ref_train[chosen], cfg, pad_id, device, dtype, group)
+                else:
+                    out = _step(model, step_ex, cfg, pad_id, device, dtype, group)
                 distributed.sum_gradients(params, group)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
@@ -231,12 +248,14 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
                     "learning_rate": lr,
                     "tokens_per_second": out.n_tokens / (time.perf_counter() - started),
                     "trained_tokens": state.trained_tokens,
-                }
+                } | out.extra
                 end_of_epoch = state.step_in_epoch == steps_per_epoch
                 periodic = cfg.eval_every and state.global_step % cfg.eval_every == 0
                 if valid_r and (end_of_epoch or periodic):
                     v = validate()
                     row |= {"valid_loss": v["loss"], "valid_mean_token_accuracy": v["token_accuracy"]}
+                    if preference:
+                        row |= {"valid_reward_accuracy": v["reward_accuracy"], "valid_reward_margin": v["reward_margin"]}
                     stopped_early = _early_stop(state, v["loss"], cfg.early_stopping_patience)
                 last_row = row
                 if main:
@@ -266,6 +285,12 @@ class StepOut:
     loss: float  # mean over the step's loss tokens, all processes
     accuracy: float
     n_tokens: int  # real tokens trained, all processes
+    extra: dict = field(default_factory=dict)  # objective-specific metrics for the step's row
+
+
+def _size(item) -> int:
+    """Tokens of a training item: a rendered example, or a preference pair's two sequences."""
+    return item.n_tokens if isinstance(item, dpo.Pair) else len(item.input_ids)
 
 
 def _step(model, examples, cfg: TrainConfig, pad_id: int, device, dtype, group: distributed.Group) -> StepOut:
@@ -285,6 +310,36 @@ def _step(model, examples, cfg: TrainConfig, pad_id: int, device, dtype, group: 
     if examples:
         (out.loss * (out.n_tokens / max(n_loss, 1))).backward()
     return StepOut(total / max(n_loss, 1), correct / max(n_loss, 1), round(n_tokens))
+
+
+def _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, dtype, pad_id):
+    """Reference log-probabilities of every pair's answers ([pairs, 2], train and validation): made
+    with the model before its first step and kept in the run folder, from which a resumed run (whose
+    model has moved on) reads them back."""
+    if state.global_step > 0:
+        return dpo.load_reference(run_dir)
+    kw = dict(batch_size=cfg.batch_size, max_row_tokens=cfg.max_row_tokens, pad_id=pad_id, device=device, dtype=dtype)
+    ref_train, ref_valid = dpo.reference_logps(model, train_r, **kw), dpo.reference_logps(model, valid_r, **kw)
+    if main:
+        dpo.save_reference(run_dir, ref_train, ref_valid)
+    return ref_train, ref_valid
+
+
+def _dpo_step(model, pairs, reference, cfg: TrainConfig, pad_id: int, device, dtype, group) -> StepOut:
+    """`_step` for preference pairs: the mean DPO loss of the step's pairs, all processes together."""
+    if pairs:
+        with autocast(device, dtype):
+            out = dpo.pair_losses(model, pairs, reference, cfg.dpo_beta, cfg.max_row_tokens, pad_id)
+        local = [float(out.losses.detach().sum()), len(pairs), out.n_tokens, out.n_correct,
+                 float((out.margins > 0).sum()), float(out.margins.sum()), sum(p.n_tokens for p in pairs)]
+    else:  # more processes than this step has pairs: this one contributes zero gradients
+        local = [0.0] * 7
+    *sums, n_tokens = distributed.sum_values(local, group, device)
+    if pairs:
+        (out.losses.sum() / max(sums[1], 1)).backward()
+    m = dpo.summarise(sums)
+    extra = {"train_reward_accuracy": m["reward_accuracy"], "train_reward_margin": m["reward_margin"]}
+    return StepOut(m["loss"], m["token_accuracy"], round(n_tokens), extra)
 
 
 def _early_stop(state: LoopState, valid_loss: float, patience: int) -> bool:

@@ -1,0 +1,191 @@
+"""Direct preference optimisation (OpenAI's fine-tuning `method.type: "dpo"`).
+
+Each training example is a prompt with a preferred and a non-preferred answer. DPO (Rafailov et al.,
+2023) raises the probability of the preferred answer relative to the non-preferred one, measured
+against a frozen reference - the model as it was before training:
+
+    loss = -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
+
+where log p(answer) is the summed log-probability of the answer's tokens given the prompt. beta sets
+how far the model may move from the reference (OpenAI's default: 0.1).
+
+The reference log-probabilities are computed once, before the first step, with the very model that
+is about to be trained, and written to the run folder: no second copy of the model is kept (for full
+fine-tuning that would double its memory), and a resumed run reads them back instead of needing the
+untrained model. Both answers of every pair of a step are packed into the same padding-free rows as
+supervised examples (data.pack), so a step is one forward and one backward pass over 2 x batch_size
+sequences.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..data.example import Example
+from ..data.pack import Batch, pack
+from ..data.render import IGNORE, Rendered, render_preference
+from .attention import packed
+from .device import autocast
+from .loss import CHUNK, causal_lm
+
+REFERENCE_FILE = "reference_logps.json"
+
+
+@dataclass
+class Pair:
+    chosen: Rendered
+    rejected: Rendered
+    line: int | None = None  # in the data file, for messages
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+def render_pairs(examples: list[Example], tokenizer, max_length: int, source: str) -> list[Pair]:
+    """Every example as a preference pair; a file with anything else can't be trained with DPO."""
+    pairs = []
+    for e in examples:
+        if e.kind != "preference":
+            raise ValueError(
+                f"{source}, line {e.line}: DPO trains on preference pairs "
+                '({"input": ..., "preferred_output": ..., "non_preferred_output": ...}); this line is a '
+                f"{e.kind} example"
+            )
+        chosen, rejected = render_preference(e, tokenizer, max_length)
+        if chosen.n_loss_tokens and rejected.n_loss_tokens:
+            pairs.append(Pair(chosen, rejected, e.line))
+    return pairs
+
+
+@dataclass
+class SequenceOut:
+    logps: torch.Tensor  # [n sequences] summed label log-probabilities (differentiable)
+    n_tokens: torch.Tensor  # [n sequences] label tokens
+    n_correct: torch.Tensor  # [n sequences] label tokens the model predicts (argmax)
+
+
+def _token_logps(head, hidden, targets):
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
+
+
+def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
+    """Summed log-probability of each packed sequence's labels. The vocabulary projection runs only
+    on label positions, a chunk at a time, each chunk recomputed in the backward pass, so no more than
+    one chunk of logits is alive at once."""
+    lm = causal_lm(model)
+    with packed(lm, batch.position_ids, batch.real):
+        out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    mask = batch.targets != IGNORE
+    hidden, targets, owner = out.last_hidden_state[mask], batch.targets[mask], batch.example[mask]
+    head = lm.get_output_embeddings()
+    logps, hits = [], []
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i : i + chunk], targets[i : i + chunk]
+        if torch.is_grad_enabled():
+            lp, hit = checkpoint(_token_logps, head, h, t, use_reentrant=False)
+        else:
+            lp, hit = _token_logps(head, h, t)
+        logps.append(lp)
+        hits.append(hit)
+    n = batch.n_examples
+    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    ones = torch.ones_like(targets, dtype=torch.float32)
+    return SequenceOut(
+        logps=zeros.index_add(0, owner, torch.cat(logps)),
+        n_tokens=zeros.index_add(0, owner, ones),
+        n_correct=zeros.index_add(0, owner, torch.cat(hits).float()),
+    )
+
+
+@dataclass
+class PairsOut:
+    losses: torch.Tensor  # [pairs] DPO loss of each pair (differentiable)
+    margins: torch.Tensor  # [pairs] beta * (chosen - rejected log-ratio): the implicit reward margin
+    n_tokens: int  # tokens of the preferred answers
+    n_correct: int  # of those, predicted by the model (token accuracy on what it should say)
+
+
+def pair_losses(model, pairs: list[Pair], reference: torch.Tensor, beta: float, max_row_tokens: int, pad_id: int) -> PairsOut:
+    """DPO losses of `pairs`, whose reference log-probabilities are reference[:, 0] (preferred) and
+    reference[:, 1] (non-preferred)."""
+    device = next(model.parameters()).device
+    batch = pack([r for p in pairs for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
+    out = sequence_logps(model, batch)
+    ratios = out.logps.view(-1, 2) - reference.to(device)
+    margins = beta * (ratios[:, 0] - ratios[:, 1])
+    return PairsOut(
+        losses=-F.logsigmoid(margins),
+        margins=margins.detach(),
+        n_tokens=int(out.n_tokens[0::2].sum()),
+        n_correct=int(out.n_correct[0::2].sum()),
+    )
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[Pair], *, batch_size: int, max_row_tokens: int, pad_id: int,
+                    device: torch.device, dtype) -> torch.Tensor:
+    """[pairs, 2] summed log-probabilities of each pair's answers under `model` as it is now."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        batch = pack([r for p in part for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
+        with autocast(device, dtype):
+            rows.append(sequence_logps(model, batch).logps.view(-1, 2).cpu())
+    model.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+def save_reference(run_dir: Path, train: torch.Tensor, valid: torch.Tensor) -> None:
+    data = {"train": train.tolist(), "valid": valid.tolist()}
+    (Path(run_dir) / REFERENCE_FILE).write_text(json.dumps(data) + "\n")
+
+
+def load_reference(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(run_dir) / REFERENCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: a DPO run folder needs {REFERENCE_FILE} to resume")
+    data = json.loads(path.read_text())
+    return (torch.tensor(data["train"], dtype=torch.float32).view(-1, 2),
+            torch.tensor(data["valid"], dtype=torch.float32).view(-1, 2))
+
+
+@torch.no_grad()
+def evaluate(model, pairs: list[Pair], reference: torch.Tensor, *, beta: float, batch_size: int,
+             max_row_tokens: int, pad_id: int, device: torch.device, dtype) -> list[float]:
+    """Sums over `pairs`, to be added across processes: [loss, pairs, preferred answer tokens,
+    of those predicted, pairs ranked right (margin > 0), margin]."""
+    was_training = model.training
+    model.eval()
+    sums = [0.0] * 6
+    for i in range(0, len(pairs), batch_size):
+        with autocast(device, dtype):
+            out = pair_losses(model, pairs[i : i + batch_size], reference[i : i + batch_size], beta, max_row_tokens, pad_id)
+        part = [float(out.losses.sum()), len(out.losses), out.n_tokens, out.n_correct,
+                float((out.margins > 0).sum()), float(out.margins.sum())]
+        sums = [a + b for a, b in zip(sums, part)]
+    model.train(was_training)
+    return sums
+
+
+def summarise(sums: list[float]) -> dict:
+    """The reported metrics from evaluate()'s sums (or a step's)."""
+    total, n, n_tokens, n_correct, ranked, margin = sums
+    n = max(n, 1)
+    return {
+        "loss": total / n,
+        "token_accuracy": n_correct / max(n_tokens, 1),
+        "reward_accuracy": ranked / n,
+        "reward_margin": margin / n,
+        "n_tokens": round(n_tokens),
+        "n_pairs": round(n),
+    }
