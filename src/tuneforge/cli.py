@@ -208,6 +208,9 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run folder to create.")] = None,
     base: Annotated[str, typer.Option(help="Base model: catalogue name, HF folder or .gguf.")] = "smollm2-135m-instruct",
     method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    objective: Annotated[str, typer.Option(
+        help="supervised, or dpo (preference pairs: raise the preferred answer over the other).")] = "supervised",
+    dpo_beta: Annotated[float, typer.Option(help="DPO: how far the model may move from the base.")] = 0.1,
     validation_data: Annotated[Path | None, typer.Option(help="Validation file; default: hold out 10%.")] = None,
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
     batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
@@ -232,6 +235,8 @@ def train(
 
     if method not in ("lora", "full"):
         raise ValueError(f"--method must be lora or full, not {method!r}")
+    if objective not in ("supervised", "dpo"):
+        raise ValueError(f"--objective must be supervised or dpo, not {objective!r}")
     if resume:
         cfg = TrainConfig.load(resume)
     else:
@@ -240,7 +245,7 @@ def train(
         if not data.exists():
             raise FileNotFoundError(f"{data}: no such file")
         cfg = TrainConfig(
-            data=str(data), out=str(out), base=base, method=method,
+            data=str(data), out=str(out), base=base, method=method, objective=objective, dpo_beta=dpo_beta,
             validation_data=str(validation_data) if validation_data else None,
             n_epochs=_auto_or(int)(n_epochs), batch_size=_auto_or(int)(batch_size),
             learning_rate_multiplier=_auto_or(float)(learning_rate_multiplier),
@@ -265,6 +270,8 @@ def train(
     else:
         final = result.final
         valid = f", valid loss {final['valid_loss']:.3f}" if "valid_loss" in final else ""
+        if "valid_reward_accuracy" in final:  # DPO
+            valid += f", preferred answer ranked first on {final['valid_reward_accuracy']:.0%} of validation pairs"
         typer.echo(f"{result.run_dir}: {result.steps} steps, {result.trained_tokens} tokens, "
                    f"train loss {final.get('train_loss', float('nan')):.3f}{valid}")
 

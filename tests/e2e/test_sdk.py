@@ -244,6 +244,35 @@ def test_upload_train_chat_delete(server):
         client.files.retrieve(f.id)
 
 
+def test_dpo_job_on_preference_pairs(server):
+    client = server.client()
+    pairs = "".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"What is twice {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": f"Twice {i} is {2 * i}."}],
+        "non_preferred_output": [{"role": "assistant", "content": "I will not say."}],
+    }) + "\n" for i in range(12)).encode()
+    f = client.files.create(file=("pairs.jsonl", io.BytesIO(pairs)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=f.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error
+    assert done.method.dpo.hyperparameters.learning_rate_multiplier == 1.0 and done.method.dpo.hyperparameters.beta == 0.2
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert metrics and all("train_reward_accuracy" in m for m in metrics)
+    answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
+                                            messages=[{"role": "user", "content": "What is twice 3?"}])
+    assert answer.choices[0].message.role == "assistant"
+    # a chat file is no DPO data: the job fails in validation, naming the line
+    chat = upload(client, 12)
+    wrong = client.fine_tuning.jobs.create(model=BASE, training_file=chat.id, method={"type": "dpo"})
+    failed = wait_for(client, wrong.id, {"failed", "succeeded"})
+    assert failed.status == "failed" and failed.error.code == "invalid_preference_data"
+    assert "line 1 is a chat example" in failed.error.message
+
+
 def test_bad_training_file_fails_the_job(server):
     client = server.client()
     f = upload(client, 3)

@@ -12,7 +12,8 @@ from tuneforge.settings import get_settings
 from tuneforge.store.database import CheckpointRow, EventRow, FileRow, JobRow, ModelRow, new_id, session
 
 
-def add_file(n: int) -> str:
+def add_file(n: int, pairs: int = 0) -> str:
+    """n chat examples, then `pairs` preference pairs."""
     file_id = new_id("file-")
     path = Path(get_settings().files_dir) / f"{file_id}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,15 +21,19 @@ def add_file(n: int) -> str:
         for i in range(n):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"twice {i}?"},
                                              {"role": "assistant", "content": str(2 * i)}]}) + "\n")
+        for i in range(pairs):
+            f.write(json.dumps({"input": {"messages": [{"role": "user", "content": f"twice {i}?"}]},
+                                "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+                                "non_preferred_output": [{"role": "assistant", "content": "no idea"}]}) + "\n")
     with session() as s:
         s.add(FileRow(id=file_id, project="p", filename="t.jsonl", purpose="fine-tune", bytes=1, path=str(path)))
         s.commit()
     return file_id
 
 
-def add_job(file_id: str, meta: dict | None = None, **hp) -> str:
+def add_job(file_id: str, meta: dict | None = None, method: str = "supervised", **hp) -> str:
     with session() as s:
-        row = JobRow(id=new_id("ftjob-"), project="p", model="tiny-llama", training_file=file_id,
+        row = JobRow(id=new_id("ftjob-"), project="p", model="tiny-llama", training_file=file_id, method=method,
                      status="validating_files", hyperparameters=hp, seed=3, suffix="unit", meta=meta)
         s.add(row)
         s.commit()
@@ -68,6 +73,24 @@ def test_full_fine_tuning_is_chosen_through_metadata():
     job, _, _, model = load(job_id)
     assert job.status == "succeeded", job.error
     assert Path(model.path, "model.safetensors").is_file()  # full weights, not an adapter
+
+
+def test_a_dpo_job_trains_on_preference_pairs():
+    job_id = add_job(add_file(0, pairs=10), method="dpo", n_epochs=1, batch_size=5, beta=0.5)
+    run_worker(poll_interval=0.1, once=True)
+    job, _, _, model = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.hyperparameters == {"n_epochs": 1, "batch_size": 5, "learning_rate_multiplier": 1.0, "beta": 0.5}
+    assert json.loads(Path(job.run_dir, "config.json").read_text())["objective"] == "dpo"
+    assert Path(job.run_dir, "reference_logps.json").is_file() and Path(model.path, "adapter_model.safetensors").is_file()
+
+
+def test_a_dpo_job_on_a_file_with_other_examples_fails_naming_the_line():
+    job_id = add_job(add_file(10), method="dpo")
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    assert job.status == "failed" and job.error["code"] == "invalid_preference_data"
+    assert job.error["param"] == "training_file" and "line 1 is a chat example" in job.error["message"]
 
 
 def test_bad_file_fails_in_the_validating_phase():

@@ -95,8 +95,16 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert job["hyperparameters"] == expected
     assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": expected},
                              "dpo": None, "reinforcement": None}
-    dpo = client.post("/v1/fine_tuning/jobs", json=body | {"method": {"type": "dpo"}})
-    assert dpo.status_code == 400 and dpo.json()["error"]["code"] == "unsupported_method"
+    dpo = client.post("/v1/fine_tuning/jobs", json=body | {
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}).json()
+    assert dpo["method"]["type"] == "dpo" and dpo["method"]["supervised"] is None
+    assert dpo["method"]["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto",
+                                                       "learning_rate_multiplier": "auto", "beta": 0.25}
+    zero_beta = {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}
+    bad_beta = client.post("/v1/fine_tuning/jobs", json=body | zero_beta)
+    assert bad_beta.status_code == 400 and bad_beta.json()["error"]["param"] == "method.dpo.hyperparameters.beta"
+    rl = client.post("/v1/fine_tuning/jobs", json=body | {"method": {"type": "reinforcement"}})
+    assert rl.status_code == 400 and rl.json()["error"]["code"] == "unsupported_method"
     bad = client.post("/v1/fine_tuning/jobs", json=body | {"suffix": "a:b"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
 

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from sqlalchemy import select
@@ -57,6 +58,12 @@ def _base_slug(model: str) -> str:
         return resolve(model).slug
     except ValueError:
         return model
+
+
+def _resolved(config: dict) -> dict:
+    """A job's hyperparameters as the loop resolved them (a run's config.json, as a dict)."""
+    out = {k: config[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    return out | ({"beta": config["dpo_beta"]} if config.get("objective") == "dpo" else {})
 
 
 class JobRunner:
@@ -172,7 +179,10 @@ class JobRunner:
             batch_size=hp.get("batch_size", "auto"),
             learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
             seed=job.seed,
+            objective="dpo" if job.method == "dpo" else "supervised",
         )
+        if hp.get("beta", "auto") != "auto":
+            cfg.dpo_beta = float(hp["beta"])
         try:
             result = train(cfg, on_event=self._on_event, should_stop=self._should_stop, resume=bool(ckpts))
         except TrainingStopped as stop:
@@ -180,6 +190,7 @@ class JobRunner:
         self._succeed(result)
 
     def _validate(self, train_path: str, valid_path: str | None) -> None:
+        from ..data.formats import parse_file
         from ..data.validate import validate_file
 
         for file_id, path, param in ((self.job.training_file, train_path, "training_file"),
@@ -188,12 +199,18 @@ class JobRunner:
                 continue
             self.event(f"Validating {param.replace('_', ' ')}: {file_id}")
             report = validate_file(path)
+            name = f"{param.replace('_', ' ').capitalize()} {file_id}"
             if not report.ok:
                 first = report.errors[0]
                 where = f" (line {first.line})" if first.line else ""
                 more = f"; {len(report.errors) - 1} more error(s)" if len(report.errors) > 1 else ""
-                raise JobFailed(first.code, f"{param.replace('_', ' ').capitalize()} {file_id}: "
-                                f"{first.message}{where}{more}", param)
+                raise JobFailed(first.code, f"{name}: {first.message}{where}{more}", param)
+            if self.job.method == "dpo":
+                other = next((e for e in parse_file(path).examples if e.kind != "preference"), None)
+                if other is not None:
+                    raise JobFailed("invalid_preference_data", f"{name}: a DPO job trains on preference pairs "
+                                    '({"input", "preferred_output", "non_preferred_output"}); line '
+                                    f"{other.line} is a {other.kind} example", param)
 
     def _step_aside(self) -> None:
         """The API changed the job (paused, cancelled) between two of our steps: let it go."""
@@ -216,9 +233,7 @@ class JobRunner:
         """Replace "auto" with the values the loop resolved (config.json), as OpenAI shows them."""
         from ..train.config import TrainConfig
 
-        cfg = TrainConfig.load(self.run_dir)
-        resolved = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
-                    "learning_rate_multiplier": cfg.learning_rate_multiplier}
+        resolved = _resolved(asdict(TrainConfig.load(self.run_dir)))
         with self.sessions() as s:
             queue.transition(s, self.job_id, self.worker_id, queue.CLAIMABLE + ("paused",),
                              hyperparameters=resolved)
@@ -227,7 +242,8 @@ class JobRunner:
 
     def _metrics(self, row: dict) -> None:
         keys = ("step", "train_loss", "valid_loss", "train_mean_token_accuracy", "valid_mean_token_accuracy",
-                "total_steps")
+                "total_steps",  # OpenAI's; DPO's own after them
+                "train_reward_accuracy", "train_reward_margin", "valid_reward_accuracy", "valid_reward_margin")
         data = {k: row[k] for k in keys if row.get(k) is not None}
         msg = f"Step {row['step']}/{row['total_steps']}: training loss={row['train_loss']:.4f}"
         if row.get("valid_loss") is not None:
@@ -308,9 +324,7 @@ class JobRunner:
         from ..train.checkpoint import checkpoint_dirs, read_meta
 
         results_file = self._write_results_csv()
-        cfg = result.config
-        resolved = {"n_epochs": cfg["n_epochs"], "batch_size": cfg["batch_size"],
-                    "learning_rate_multiplier": cfg["learning_rate_multiplier"]}
+        resolved = _resolved(result.config)
         with self.sessions() as s:
             # One transaction: the model exists exactly when the job says succeeded. A job cancelled
             # while its last step ran stays cancelled and gets no model.

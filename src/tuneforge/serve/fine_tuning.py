@@ -2,8 +2,9 @@
 
 Creating a job only writes a row (status `validating_files`); a worker process claims it, validates
 the files as the job's first phase and trains. Hyperparameters can come in the deprecated top-level
-`hyperparameters` or in `method.supervised.hyperparameters`; both are accepted (the method's win)
-and the job shows the same values in both places, "auto" until the worker resolves them.
+`hyperparameters` or in `method.supervised.hyperparameters` (`method.dpo.hyperparameters` for a
+DPO job, with `beta`); both are accepted (the method's win) and the job shows the same values in
+both places, "auto" until the worker resolves them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .protocol import (
     Checkpoint,
     CheckpointList,
     CheckpointMetrics,
+    DpoHyperparameters,
+    DpoMethod,
     EventList,
     FineTuningJob,
     Hyperparameters,
@@ -43,6 +46,7 @@ from .protocol import (
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)
 LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 100.0)}
+BETA_LIMITS = (1e-3, 10.0)  # DPO's beta; "auto" is train.config's default (0.1, OpenAI's)
 
 
 def job_object(row: JobRow, settings: Settings) -> FineTuningJob:
@@ -54,8 +58,14 @@ def job_object(row: JobRow, settings: Settings) -> FineTuningJob:
         seed=row.seed, status=row.status, trained_tokens=row.trained_tokens, training_file=row.training_file,
         validation_file=row.validation_file,
         estimated_finish=int(row.estimated_finish) if row.estimated_finish and row.status == "running" else None,
-        metadata=row.meta, method=Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hp)),
+        metadata=row.meta, method=_method(row.method, hp, row.hyperparameters.get("beta", "auto")),
     )
+
+
+def _method(kind: str, hp: Hyperparameters, beta) -> Method:
+    if kind == "dpo":
+        return Method(type="dpo", dpo=DpoMethod(hyperparameters=DpoHyperparameters(**hp.model_dump(), beta=beta)))
+    return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hp))
 
 
 def get_job(db: Session, caller: Principal, job_id: str) -> JobRow:
@@ -77,25 +87,28 @@ def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> Non
                           param=param, code="invalid_file_purpose")
 
 
-def _hyperparameters(req: JobCreate) -> dict:
+def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
+    """(method type, hyperparameters) of a job request, each checked against its limits."""
     hp = req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}
-    prefix = "hyperparameters"
+    prefix, kind = "hyperparameters", "supervised"
     if req.method is not None:
-        if req.method.type != "supervised":
-            raise bad_request(f"method.type '{req.method.type}' is not supported by this server yet; "
-                              "use 'supervised'", param="method.type", code="unsupported_method")
-        inner = req.method.supervised.hyperparameters if req.method.supervised else None
-        if inner is not None:
-            hp |= inner.model_dump(exclude_none=True)  # method's values win over the deprecated ones
-            prefix = "method.supervised.hyperparameters"
+        kind = req.method.type
+        if kind not in ("supervised", "dpo"):
+            raise bad_request(f"method.type '{kind}' is not supported by this server; use 'supervised' or 'dpo'",
+                              param="method.type", code="unsupported_method")
+        inner = getattr(req.method, kind)
+        if inner is not None and inner.hyperparameters is not None:
+            hp |= inner.hyperparameters.model_dump(exclude_none=True)  # method's values win over the deprecated ones
+            prefix = f"method.{kind}.hyperparameters"
+    limits = LIMITS | ({"beta": BETA_LIMITS} if kind == "dpo" else {})
     out = {}
-    for name, (lo, hi) in LIMITS.items():
+    for name, (lo, hi) in limits.items():
         value = hp.get(name, "auto")
         if value != "auto" and not lo <= value <= hi:
             raise bad_request(f"{name} must be 'auto' or between {lo:g} and {hi:g}, got {value}",
                               param=f"{prefix}.{name}", code="invalid_hyperparameter")
         out[name] = value
-    return out
+    return kind, out
 
 
 def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreate) -> FineTuningJob:
@@ -105,7 +118,7 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     _check_file(db, caller, req.training_file, "training_file")
     if req.validation_file:
         _check_file(db, caller, req.validation_file, "validation_file")
-    hp = _hyperparameters(req)
+    kind, hp = _hyperparameters(req)
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise bad_request("suffix must be 1 to 64 letters, digits, '-', '_' or '.'", param="suffix",
                           code="invalid_suffix")
@@ -118,7 +131,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
                           code="unsupported_integration")
     row = JobRow(
         id=new_id("ftjob-"), project=caller.project, model=req.model, training_file=req.training_file,
-        validation_file=req.validation_file, status="validating_files", hyperparameters=hp, suffix=req.suffix,
+        validation_file=req.validation_file, status="validating_files", method=kind, hyperparameters=hp,
+        suffix=req.suffix,
         seed=req.seed if req.seed is not None else random.randrange(2**31), meta=req.metadata,
     )
     db.add(row)

@@ -460,7 +460,7 @@ async function viewCreate(root, params) {
   const methodSeg = h("div", { class: "seg", role: "radiogroup", "aria-label": "Method" },
     h("label", {}, h("input", { type: "radio", name: "method", value: "lora", checked: true }), "LoRA"),
     h("label", {}, h("input", { type: "radio", name: "method", value: "full" }), "Full"),
-    h("label", { title: "Preference tuning (DPO) is not available yet" }, h("input", { type: "radio", name: "method", value: "dpo", disabled: true }), "DPO (soon)"));
+    h("label", { title: "Preference pairs: raise the preferred answer over the other (DPO, with LoRA)" }, h("input", { type: "radio", name: "method", value: "dpo" }), "DPO"));
 
   const hp = (name, label, hint) => h("label", { class: "field" }, h("span", {}, label, " ", h("span", { class: "hint" }, hint)),
     h("input", { type: "text", name, value: "auto", inputmode: "decimal", autocomplete: "off" }));
@@ -505,8 +505,10 @@ async function viewCreate(root, params) {
     const body = {
       model: data.get("model"),
       training_file: trainingFile,
-      method: { type: "supervised", supervised: { hyperparameters: hyper } },
-      metadata: { "tuneforge.method": method },
+      method: method === "dpo"
+        ? { type: "dpo", dpo: { hyperparameters: hyper } }
+        : { type: "supervised", supervised: { hyperparameters: hyper } },
+      metadata: { "tuneforge.method": method === "dpo" ? "lora" : method },
     };
     const valid = data.get("validation_file");
     if (valid && valid !== "__upload__") body.validation_file = valid;
