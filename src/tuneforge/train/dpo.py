@@ -112,6 +112,15 @@ class PairsOut:
     n_tokens: int  # tokens of the preferred answers
     n_correct: int  # of those, predicted by the model (token accuracy on what it should say)
 
+    def sums(self) -> list[float]:
+        """[loss, pairs, preferred-answer tokens, of those predicted, pairs ranked right (margin > 0),
+        margin], each summed: they add up across batches and processes (summarise reads them)."""
+        return [float(self.losses.detach().sum()), len(self.losses), self.n_tokens, self.n_correct,
+                float((self.margins > 0).sum()), float(self.margins.sum())]
+
+
+NO_PAIRS = [0.0] * 6  # PairsOut.sums() of nothing
+
 
 def pair_losses(model, pairs: list[Pair], reference: torch.Tensor, beta: float, max_row_tokens: int, pad_id: int) -> PairsOut:
     """DPO losses of `pairs`, whose reference log-probabilities are reference[:, 0] (preferred) and
@@ -162,17 +171,14 @@ def load_reference(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def evaluate(model, pairs: list[Pair], reference: torch.Tensor, *, beta: float, batch_size: int,
              max_row_tokens: int, pad_id: int, device: torch.device, dtype) -> list[float]:
-    """Sums over `pairs`, to be added across processes: [loss, pairs, preferred answer tokens,
-    of those predicted, pairs ranked right (margin > 0), margin]."""
+    """PairsOut.sums() over all of `pairs`, batch by batch."""
     was_training = model.training
     model.eval()
-    sums = [0.0] * 6
+    sums = NO_PAIRS
     for i in range(0, len(pairs), batch_size):
         with autocast(device, dtype):
             out = pair_losses(model, pairs[i : i + batch_size], reference[i : i + batch_size], beta, max_row_tokens, pad_id)
-        part = [float(out.losses.sum()), len(out.losses), out.n_tokens, out.n_correct,
-                float((out.margins > 0).sum()), float(out.margins.sum())]
-        sums = [a + b for a, b in zip(sums, part)]
+        sums = [a + b for a, b in zip(sums, out.sums())]
     model.train(was_training)
     return sums
 

@@ -330,10 +330,9 @@ def _dpo_step(model, pairs, reference, cfg: TrainConfig, pad_id: int, device, dt
     if pairs:
         with autocast(device, dtype):
             out = dpo.pair_losses(model, pairs, reference, cfg.dpo_beta, cfg.max_row_tokens, pad_id)
-        local = [float(out.losses.detach().sum()), len(pairs), out.n_tokens, out.n_correct,
-                 float((out.margins > 0).sum()), float(out.margins.sum()), sum(p.n_tokens for p in pairs)]
+        local = out.sums() + [sum(p.n_tokens for p in pairs)]
     else:  # more processes than this step has pairs: this one contributes zero gradients
-        local = [0.0] * 7
+        local = dpo.NO_PAIRS + [0]
     *sums, n_tokens = distributed.sum_values(local, group, device)
     if pairs:
         (out.losses.sum() / max(sums[1], 1)).backward()
