@@ -68,6 +68,23 @@ def chat_file(tmp_path) -> Path:
     return write_chat(tmp_path / "train.jsonl", 24)
 
 
+def write_pairs(path: Path, n: int) -> Path:
+    """n preference pairs whose preferred answer greets the person by number and the other refuses."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({
+                "input": {"messages": [{"role": "user", "content": f"Say hello to person {i}."}]},
+                "preferred_output": [{"role": "assistant", "content": f"Hello, person {i}!"}],
+                "non_preferred_output": [{"role": "assistant", "content": "No. Go away."}],
+            }) + "\n")
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_pairs(tmp_path / "pairs.jsonl", 24)
+
+
 def assert_no_further_from(truth, reference, candidate):
     """(loss, grads) of `candidate` stray from `truth`'s no further than twice `reference`'s do.
 

@@ -35,25 +35,29 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file, method):
+@pytest.mark.parametrize("method", ["lora", "full", "dpo"])  # dpo: LoRA with the DPO objective
+def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file, pairs_file, method):
     # batch 3 of 22 training examples: every 8th step has one example, so one process sits it out
-    common = dict(base="tiny-llama", method=method, n_epochs=2, batch_size=3, precision="fp32", seed=3)
-    single = train(TrainConfig(data=str(chat_file), out=str(tmp_path / "one"), **common))
+    objective, data = ("dpo", pairs_file) if method == "dpo" else ("supervised", chat_file)
+    method = "lora" if method == "dpo" else method
+    common = dict(base="tiny-llama", method=method, n_epochs=2, batch_size=3, precision="fp32", seed=3,
+                  objective=objective)
+    single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), **common))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "tuneforge", "train", "--data", str(chat_file), "--out", str(tmp_path / "two"),
+           "-m", "tuneforge", "train", "--data", str(data), "--out", str(tmp_path / "two"),
            "--base", "tiny-llama", "--n-epochs", "2", "--batch-size", "3", "--precision", "fp32",
-           "--seed", "3", "--method", method, "--quiet", "--json"]
+           "--seed", "3", "--method", method, "--objective", objective, "--quiet", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads(proc.stdout)["steps"] == single.steps == 16  # one report: rank 0's
 
     one, two = metrics_log.read(tmp_path / "one"), metrics_log.read(tmp_path / "two")
     assert [r["trained_tokens"] for r in two] == [r["trained_tokens"] for r in one]
-    for key in ("train_loss", "train_mean_token_accuracy"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key
+    keys = ("train_loss", "train_mean_token_accuracy") + (("train_reward_margin",) if objective == "dpo" else ())
+    for key in keys:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     assert [r["valid_loss"] for r in two if "valid_loss" in r] == pytest.approx(
         [r["valid_loss"] for r in one if "valid_loss" in r], rel=1e-4)
     weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"

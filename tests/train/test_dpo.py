@@ -19,23 +19,6 @@ from tuneforge.train.config import TrainConfig
 from tuneforge.train.loop import TrainingStopped, train
 
 
-def write_pairs(path, n: int):
-    """n pairs whose preferred answer greets the person by number and whose other answer refuses."""
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({
-                "input": {"messages": [{"role": "user", "content": f"Say hello to person {i}."}]},
-                "preferred_output": [{"role": "assistant", "content": f"Hello, person {i}!"}],
-                "non_preferred_output": [{"role": "assistant", "content": "No. Go away."}],
-            }) + "\n")
-    return path
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    return write_pairs(tmp_path / "pairs.jsonl", 24)
-
-
 def config(tmp_path, data, name="run", **kw) -> TrainConfig:
     kw.setdefault("n_epochs", 2)
     kw.setdefault("batch_size", 4)
