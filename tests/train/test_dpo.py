@@ -64,6 +64,36 @@ def test_packed_sequence_logps_equal_plain_transformers():
             assert out.n_tokens[k] == int(keep.sum())
 
 
+def test_frozen_head_kernel_gives_autograds_log_probs_and_gradients():
+    """With a frozen output layer (a LoRA run's) sequence_logps takes train.loss's one-pass kernel; its
+    per-position gradients, weighted differently per sequence as DPO weights them, are autograd's."""
+    model, tok = tiny_model(seed=0)
+    model.lm_head.weight.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    examples = [
+        Example("preference", [{"role": "user", "content": q}],
+                chosen=[{"role": "assistant", "content": a}], rejected=[{"role": "assistant", "content": "No."}])
+        for q, a in [("Say hi.", "Hi!"), ("Count to three, please.", "1, 2, 3."), ("Colour?", "Blue, like the sea.")]
+    ]
+    batch = pack([r for e in examples for r in render_preference(e, tok)], 4096, tok.pad_token_id)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])  # one per sequence, like DPO's coefficients
+    results = []
+    for kernel in (True, False):
+        model.zero_grad(set_to_none=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dpo, "fusable", lambda head, config, kernel=kernel: kernel)
+            out = dpo.sequence_logps(model, batch, chunk=7)  # several chunks, the last one partial
+        (out.logps * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (fast, fast_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fast.logps, plain.logps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.n_correct, plain.n_correct) and torch.equal(fast.n_tokens, plain.n_tokens)
+    assert plain_grads and plain_grads.keys() == fast_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, pairs_file):
     result = train(config(tmp_path, pairs_file, learning_rate_multiplier=10.0))
     run = tmp_path / "run"

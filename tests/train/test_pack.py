@@ -121,7 +121,7 @@ def test_fused_cross_entropy_matches_autograd(tiny, monkeypatch):
     results = []
     for fused in (True, False):
         m = copy.deepcopy(model)
-        monkeypatch.setattr(loss_mod, "_fusable", lambda head, config, fused=fused: fused)
+        monkeypatch.setattr(loss_mod, "fusable", lambda head, config, fused=fused: fused)
         out = batch_loss(m, batch, chunk=7)  # several chunks, the last one partial
         out.loss.backward()
         results.append((out, _grads(m)))

@@ -32,7 +32,7 @@ from ..data.pack import Batch, pack
 from ..data.render import IGNORE, Rendered, render_preference
 from .attention import packed
 from .device import autocast
-from .loss import CHUNK, causal_lm
+from .loss import CHUNK, causal_lm, fusable, projected_cross_entropy
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -78,14 +78,29 @@ def _token_logps(head, hidden, targets):
 
 def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
     """Summed log-probability of each packed sequence's labels. The vocabulary projection runs only
-    on label positions, a chunk at a time, each chunk recomputed in the backward pass, so no more than
-    one chunk of logits is alive at once."""
+    on label positions, a chunk at a time, so no more than one chunk of logits is alive at once: for a
+    plain frozen output layer (LoRA) train.loss's one-pass kernel, which makes each position's
+    gradient in the forward pass; otherwise autograd, each chunk recomputed in the backward pass."""
     lm = causal_lm(model)
     with packed(lm, batch.position_ids, batch.real):
         out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     mask = batch.targets != IGNORE
     hidden, targets, owner = out.last_hidden_state[mask], batch.targets[mask], batch.example[mask]
     head = lm.get_output_embeddings()
+    if fusable(head, lm.config) and not head.weight.requires_grad:
+        nll, hits = projected_cross_entropy(head, hidden, targets, chunk)
+        logps = -nll
+    else:
+        logps, hits = _chunked_logps(head, hidden, targets, chunk)
+    zeros = torch.zeros(batch.n_examples, dtype=torch.float32, device=hidden.device)
+    return SequenceOut(
+        logps=zeros.index_add(0, owner, logps),
+        n_tokens=zeros.index_add(0, owner, torch.ones_like(logps)),
+        n_correct=zeros.index_add(0, owner, hits.float()),
+    )
+
+
+def _chunked_logps(head, hidden, targets, chunk: int):
     logps, hits = [], []
     for i in range(0, len(targets), chunk):
         h, t = hidden[i : i + chunk], targets[i : i + chunk]
@@ -95,14 +110,7 @@ def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
             lp, hit = _token_logps(head, h, t)
         logps.append(lp)
         hits.append(hit)
-    n = batch.n_examples
-    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    ones = torch.ones_like(targets, dtype=torch.float32)
-    return SequenceOut(
-        logps=zeros.index_add(0, owner, torch.cat(logps)),
-        n_tokens=zeros.index_add(0, owner, ones),
-        n_correct=zeros.index_add(0, owner, torch.cat(hits).float()),
-    )
+    return torch.cat(logps), torch.cat(hits)
 
 
 @dataclass

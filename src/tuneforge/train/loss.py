@@ -53,7 +53,14 @@ def _low_precision(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _ProjectedCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, targets)) and its gradient, chunk by chunk in forward."""
+    """cross_entropy(hidden @ weight.T, targets) of each position (and whether its argmax is the
+    target), with its gradient made chunk by chunk in forward.
+
+    The backward pass scales each position's precomputed input gradient by that position's output
+    gradient, so any weighting of the positions works for `hidden` (a sum for supervised training,
+    per-sequence sums for DPO). The weight's gradient is precomputed as one sum over positions, so
+    it is right only for a uniform weighting - a trained head under a plain mean or sum (checked).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, dtype, chunk, grad_enabled):
@@ -66,8 +73,8 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
             want_h, want_w = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
             grad_h = torch.empty_like(hidden, dtype=torch.float32) if want_h else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-            total = hidden.new_zeros((), dtype=torch.float32)
-            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+            hits = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
             # Work buffers reused by every chunk: a fresh [chunk, vocab] tensor costs more in page
             # faults than the arithmetic done on it. Every product of a step has the same [chunk, ...]
             # shape, a multiple of ROUND rows (a short last chunk is padded with zero rows): oneDNN
@@ -87,14 +94,15 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                     h[n:].zero_()
                 logits = torch.mm(h, w.T, out=low)[:n]
                 top, predicted = logits.max(-1)
-                correct += (predicted == t).sum()
+                torch.eq(predicted, t, out=hits[i : i + n])
                 top = top.float()[:, None]
-                total -= logits.gather(1, t[:, None]).float().sum()
+                part = nll[i : i + n]
+                torch.neg(logits.gather(1, t[:, None]).squeeze(1).float(), out=part)
                 for j in range(0, n, len(high)):
                     block = logits[j : j + len(high)]
                     exp = high[: len(block)].copy_(block).sub_(top[j : j + len(block)]).exp_()  # <= 1: no overflow
                     norm = exp.sum(-1, keepdim=True)
-                    total += (top[j : j + len(block)] + norm.log()).sum()
+                    part[j : j + len(block)] += (top[j : j + len(block)] + norm.log()).squeeze(1)
                     if want_h or want_w:
                         block.copy_(exp.div_(norm))  # softmax, in the compute dtype
                 if not (want_h or want_w):
@@ -107,16 +115,21 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                     grad_w.index_add_(0, t, h[:n].float(), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(correct)
-        return total, correct
+        ctx.mark_non_differentiable(hits)
+        return nll, hits
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_correct):
+    def backward(ctx, grad_nll, _grad_hits):
         # The saved gradients are this node's own buffers, read once: scaled in place (for the tied
         # embedding that is a 113 MB tensor that need not be allocated and paged in again).
         saved = iter(ctx.saved_tensors)
-        grad_h = next(saved).mul_(grad_total).to(ctx.dtypes[0]) if ctx.has[0] else None
-        grad_w = next(saved).mul_(grad_total).to(ctx.dtypes[1]) if ctx.has[1] else None
+        grad_h = next(saved).mul_(grad_nll[:, None]).to(ctx.dtypes[0]) if ctx.has[0] else None
+        grad_w = None
+        if ctx.has[1]:
+            if len(grad_nll) and not bool((grad_nll == grad_nll[0]).all()):
+                raise RuntimeError("a trained output layer's gradient needs the same weight on every position")
+            scale = grad_nll[0] if len(grad_nll) else 0.0
+            grad_w = next(saved).mul_(scale).to(ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None
 
 
@@ -129,7 +142,13 @@ def _chunk_rows(n: int, most: int) -> int:
     return min(most, max(step, -(-rows // step) * step))
 
 
-def _fusable(head, config) -> bool:
+def projected_cross_entropy(head, hidden, targets, chunk: int = CHUNK):
+    """(cross-entropy of each position, whether its prediction is the target) for a plain output layer
+    (fusable), without the full logits: see _ProjectedCrossEntropy."""
+    return _ProjectedCrossEntropy.apply(hidden, head.weight, targets, compute_dtype(hidden), chunk, torch.is_grad_enabled())
+
+
+def fusable(head, config) -> bool:
     return (
         type(head) is torch.nn.Linear
         and head.bias is None
@@ -169,10 +188,9 @@ def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     hidden = out.last_hidden_state[mask]
     targets = batch.targets[mask]
     head = lm.get_output_embeddings()
-    if _fusable(head, lm.config):
-        total, correct = _ProjectedCrossEntropy.apply(
-            hidden, head.weight, targets, compute_dtype(hidden), chunk, torch.is_grad_enabled()
-        )
+    if fusable(head, lm.config):
+        nll, hits = projected_cross_entropy(head, hidden, targets, chunk)
+        total, correct = nll.sum(), hits.sum()
     else:
         total, correct = _generic_loss(head, hidden, targets, chunk)
     n = len(targets)
