@@ -178,6 +178,23 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     expect(row.locator("a[href^='#/jobs/ftjob-']")).to_be_visible()
 
 
+def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
+    pairs = server.upload(pairs_file)
+    page.goto(server.url + "/#/jobs")
+    page.click("[data-test=create-job]")
+    page.select_option("#f-model", "tiny-llama")
+    page.select_option("#f-training_file", pairs["id"])
+    page.click(".seg label:has(input[value=dpo])")  # the radio itself is hidden under its label
+    page.fill("input[name=n_epochs]", "1")
+    page.click("#create-submit")
+
+    page.wait_for_url(re.compile(r".*#/jobs/ftjob-.*"))
+    expect(page.locator(".page[data-page=jobs]")).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("[data-test=method]")).to_have_text("DPO · lora")
+    job = server.api("GET", f"/v1/fine_tuning/jobs/{page.url.rsplit('/', 1)[-1]}")
+    assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["n_epochs"] == 1
+
+
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
     job = server.api("POST", "/v1/fine_tuning/jobs",

@@ -763,7 +763,8 @@ async function viewJob(root, params, jobId) {
     const last = rows[rows.length - 1];
     const total = last && last.total_steps;
     const hp = job.hyperparameters || {};
-    const method = (job.metadata && job.metadata["tuneforge.method"]) || (job.method && job.method.type) || "supervised";
+    const adapter = (job.metadata && job.metadata["tuneforge.method"]) || "lora";
+    const method = job.method && job.method.type === "dpo" ? `DPO · ${adapter}` : adapter;
     const progress = job.status === "succeeded" ? 1 : total ? last.step / total : 0;
     put(statusCard, 
       h("div", { class: "card-head" }, h("h2", {}, "Status"),
@@ -779,7 +780,7 @@ async function viewJob(root, params, jobId) {
         h("div", {}, h("strong", {}, `Failed: ${job.error.code || "error"}`), job.error.message)) : null,
       h("dl", { class: "kv", style: "margin-top:16px" },
         h("dt", {}, "Base model"), h("dd", {}, job.model),
-        h("dt", {}, "Method"), h("dd", {}, method),
+        h("dt", {}, "Method"), h("dd", { "data-test": "method" }, method),
         h("dt", {}, "Hyperparameters"), h("dd", { class: "mono small" }, `epochs ${hp.n_epochs ?? "auto"} · batch ${hp.batch_size ?? "auto"} · lr × ${hp.learning_rate_multiplier ?? "auto"}`),
         h("dt", {}, "Training file"), h("dd", {}, h("a", { href: `#/upload/${job.training_file}`, class: "mono small" }, job.training_file)),
         h("dt", {}, "Validation file"), h("dd", {}, job.validation_file ? h("a", { href: `#/upload/${job.validation_file}`, class: "mono small" }, job.validation_file) : "—"),
