@@ -69,13 +69,13 @@ def chat_file(tmp_path) -> Path:
 
 
 def write_pairs(path: Path, n: int) -> Path:
-    """n preference pairs whose preferred answer greets the person by number and the other refuses."""
+    """n preference pairs: greet person i (preferred) rather than say goodbye to them."""
     with open(path, "w") as f:
         for i in range(n):
             f.write(json.dumps({
                 "input": {"messages": [{"role": "user", "content": f"Say hello to person {i}."}]},
                 "preferred_output": [{"role": "assistant", "content": f"Hello, person {i}!"}],
-                "non_preferred_output": [{"role": "assistant", "content": "No. Go away."}],
+                "non_preferred_output": [{"role": "assistant", "content": f"Goodbye, person {i}."}],
             }) + "\n")
     return path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import write_chat
+from tests.conftest import write_chat, write_pairs
 from tuneforge.data.example import Example
 from tuneforge.evaluate.compare import compare, is_classification
 from tuneforge.evaluate.report import format_comparison
@@ -47,3 +47,18 @@ def test_long_free_text_answers_are_not_classification():
                            {"role": "assistant", "content": f"a long answer number {i} here"}])
           for i in range(8)]
     assert not is_classification(ex)
+
+
+def test_preference_pairs_are_scored_on_how_the_models_rank_the_answers(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 24)
+    held = write_pairs(tmp_path / "held.jsonl", 30)  # persons 24-29 were never seen
+    train(TrainConfig(data=str(data), out=str(tmp_path / "run"), base="tiny-llama", objective="dpo",
+                      n_epochs=2, batch_size=4, learning_rate_multiplier=10.0))
+    seen = []
+    report = compare(tmp_path / "run", held, n_samples=1, max_tokens=4, on_progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(d, 6) for d in range(1, 7)]  # loss + ranking + 1 sample, for base then tuned
+    assert report["preference_pairs"] == 30 and report["n_examples"] == 30
+    assert report["tuned"]["preference_accuracy"] >= report["base"]["preference_accuracy"]
+    assert report["tuned"]["preference_margin"] > report["base"]["preference_margin"]
+    assert report["references"][0] == "Hello, person 0!"  # the preferred answer is the reference
+    assert "preferred ranked first" in format_comparison(report)

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tuneforge.train import metrics as metrics_log
-from tuneforge.train.config import TrainConfig
+from tuneforge.train.config import DPO_LEARNING_RATE, TrainConfig
 from tuneforge.train.distributed import Group, share
 from tuneforge.train.loop import train
 
@@ -63,8 +63,11 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, chat_file, p
     weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
     a, b = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
     assert a.keys() == b.keys()
+    # DPO's smaller learning rate leaves weights near zero where Adam turns float noise in vanishing
+    # gradients into steps of up to the learning rate: a tolerance of a twentieth of one step there
+    slack = 0.05 * DPO_LEARNING_RATE["lora"] if objective == "dpo" else 1e-6
     for name in a:
-        assert (b[name] - a[name]).abs().max() <= 1e-4 * a[name].abs().max() + 1e-6, name
+        assert (b[name] - a[name]).abs().max() <= 1e-4 * a[name].abs().max() + slack, name
     # the weights did move: equal weights are not equal by standing still
     assert one[-1]["train_loss"] < one[0]["train_loss"]
 

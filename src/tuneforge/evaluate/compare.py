@@ -1,7 +1,10 @@
 """Base vs tuned on the same held-out data: loss, perplexity, token accuracy, sample answers.
 
 For classification-style data (short answers from a small label set) it also scores exact-match
-accuracy of greedy generations, which is what a user of a classifier cares about.
+accuracy of greedy generations, which is what a user of a classifier cares about. For preference
+pairs (what DPO trains on) the preferred answer is the reference, and it also scores how often each
+model gives the preferred answer a higher log-probability than the other (`preference_accuracy`) and
+by how much on average (`preference_margin`, nats).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.example import Example
 from ..data.render import render_example
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
 from ..models.load import load_base, load_tuned
+from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
 from .fit import diagnose
@@ -39,9 +44,23 @@ def _prompt(example) -> list[dict]:
     return example.messages[:last]
 
 
-def _score(model, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick) -> dict:
+def _as_chat(example: Example) -> Example:
+    """A preference pair as the conversation with its preferred answer; other examples as they are."""
+    if example.kind != "preference":
+        return example
+    return Example("chat", example.messages + (example.chosen or []), example.tools, line=example.line)
+
+
+def _score(model, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick) -> dict:
     report = evaluate_loss(model, rendered, pad_id=tokenizer.pad_token_id)
     tick()
+    if pairs:
+        logps = dpo.pair_logps(model, pairs, batch_size=8, max_row_tokens=4096, pad_id=tokenizer.pad_token_id,
+                               device=next(model.parameters()).device, dtype=None)
+        margin = logps[:, 0] - logps[:, 1]
+        report["preference_accuracy"] = float((margin > 0).float().mean())
+        report["preference_margin"] = float(margin.mean())
+        tick()
     if classify:
         hits = 0
         for e in examples:
@@ -61,13 +80,16 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     """Score base and tuned; `on_progress(done, total)` hears of each finished unit of work."""
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)
-    examples = [e for e in load_examples(data) if e.kind != "text" and e.assistant_messages()]
+    loaded = load_examples(data)
+    examples = [_as_chat(e) for e in loaded if e.kind != "text"]
+    examples = [e for e in examples if e.assistant_messages()]
     if not examples:
         raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
     tuned, tokenizer = load_tuned(run_dir, dtype=torch.float32)  # metrics in full precision
     rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
+    pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
     classify = is_classification(examples)
-    total = 2 * (1 + min(n_samples, len(examples)) + (len(examples) if classify else 0))
+    total = 2 * (1 + bool(pairs) + min(n_samples, len(examples)) + (len(examples) if classify else 0))
     done = 0
 
     def tick() -> None:
@@ -80,12 +102,13 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     else:
         base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].eval()
     with base_ctx:
-        base_report = _score(base, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick)
-    tuned_report = _score(tuned, tokenizer, rendered, examples, n_samples, classify, max_tokens, tick)
+        base_report = _score(base, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
+    tuned_report = _score(tuned, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
     report = {
         "data": str(data),
         "n_examples": len(examples),
         "classification": classify,
+        "preference_pairs": len(pairs),
         "base": base_report,
         "tuned": tuned_report,
         "fit": diagnose(metrics_log.read(run_dir)),

@@ -18,6 +18,9 @@ def format_comparison(report: dict) -> str:
              _row("token accuracy", b["token_accuracy"], t["token_accuracy"], ".1%")]
     if report["classification"]:
         lines.append(_row("exact match", b["exact_match"], t["exact_match"], ".1%"))
+    if report.get("preference_pairs"):
+        lines.append(_row("preferred ranked first", b["preference_accuracy"], t["preference_accuracy"], ".1%"))
+        lines.append(_row("preference margin", b["preference_margin"], t["preference_margin"], ".2f"))
     fit = report["fit"]
     lines += ["", f"fit: {fit['verdict']} ({fit['reason']})"]
     for i, prompt in enumerate(report["prompts"]):

@@ -147,9 +147,10 @@ def pair_losses(model, pairs: list[Pair], reference: torch.Tensor, beta: float, 
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[Pair], *, batch_size: int, max_row_tokens: int, pad_id: int,
+def pair_logps(model, pairs: list[Pair], *, batch_size: int, max_row_tokens: int, pad_id: int,
                     device: torch.device, dtype) -> torch.Tensor:
-    """[pairs, 2] summed log-probabilities of each pair's answers under `model` as it is now."""
+    """[pairs, 2] summed log-probabilities of each pair's (preferred, non-preferred) answers under
+    `model` as it is now: DPO's reference before training, and evaluate.compare's ranking of them."""
     was_training = model.training
     model.eval()
     rows = []

@@ -319,7 +319,7 @@ def _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, d
     if state.global_step > 0:
         return dpo.load_reference(run_dir)
     kw = dict(batch_size=cfg.batch_size, max_row_tokens=cfg.max_row_tokens, pad_id=pad_id, device=device, dtype=dtype)
-    ref_train, ref_valid = dpo.reference_logps(model, train_r, **kw), dpo.reference_logps(model, valid_r, **kw)
+    ref_train, ref_valid = dpo.pair_logps(model, train_r, **kw), dpo.pair_logps(model, valid_r, **kw)
     if main:
         dpo.save_reference(run_dir, ref_train, ref_valid)
     return ref_train, ref_valid
