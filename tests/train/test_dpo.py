@@ -14,6 +14,7 @@ from tuneforge.data.pack import pack
 from tuneforge.data.render import IGNORE, render_preference
 from tuneforge.models.tiny import tiny_model
 from tuneforge.train import dpo
+from tuneforge.train import loss as loss_mod
 from tuneforge.train import metrics as metrics_log
 from tuneforge.train.config import TrainConfig
 from tuneforge.train.loop import TrainingStopped, train
@@ -81,7 +82,7 @@ def test_frozen_head_kernel_gives_autograds_log_probs_and_gradients():
     for kernel in (True, False):
         model.zero_grad(set_to_none=True)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(dpo, "fusable", lambda head, config, kernel=kernel: kernel)
+            mp.setattr(loss_mod, "fusable", lambda head, config, kernel=kernel: kernel)
             out = dpo.sequence_logps(model, batch, chunk=7)  # several chunks, the last one partial
         (out.logps * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..data.example import Example
 from ..data.pack import Batch, pack
 from ..data.render import IGNORE, Rendered, render_preference
 from .attention import packed
 from .device import autocast
-from .loss import CHUNK, causal_lm, fusable, projected_cross_entropy
+from .loss import CHUNK, causal_lm, token_losses
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -71,46 +70,23 @@ class SequenceOut:
     n_correct: torch.Tensor  # [n sequences] label tokens the model predicts (argmax)
 
 
-def _token_logps(head, hidden, targets):
-    logits = head(hidden).float()
-    return -F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
-
-
 def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
     """Summed log-probability of each packed sequence's labels. The vocabulary projection runs only
-    on label positions, a chunk at a time, so no more than one chunk of logits is alive at once: for a
-    plain frozen output layer (LoRA) train.loss's one-pass kernel, which makes each position's
-    gradient in the forward pass; otherwise autograd, each chunk recomputed in the backward pass."""
+    on label positions, a chunk at a time (train.loss.token_losses: with LoRA's frozen output layer,
+    the one-pass kernel supervised training uses)."""
     lm = causal_lm(model)
     with packed(lm, batch.position_ids, batch.real):
         out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     mask = batch.targets != IGNORE
     hidden, targets, owner = out.last_hidden_state[mask], batch.targets[mask], batch.example[mask]
-    head = lm.get_output_embeddings()
-    if fusable(head, lm.config) and not head.weight.requires_grad:
-        nll, hits = projected_cross_entropy(head, hidden, targets, chunk)
-        logps = -nll
-    else:
-        logps, hits = _chunked_logps(head, hidden, targets, chunk)
+    nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk, uniform=False)
+    logps = -nll
     zeros = torch.zeros(batch.n_examples, dtype=torch.float32, device=hidden.device)
     return SequenceOut(
         logps=zeros.index_add(0, owner, logps),
         n_tokens=zeros.index_add(0, owner, torch.ones_like(logps)),
         n_correct=zeros.index_add(0, owner, hits.float()),
     )
-
-
-def _chunked_logps(head, hidden, targets, chunk: int):
-    logps, hits = [], []
-    for i in range(0, len(targets), chunk):
-        h, t = hidden[i : i + chunk], targets[i : i + chunk]
-        if torch.is_grad_enabled():
-            lp, hit = checkpoint(_token_logps, head, h, t, use_reentrant=False)
-        else:
-            lp, hit = _token_logps(head, h, t)
-        logps.append(lp)
-        hits.append(hit)
-    return torch.cat(logps), torch.cat(hits)
 
 
 @dataclass

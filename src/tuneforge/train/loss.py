@@ -142,10 +142,32 @@ def _chunk_rows(n: int, most: int) -> int:
     return min(most, max(step, -(-rows // step) * step))
 
 
-def projected_cross_entropy(head, hidden, targets, chunk: int = CHUNK):
-    """(cross-entropy of each position, whether its prediction is the target) for a plain output layer
-    (fusable), without the full logits: see _ProjectedCrossEntropy."""
-    return _ProjectedCrossEntropy.apply(hidden, head.weight, targets, compute_dtype(hidden), chunk, torch.is_grad_enabled())
+def token_losses(head, config, hidden, targets, chunk: int = CHUNK, uniform: bool = True):
+    """(cross-entropy of each position, whether its prediction is the target), without the full logits.
+
+    A plain output layer (`fusable`) takes _ProjectedCrossEntropy's one pass, unless it is trained and
+    the positions will not be weighted alike (`uniform=False`: DPO's per-sequence weights), which that
+    kernel's weight gradient cannot follow; everything else goes through autograd a chunk at a time,
+    each chunk checkpointed (recomputed in the backward pass).
+    """
+    if fusable(head, config) and (uniform or not head.weight.requires_grad):
+        grad = torch.is_grad_enabled()
+        return _ProjectedCrossEntropy.apply(hidden, head.weight, targets, compute_dtype(hidden), chunk, grad)
+    losses, hits = [hidden.new_zeros(0, dtype=torch.float32)], [torch.zeros(0, dtype=torch.bool, device=hidden.device)]
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i : i + chunk], targets[i : i + chunk]
+        if torch.is_grad_enabled():
+            loss, hit = checkpoint(_chunk_losses, head, h, t, use_reentrant=False)
+        else:
+            loss, hit = _chunk_losses(head, h, t)
+        losses.append(loss)
+        hits.append(hit)
+    return torch.cat(losses), torch.cat(hits)
+
+
+def _chunk_losses(head, hidden, targets):
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
 
 
 def fusable(head, config) -> bool:
@@ -157,27 +179,6 @@ def fusable(head, config) -> bool:
     )
 
 
-def _chunk_loss(head, hidden, targets):
-    logits = head(hidden).float()
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct
-
-
-def _generic_loss(head, hidden, targets, chunk):
-    total = hidden.new_zeros((), dtype=torch.float32)
-    correct = 0
-    for i in range(0, len(targets), chunk):
-        h, t = hidden[i : i + chunk], targets[i : i + chunk]
-        if torch.is_grad_enabled():
-            loss, c = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
-        else:
-            loss, c = _chunk_loss(head, h, t)
-        total = total + loss
-        correct = correct + c
-    return total, correct
-
-
 def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     lm = causal_lm(model)
     with packed(lm, batch.position_ids, batch.real):
@@ -187,11 +188,7 @@ def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     mask = batch.targets != IGNORE
     hidden = out.last_hidden_state[mask]
     targets = batch.targets[mask]
-    head = lm.get_output_embeddings()
-    if fusable(head, lm.config):
-        nll, hits = projected_cross_entropy(head, hidden, targets, chunk)
-        total, correct = nll.sum(), hits.sum()
-    else:
-        total, correct = _generic_loss(head, hidden, targets, chunk)
+    nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk)
+    total, correct = nll.sum(), hits.sum()
     n = len(targets)
     return LossOut(total / max(n, 1), n, int(correct))
