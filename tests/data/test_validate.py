@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneforge.data.render import render_preference
 from tuneforge.data.validate import DataError, Issue, load_examples, validate_file
 from tuneforge.models.tiny import tiny_tokenizer
 
@@ -145,3 +146,13 @@ def test_load_examples_raises_a_readable_data_error(tmp_path):
 def test_issue_str():
     assert str(Issue("empty_file", "nothing")) == "empty_file: nothing"
     assert str(Issue("invalid_json", "bad", 2)) == "line 2: invalid_json: bad"
+
+
+def test_preference_pairs_report_what_dpo_reads_beside_the_supervised_numbers(tok):
+    report = validate_file(FIXTURES / "good_dpo.jsonl", tokenizer=tok, tokens_per_second=100)
+    examples = load_examples(FIXTURES / "good_dpo.jsonl", tokenizer=tok)
+    both = sum(len(r.input_ids) for e in examples for r in render_preference(e, tok))
+    assert report.dpo_tokens == both > report.stats.trained_tokens  # the other answer is read too
+    assert report.estimated_local_seconds_dpo == pytest.approx(both * report.n_epochs / 100)
+    assert f"As DPO (both answers of each pair): {both:,} tokens per epoch" in report.format_text()
+    assert validate_file(fixture("unrecognized_role"), tokenizer=tok).dpo_tokens is None  # chat: no DPO line

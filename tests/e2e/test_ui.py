@@ -116,6 +116,7 @@ def test_upload_shows_report_for_good_and_bad_files(page, server, data):
     stats = page.locator("[data-test=report-stats]")
     expect(stats).to_contain_text("Epochs")
     expect(stats).to_contain_text("Local time")
+    expect(stats).not_to_contain_text("as DPO")  # chat examples, not preference pairs
     expect(page.locator("[data-test=costs] tbody tr").first).to_contain_text("$")
     expect(page.locator("[data-test=token-stats]")).to_contain_text("Tokens")
     expect(page.locator("[data-test=train-this]")).to_be_visible()
@@ -180,6 +181,8 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
 
 def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
     pairs = server.upload(pairs_file)
+    page.goto(server.url + f"/#/upload/{pairs['id']}")
+    expect(page.locator("[data-test=report-stats]")).to_contain_text("Local time as DPO", timeout=60_000)
     page.goto(server.url + "/#/jobs")
     page.click("[data-test=create-job]")
     page.select_option("#f-model", "tiny-llama")

@@ -30,7 +30,7 @@ from typing import Any
 
 from .example import Example
 from .formats import Issue, parse_file
-from .render import IGNORE, Rendered, render_example
+from .render import IGNORE, Rendered, render_example, render_preference
 from .stats import TokenStats, estimate_costs, estimate_local_seconds, resolve_n_epochs
 
 __all__ = ["DataError", "Issue", "Report", "load_examples", "validate_file"]
@@ -55,6 +55,9 @@ class Report:
     costs: list[dict[str, Any]] = field(default_factory=list)
     tokens_per_second: float | None = None
     estimated_local_seconds: float | None = None
+    # preference pairs: the tokens DPO trains on an epoch (prompt + each answer, both sequences)
+    dpo_tokens: int | None = None
+    estimated_local_seconds_dpo: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,8 @@ class Report:
             "costs": self.costs,
             "tokens_per_second": self.tokens_per_second,
             "estimated_local_seconds": self.estimated_local_seconds,
+            "dpo_tokens": self.dpo_tokens,
+            "estimated_local_seconds_dpo": self.estimated_local_seconds_dpo,
         }
 
     def format_text(self) -> str:
@@ -126,6 +131,7 @@ def _validate(path, tokenizer, max_length, tokens_per_second) -> tuple[Report, l
         examples, rendered, found = _render_all(examples, tokenizer, max_length)
         issues += found
         _add_token_numbers(report, TokenStats.from_rendered(examples, rendered, max_length), tokens_per_second)
+        _add_dpo_numbers(report, [e for e in examples if e.kind == "preference"], tokenizer, max_length)
     issues.sort(key=lambda i: (i.line is not None, i.line or 0))  # whole-file problems first
     report.errors = [i for i in issues if i.severity == "error"]
     report.warnings = [i for i in issues if i.severity == "warning"]
@@ -207,6 +213,20 @@ def _add_token_numbers(report: Report, stats: TokenStats, tokens_per_second: flo
         )
 
 
+def _add_dpo_numbers(report: Report, pairs: list[Example], tokenizer, max_length: int) -> None:
+    """The statistics above count a preference pair as its prompt and preferred answer (what
+    supervised training reads); DPO reads both answers, so its tokens and time are given beside."""
+    if not pairs:
+        return
+    report.dpo_tokens = sum(
+        len(r.input_ids) for e in pairs for r in render_preference(e, tokenizer, max_length)
+    )
+    if report.n_epochs:
+        report.estimated_local_seconds_dpo = estimate_local_seconds(
+            report.dpo_tokens * report.n_epochs, report.tokens_per_second
+        )
+
+
 # --- text report ------------------------------------------------------------------------------------
 
 
@@ -246,6 +266,10 @@ def _stats_lines(report: Report) -> list[str]:
             f"Estimated local training time: {_duration(report.estimated_local_seconds)} "
             f"at {report.tokens_per_second:,.0f} tokens/s"
         )
+    if report.dpo_tokens is not None:
+        when = report.estimated_local_seconds_dpo
+        lines.append(f"As DPO (both answers of each pair): {report.dpo_tokens:,} tokens per epoch"
+                     + (f", about {_duration(when)} here" if when is not None else ""))
     return lines
 
 
