@@ -143,14 +143,16 @@ def data_convert(
     completion_col: Annotated[str | None, typer.Option(help="Column with the answer.")] = None,
     text_col: Annotated[str | None, typer.Option(help="Classification: column with the text.")] = None,
     label_col: Annotated[str | None, typer.Option(help="Classification: column with the label.")] = None,
+    chosen_col: Annotated[str | None, typer.Option(help="Preference pairs: column with the preferred answer.")] = None,
+    rejected_col: Annotated[str | None, typer.Option(help="Preference pairs: column with the other answer.")] = None,
     system: Annotated[str | None, typer.Option(help="System message for every example.")] = None,
     json_out: JsonOpt = False,
 ):
-    """Convert a CSV file into chat JSONL (prompt/completion or text/label columns)."""
+    """Convert a CSV file into JSONL: prompt/completion, text/label or prompt/chosen/rejected columns."""
     from .data.convert import from_csv, write_jsonl
 
-    rows = from_csv(file, prompt_col=prompt_col, completion_col=completion_col,
-                    text_col=text_col, label_col=label_col, system=system)
+    rows = from_csv(file, prompt_col=prompt_col, completion_col=completion_col, text_col=text_col,
+                    label_col=label_col, chosen_col=chosen_col, rejected_col=rejected_col, system=system)
     write_jsonl(rows, out)
     if json_out:
         _print_json({"out": str(out), "n_examples": len(rows)})

@@ -42,11 +42,26 @@ def test_text_only_rows():
     assert from_dataframe(pd.DataFrame({"body": ["one", "two"]}), text_col="body") == [{"text": "one"}, {"text": "two"}]
 
 
+def test_preference_pairs_for_dpo(tmp_path):
+    df = pd.DataFrame({"q": [f"Say hello to {i}." for i in range(10)], "good": [f"Hello, {i}!" for i in range(10)],
+                       "bad": ["No."] * 10})
+    rows = from_dataframe(df, prompt_col="q", chosen_col="good", rejected_col="bad", system="Be kind.")
+    assert rows[3] == {
+        "input": {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hello to 3."}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello, 3!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "No."}],
+    }
+    report = validate_file(write_jsonl(rows, tmp_path / "pairs.jsonl"))
+    assert report.ok and report.format == "preference"
+
+
 @pytest.mark.parametrize("kwargs", [
     {},
     {"prompt_col": "q"},
     {"prompt_col": "q", "completion_col": "a", "label_col": "y"},
     {"text_col": "q", "system": "s"},
+    {"prompt_col": "q", "chosen_col": "a"},  # a pair needs its other answer
+    {"prompt_col": "q", "completion_col": "a", "chosen_col": "a", "rejected_col": "a"},
 ])
 def test_column_choice_must_name_one_mode(kwargs):
     with pytest.raises(ConvertError, match="prompt \\+ completion \\(chat\\)"):

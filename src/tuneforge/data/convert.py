@@ -5,6 +5,9 @@ A table has no single obvious mapping to a conversation, so the user names the c
   text_col + label_col          classification: user = text, assistant = label, and a system prompt
                                 listing the label set so the model knows its choices
   text_col alone                {"text": ...} rows for continued pre-training
+  prompt_col + chosen_col + rejected_col
+                                preference pairs for DPO (OpenAI's shape): user = prompt, the
+                                preferred and the non-preferred assistant answer
 Rows are numbered as in the CSV file, with the header as row 1, so errors point at the right row.
 """
 
@@ -32,11 +35,15 @@ def from_dataframe(
     completion_col: str | None = None,
     text_col: str | None = None,
     label_col: str | None = None,
+    chosen_col: str | None = None,
+    rejected_col: str | None = None,
     system: str | None = None,
 ) -> list[dict[str, Any]]:
-    columns = _columns_for_mode(prompt_col, completion_col, text_col, label_col, system)
+    columns = _columns_for_mode(prompt_col, completion_col, text_col, label_col, chosen_col, rejected_col, system)
     _require_columns(df, columns)
     cells = _cells(df, columns)
+    if chosen_col:
+        return [_pair(system, row[prompt_col], row[chosen_col], row[rejected_col]) for row in cells]
     if prompt_col:
         return [_chat(system, row[prompt_col], row[completion_col]) for row in cells]
     if label_col:
@@ -74,16 +81,16 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _columns_for_mode(prompt_col, completion_col, text_col, label_col, system) -> list[str]:
-    if prompt_col and completion_col and not (text_col or label_col):
-        return [prompt_col, completion_col]
-    if text_col and label_col and not (prompt_col or completion_col):
-        return [text_col, label_col]
-    if text_col and not (prompt_col or completion_col or label_col or system):
+def _columns_for_mode(prompt_col, completion_col, text_col, label_col, chosen_col, rejected_col, system) -> list[str]:
+    named = [c for c in (prompt_col, completion_col, text_col, label_col, chosen_col, rejected_col) if c]
+    for mode in ([prompt_col, completion_col], [text_col, label_col], [prompt_col, chosen_col, rejected_col]):
+        if all(mode) and len(named) == len(mode):
+            return mode
+    if text_col and len(named) == 1 and not system:
         return [text_col]
     raise ConvertError(
-        "name the columns as prompt + completion (chat), text + label (classification) "
-        "or text alone (raw text, which takes no system prompt)"
+        "name the columns as prompt + completion (chat), text + label (classification), "
+        "prompt + chosen + rejected (preference pairs) or text alone (raw text, which takes no system prompt)"
     )
 
 
@@ -113,6 +120,15 @@ def _text(value: Any) -> str:
     if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return ""
     return str(value).strip()
+
+
+def _pair(system: str | None, user: str, chosen: str, rejected: str) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {
+        "input": {"messages": messages + [{"role": "user", "content": user}]},
+        "preferred_output": [{"role": "assistant", "content": chosen}],
+        "non_preferred_output": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def _chat(system: str | None, user: str, assistant: str) -> dict[str, Any]:
