@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -77,3 +79,24 @@ def test_dashboard_is_served_without_shadowing_the_api(client):
         assert client.get(f"/ui/{asset}").status_code == 200
     r = client.get("/v1/no/such/route")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_usage_and_stored_completions_back_into_a_training_file(client):
+    ask = {"model": "tiny-llama", "max_tokens": 3}
+    for i, rating in enumerate(("good", "bad", "good")):
+        r = client.post("/v1/chat/completions", json=ask | {
+            "messages": [{"role": "user", "content": f"question {i}"}], "store": True, "metadata": {"rating": rating}})
+        assert r.status_code == 200, r.text
+    client.post("/v1/chat/completions", json=ask | {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
+
+    rows = {r["model"]: r for r in client.get("/v1/tuneforge/usage", params={"days": 1}).json()["data"]}
+    assert rows["tiny-llama"]["requests"] == 3 and rows["tiny-llama"]["completion_tokens"] > 0
+    assert rows["no-such-model"]["errors"] == 1 and rows["tiny-llama"]["mean_latency_ms"] > 0
+
+    made = client.post("/v1/tuneforge/stored_completions/training_file", params={"metadata[rating]": "good"}).json()
+    assert made["object"] == "file" and made["purpose"] == "fine-tune" and made["filename"] == "stored-completions.jsonl"
+    lines = client.get(f"/v1/files/{made['id']}/content").text.splitlines()
+    assert [json.loads(x)["messages"][0]["content"] for x in lines] == ["question 0", "question 2"]
+    assert client.get(f"/v1/files/{made['id']}/report", params={"model": "tiny-llama"}).json()["format"] == "chat"
+    none = client.post("/v1/tuneforge/stored_completions/training_file", params={"metadata[rating]": "meh"})
+    assert none.status_code == 400 and none.json()["error"]["code"] == "no_stored_completions"

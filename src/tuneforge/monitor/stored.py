@@ -48,5 +48,9 @@ def _training_message(m: dict) -> dict:
     return {"role": chat_role(m["role"]), **{k: v for k, v in m.items() if k not in ("role", "id")}}
 
 
+def jsonl_bytes(examples: list[dict]) -> bytes:
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode()
+
+
 def write_jsonl(examples: list[dict], path: Path) -> None:
-    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    path.write_bytes(jsonl_bytes(examples))

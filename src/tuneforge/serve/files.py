@@ -82,6 +82,21 @@ async def create_file(request: Request, db: Session, caller: Principal, settings
     return file_object(row)
 
 
+def store_file(db: Session, caller: Principal, settings: Settings, filename: str, content: bytes,
+               purpose: str = "fine-tune") -> FileObject:
+    """A file made by the server (not uploaded), stored and listed like an upload."""
+    file_id = new_id("file-")
+    dest = blobs.blob_path(settings.files_dir, file_id)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(content)
+    dest = _keep_extension(dest, filename)
+    row = FileRow(id=file_id, project=caller.project, filename=filename, purpose=purpose, bytes=len(content),
+                  path=str(dest))
+    db.add(row)
+    db.commit()
+    return file_object(row)
+
+
 def list_files(db: Session, caller: Principal, after: str | None, limit: int, order: str,
                purpose: str | None) -> FileList:
     check_limit(limit, 10000)

@@ -20,13 +20,16 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
 from ..models.catalogue import ModelNotFound, available
 from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow
-from .deps import DB, Caller
+from .deps import DB, Caller, SettingsDep
 from .errors import APIError, bad_request, not_found
+from .files import store_file
+from .metadata import metadata_filter
+from .protocol import FileObject
 
 router = APIRouter(prefix="/v1", tags=["tuneforge"])
 
@@ -137,3 +140,32 @@ def tuned_models(db: DB, caller: Caller):
         for m in models
     ]
     return {"object": "list", "data": data, "checkpoints": checkpoints}
+
+
+# --- monitoring: served traffic, and stored completions back into training data ---------------------
+
+
+@router.get("/tuneforge/usage")
+def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
+    """Requests, tokens, errors and mean latency per model for the caller's project (monitor.usage),
+    over the last `days` or all time."""
+    from ..monitor.usage import summary
+    from ..store.database import now
+
+    rows = summary(caller.project, since=now() - days * 86400 if days else None)
+    return {"object": "list", "data": [{k: v for k, v in r.items() if k != "project"} for r in rows]}
+
+
+@router.post("/tuneforge/stored_completions/training_file", response_model=FileObject)
+def stored_training_file(request: Request, caller: Caller, db: DB, settings: SettingsDep,
+                         model: Annotated[str | None, Query()] = None):
+    """The caller's stored chat completions (of `model`, with every `metadata[k]=v` asked) as a chat
+    JSONL file with purpose fine-tune: what `tuneforge data stored` writes, ready for a new job."""
+    from ..monitor.stored import jsonl_bytes, training_examples
+
+    wanted = metadata_filter(request)
+    examples = training_examples(caller.project, model, wanted)
+    if not examples:
+        raise bad_request("No stored chat completion matches (store: true, with the model and metadata asked)",
+                          param="metadata", code="no_stored_completions")
+    return store_file(db, caller, settings, "stored-completions.jsonl", jsonl_bytes(examples))
