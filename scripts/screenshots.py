@@ -47,6 +47,10 @@ def main() -> int:
         if job["status"] != "succeeded":
             say(f"the demo job ended {job['status']}: {job.get('error')}")
             return 1
+        for question, rating in (("How do I reset my password?", "good"), ("Can I change my plan?", "needs-work")):
+            srv.api("POST", "/v1/chat/completions", {
+                "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": rating},
+                "messages": [{"role": "user", "content": question}]})
         other = srv.api("POST", "/v1/fine_tuning/jobs", {"model": base, "training_file": good["id"], "suffix": "draft"})
         srv.api("POST", f"/v1/fine_tuning/jobs/{other['id']}/cancel")
 
@@ -75,6 +79,7 @@ def main() -> int:
                 shot("upload-report", f"upload/{good['id']}?model={base}", "[data-test=report-stats]")
                 shot("job-detail", f"jobs/{job['id']}", "[data-test=loss-chart] path[data-series=train]")
                 shot("models", "models", "[data-test=models-table]")
+                shot("monitor", "monitor", "[data-test=stored-table]")
 
                 def chat():
                     page.check("#pg-compare")

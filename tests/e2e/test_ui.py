@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 
 import pytest
 
@@ -198,6 +199,27 @@ def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
     assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["n_epochs"] == 1
 
 
+def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions(page, server):
+    for i, rating in enumerate(("good", "bad", "good")):
+        server.api("POST", "/v1/chat/completions", {
+            "model": "tiny-llama", "max_tokens": 3, "store": True, "metadata": {"rating": rating, "run": "monitor"},
+            "messages": [{"role": "user", "content": f"monitor question {i}"}]})
+    page.goto(server.url + "/#/monitor")
+    expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_be_visible()
+    page.fill("#stored-metadata", "run=monitor, rating=good")
+    page.click("#stored-filter")
+    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(2)
+    page.click("#stored-make-file")
+    page.click("[data-test=train-on-it]")
+    page.wait_for_url(re.compile(r".*#/jobs/new\?file=file-.*"))
+    file_id = page.url.rsplit("=", 1)[-1]
+    expect(page.locator("#f-training_file")).to_have_value(file_id)
+    content = urllib.request.urlopen(urllib.request.Request(
+        f"{server.url}/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {server.key}"})).read().decode()
+    assert [json.loads(x)["messages"][0]["content"] for x in content.splitlines()] == [
+        "monitor question 0", "monitor question 2"]
+
+
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
     job = server.api("POST", "/v1/fine_tuning/jobs",
@@ -216,7 +238,7 @@ def test_narrow_window_has_no_horizontal_scroll(browser, server):
     ctx = browser.new_context(viewport={"width": 420, "height": 800})
     ctx.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(server.key)})")
     pg = ctx.new_page()
-    for route in ("jobs", "jobs/new", "upload", "playground", "models"):
+    for route in ("jobs", "jobs/new", "upload", "playground", "models", "monitor"):
         pg.goto(f"{server.url}/#/{route}")
         expect(pg.locator("h1")).to_be_visible()
         pg.wait_for_timeout(300)

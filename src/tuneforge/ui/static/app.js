@@ -1075,6 +1075,74 @@ async function viewModels(root) {
   await load();
 }
 
+// -------------------------------------------------------------------------------------------- monitor
+
+/** Served traffic (usage per model) and stored completions, which can become the next training file. */
+async function viewMonitor(root) {
+  root.append(pageHead("Monitor", "Traffic this project's models served, and the completions kept with store: true - the way back to training data."));
+  const days = h("select", { id: "usage-days", "aria-label": "Period", style: "width:auto" },
+    h("option", { value: "1" }, "Last 24 hours"), h("option", { value: "7" }, "Last 7 days"), h("option", { value: "" }, "All time"));
+  const usageBody = h("div", { "data-test": "usage" });
+  root.append(h("div", { class: "card" }, h("div", { class: "row between" }, h("h2", {}, "Traffic"), days), usageBody));
+  const loadUsage = async () => {
+    const q = days.value ? `?days=${days.value}` : "";
+    const rows = (await api(`/v1/tuneforge/usage${q}`)).data;
+    if (!rows.length) { put(usageBody, h("p", { class: "muted" }, "No requests in this period.")); return; }
+    put(usageBody, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "usage-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Prompt tokens"),
+        h("th", { class: "num" }, "Completion tokens"), h("th", { class: "num" }, "Errors"), h("th", { class: "num" }, "Mean latency"))),
+      h("tbody", {}, rows.map((r) => h("tr", { "data-model": r.model || "" },
+        r.model ? h("td", { class: "mono small break grow" }, r.model) : h("td", { class: "muted small grow" }, "other calls (files, jobs, models)"),
+        h("td", { class: "num", title: "requests" }, `${fmt.int(r.requests)} req`),
+        h("td", { class: "num hide-narrow" }, fmt.int(r.prompt_tokens)), h("td", { class: "num hide-narrow" }, fmt.int(r.completion_tokens)),
+        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`)))))));
+  };
+  days.addEventListener("change", () => loadUsage().catch((e) => toast(e.message, true)));
+
+  const model = h("input", { type: "text", id: "stored-model", placeholder: "any model", autocomplete: "off" });
+  const meta = h("input", { type: "text", id: "stored-metadata", placeholder: "e.g. rating=good", autocomplete: "off" });
+  const storedBody = h("div", { "data-test": "stored" });
+  const made = h("div", { "data-test": "made-file" });
+  const query = () => {
+    const q = new URLSearchParams();
+    if (model.value.trim()) q.set("model", model.value.trim());
+    for (const pair of meta.value.split(",").map((x) => x.trim()).filter(Boolean)) {
+      const at = pair.indexOf("=");
+      if (at > 0) q.set(`metadata[${pair.slice(0, at).trim()}]`, pair.slice(at + 1).trim());
+    }
+    return q;
+  };
+  const loadStored = async () => {
+    const q = query();
+    q.set("limit", "100");
+    const rows = (await api(`/v1/chat/completions?${q}`)).data;
+    if (!rows.length) { put(storedBody, h("p", { class: "muted" }, "No stored completion matches. Ask with store: true (and metadata) to keep one.")); return; }
+    put(storedBody, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "stored-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Created"), h("th", {}, "Model"), h("th", {}, "Metadata"), h("th", {}, "Answer"))),
+      h("tbody", {}, rows.map((c) => h("tr", { "data-id": c.id },
+        h("td", { class: "nowrap" }, fmt.time(c.created)), h("td", { class: "mono small break grow" }, c.model),
+        h("td", { class: "small" }, Object.entries(c.metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—"),
+        h("td", { class: "small" }, ((c.choices[0] && c.choices[0].message.content) || "").slice(0, 120))))))));
+  };
+  const makeFile = async () => {
+    try {
+      const file = await api(`/v1/tuneforge/stored_completions/training_file?${query()}`, { method: "POST" });
+      put(made, h("div", { class: "callout ok" }, h("div", {}, h("strong", {}, `Training file ${file.id} created`),
+        " from the completions listed. ", h("a", { href: `#/upload/${file.id}` }, "Review it"), " · ",
+        h("a", { href: `#/jobs/new?file=${file.id}`, "data-test": "train-on-it" }, "Fine-tune on it →"))));
+    } catch (e) { put(made, h("div", { class: "callout bad" }, h("div", {}, e.message))); }
+  };
+  root.append(h("div", { class: "card" }, h("h2", {}, "Stored completions"),
+    h("div", { class: "form-grid three" },
+      h("label", { class: "field" }, h("span", {}, "Model"), model),
+      h("label", { class: "field" }, h("span", {}, "Metadata ", h("span", { class: "hint" }, "key=value, comma-separated")), meta),
+      h("div", { class: "row end" },
+        h("button", { type: "button", class: "btn", id: "stored-filter", onclick: () => loadStored().catch((e) => toast(e.message, true)) }, "Filter"),
+        h("button", { type: "button", class: "btn primary", id: "stored-make-file", onclick: makeFile }, "Make a training file"))),
+    made, storedBody));
+  await Promise.all([loadUsage(), loadStored()]);
+}
+
 // -------------------------------------------------------------------------------------------- router
 
 let cleanup = null;
@@ -1091,7 +1159,7 @@ async function route() {
   const root = h("div", { class: "page", "data-page": parts[0] });
   put(view, root);
   for (const a of document.querySelectorAll("[data-nav]")) a.classList.toggle("active", a.dataset.nav === parts[0]);
-  const titles = { jobs: "Fine-tuning", upload: "Upload", playground: "Playground", models: "Models" };
+  const titles = { jobs: "Fine-tuning", upload: "Upload", playground: "Playground", models: "Models", monitor: "Monitor" };
   document.title = `${titles[parts[0]] || "tuneforge"} · tuneforge`;
   if (!auth.key) {
     root.append(h("div", { class: "card" }, h("div", { class: "callout info" }, h("div", {},
@@ -1107,6 +1175,7 @@ async function route() {
     else if (parts[0] === "upload") done = await viewUpload(root, params, parts[1]);
     else if (parts[0] === "playground") done = await viewPlayground(root, params);
     else if (parts[0] === "models") done = await viewModels(root);
+    else if (parts[0] === "monitor") done = await viewMonitor(root);
     else done = await viewJobs(root);
     if (gen !== generation) { if (typeof done === "function") done(); return; }
     cleanup = typeof done === "function" ? done : null;
