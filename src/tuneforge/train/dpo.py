@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 from ..data.example import Example
 from ..data.pack import Batch, pack
-from ..data.render import IGNORE, Rendered, render_preference
-from .attention import packed
+from ..data.render import Rendered, render_preference
 from .device import autocast
-from .loss import CHUNK, causal_lm, token_losses
+from .loss import CHUNK, label_losses
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -72,21 +71,22 @@ class SequenceOut:
 
 def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
     """Summed log-probability of each packed sequence's labels. The vocabulary projection runs only
-    on label positions, a chunk at a time (train.loss.token_losses: with LoRA's frozen output layer,
+    on label positions, a chunk at a time (train.loss.label_losses: with LoRA's frozen output layer,
     the one-pass kernel supervised training uses)."""
-    lm = causal_lm(model)
-    with packed(lm, batch.position_ids, batch.real):
-        out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    mask = batch.targets != IGNORE
-    hidden, targets, owner = out.last_hidden_state[mask], batch.targets[mask], batch.example[mask]
-    nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk, uniform=False)
-    logps = -nll
-    zeros = torch.zeros(batch.n_examples, dtype=torch.float32, device=hidden.device)
+    nll, hits, mask = label_losses(model, batch, chunk, uniform=False)
+    owner, logps = batch.example[mask], -nll
+    zeros = torch.zeros(batch.n_examples, dtype=torch.float32, device=nll.device)
     return SequenceOut(
         logps=zeros.index_add(0, owner, logps),
         n_tokens=zeros.index_add(0, owner, torch.ones_like(logps)),
         n_correct=zeros.index_add(0, owner, hits.float()),
     )
+
+
+def _pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_id: int, device) -> Batch:
+    """Both answers of every pair in padding-free rows: sequence 2i is pair i's preferred answer,
+    2i + 1 its other one."""
+    return pack([r for p in pairs for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
 
 
 @dataclass
@@ -110,8 +110,7 @@ def pair_losses(model, pairs: list[Pair], reference: torch.Tensor, beta: float, 
     """DPO losses of `pairs`, whose reference log-probabilities are reference[:, 0] (preferred) and
     reference[:, 1] (non-preferred)."""
     device = next(model.parameters()).device
-    batch = pack([r for p in pairs for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
-    out = sequence_logps(model, batch)
+    out = sequence_logps(model, _pack_pairs(pairs, max_row_tokens, pad_id, device))
     ratios = out.logps.view(-1, 2) - reference.to(device)
     margins = beta * (ratios[:, 0] - ratios[:, 1])
     return PairsOut(
@@ -131,8 +130,7 @@ def pair_logps(model, pairs: list[Pair], *, batch_size: int, max_row_tokens: int
     model.eval()
     rows = []
     for i in range(0, len(pairs), batch_size):
-        part = pairs[i : i + batch_size]
-        batch = pack([r for p in part for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
+        batch = _pack_pairs(pairs[i : i + batch_size], max_row_tokens, pad_id, device)
         with autocast(device, dtype):
             rows.append(sequence_logps(model, batch).logps.view(-1, 2).cpu())
     model.train(was_training)

@@ -179,16 +179,21 @@ def fusable(head, config) -> bool:
     )
 
 
-def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
+def label_losses(model, batch: Batch, chunk: int = CHUNK, uniform: bool = True):
+    """The decoder over a packed batch (attention kept inside each example), then token_losses at the
+    label positions only: (cross-entropy of each, whether predicted, the [rows, length] label mask)."""
     lm = causal_lm(model)
     with packed(lm, batch.position_ids, batch.real):
         out = lm.get_decoder()(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
         )
     mask = batch.targets != IGNORE
-    hidden = out.last_hidden_state[mask]
-    targets = batch.targets[mask]
-    nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk)
-    total, correct = nll.sum(), hits.sum()
-    n = len(targets)
-    return LossOut(total / max(n, 1), n, int(correct))
+    hidden, targets = out.last_hidden_state[mask], batch.targets[mask]
+    nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk, uniform)
+    return nll, hits, mask
+
+
+def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
+    nll, hits, _ = label_losses(model, batch, chunk)
+    n = len(nll)
+    return LossOut(nll.sum() / max(n, 1), n, int(hits.sum()))
