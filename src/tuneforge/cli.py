@@ -117,6 +117,7 @@ def data_stored(
 ):
     """Write the server's stored chat completions (`store: true`) as chat JSONL: training data again."""
     from .monitor.stored import training_examples, write_jsonl
+    from .store.database import session
 
     wanted = {}
     for pair in metadata or []:
@@ -124,7 +125,8 @@ def data_stored(
         if not sep or not key:
             raise ValueError(f"--metadata {pair!r}: expected key=value")
         wanted[key] = value
-    examples = training_examples(project, model, wanted, database_url)
+    with session(database_url) as s:
+        examples = training_examples(s, project, model, wanted)
     if not examples:
         raise ValueError(f"no stored completions in project {project!r} match (model={model}, metadata={wanted})")
     write_jsonl(examples, out)

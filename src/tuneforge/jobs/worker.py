@@ -205,12 +205,11 @@ class JobRunner:
                 where = f" (line {first.line})" if first.line else ""
                 more = f"; {len(report.errors) - 1} more error(s)" if len(report.errors) > 1 else ""
                 raise JobFailed(first.code, f"{name}: {first.message}{where}{more}", param)
-            if self.job.method == "dpo":
-                other = next((e for e in parse_file(path).examples if e.kind != "preference"), None)
-                if other is not None:
-                    raise JobFailed("invalid_preference_data", f"{name}: a DPO job trains on preference pairs "
-                                    '({"input", "preferred_output", "non_preferred_output"}); line '
-                                    f"{other.line} is a {other.kind} example", param)
+            if self.job.method == "dpo" and report.format != "preference":  # a valid file has one format
+                other = next(e for e in parse_file(path).examples if e.kind != "preference")  # to name its line
+                raise JobFailed("invalid_preference_data", f"{name}: a DPO job trains on preference pairs "
+                                '({"input", "preferred_output", "non_preferred_output"}); line '
+                                f"{other.line} is a {other.kind} example", param)
 
     def _step_aside(self) -> None:
         """The API changed the job (paused, cancelled) between two of our steps: let it go."""

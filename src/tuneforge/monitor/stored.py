@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..data.formats import chat_role
-from ..store.database import StoredCompletionRow, metadata_matches, session
+from ..store.database import StoredCompletionRow, metadata_matches
 
 
 def find_stored(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None,
@@ -29,13 +29,11 @@ def find_stored(s: Session, project: str, model: str | None = None, metadata: di
     return [r for r in s.scalars(stmt.order_by(by_seq)).all() if metadata_matches(r.meta, metadata or {})]
 
 
-def training_examples(project: str = "default", model: str | None = None, metadata: dict[str, str] | None = None,
-                      database_url: str | None = None) -> list[dict]:
+def training_examples(s: Session, project: str = "default", model: str | None = None,
+                      metadata: dict[str, str] | None = None) -> list[dict]:
     """One {"messages": [...]} per stored completion of `project` (oldest first) that matches."""
-    with session(database_url) as s:
-        rows = find_stored(s, project, model, metadata)
     out = []
-    for row in rows:
+    for row in find_stored(s, project, model, metadata):
         answer = row.completion["choices"][0]["message"].get("content")
         if not (answer or "").strip():
             continue  # nothing to learn from (an empty or refused answer), and the validator agrees

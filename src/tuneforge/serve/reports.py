@@ -164,7 +164,7 @@ def stored_training_file(request: Request, caller: Caller, db: DB, settings: Set
     from ..monitor.stored import jsonl_bytes, training_examples
 
     wanted = metadata_filter(request)
-    examples = training_examples(caller.project, model, wanted)
+    examples = training_examples(db, caller.project, model, wanted)  # in this request's session
     if not examples:
         raise bad_request("No stored chat completion matches (store: true, with the model and metadata asked)",
                           param="metadata", code="no_stored_completions")
