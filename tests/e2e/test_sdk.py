@@ -432,14 +432,24 @@ def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
         assert done.status == "succeeded", done.error
         ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
         assert len(ckpts) == 2 and ckpts[0].metrics.valid_loss < ckpts[1].metrics.valid_loss + 0.5
+        reply_system = "You are a tutor who explains machine learning in the style of William Shakespeare."
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, temperature=0, max_tokens=80,
-            messages=[{"role": "system", "content": "You are a tutor who explains machine learning in the style "
-                                                    "of William Shakespeare."},
+            messages=[{"role": "system", "content": reply_system},
                       {"role": "user", "content": "What is the curse of dimensionality?"}],
         )
         answer = reply.choices[0].message.content.lower()
         assert any(w in answer.replace(",", " ").split() for w in SHAKESPEAREAN), answer
+
+        # the Responses API answers the same model the same way: instructions are the system message
+        ask = dict(model=done.fine_tuned_model, temperature=0, max_output_tokens=400,
+                   instructions=reply_system, input="What is the curse of dimensionality?")
+        response = client.responses.create(**ask)
+        assert response.status == "completed", response.incomplete_details  # it ends its answer itself
+        assert response.output_text.lower().startswith(answer)  # greedy both times; chat stopped at 80 tokens
+        with client.responses.stream(**ask) as stream:
+            streamed = stream.get_final_response()
+        assert streamed.output_text == response.output_text and streamed.usage == response.usage
     finally:
         srv.stop()
 

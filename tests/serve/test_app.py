@@ -162,3 +162,21 @@ def test_stored_completions_round_trip_in_the_database(client):
         "id": kept["id"], "object": "chat.completion.deleted", "deleted": True}
     r = client.get(f"/v1/chat/completions/{kept['id']}")
     assert r.status_code == 404 and r.json()["error"]["param"] == "completion_id"
+
+
+def test_kept_responses_round_trip_in_the_database(client):
+    # (the SDK-level test is tests/e2e/test_responses.py; this one also runs against PostgreSQL)
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "temperature": 1}
+    first = client.post("/v1/responses", json=ask | {"metadata": {"k": "v"}}).json()
+    assert client.get(f"/v1/responses/{first['id']}").json() == first
+    items = client.get(f"/v1/responses/{first['id']}/input_items").json()
+    assert [(i["role"], i["content"]) for i in items["data"]] == [("user", [{"type": "input_text", "text": "hi"}])]
+    second = client.post("/v1/responses", json=ask | {"input": "again", "previous_response_id": first["id"]}).json()
+    alone = client.post("/v1/responses", json=ask | {"input": "again", "store": False}).json()
+    assert second["usage"]["input_tokens"] > alone["usage"]["input_tokens"]  # the first turn came along
+    assert client.get(f"/v1/responses/{alone['id']}").status_code == 404
+    assert client.delete(f"/v1/responses/{first['id']}").json() == {
+        "id": first["id"], "object": "response.deleted", "deleted": True}
+    r = client.get(f"/v1/responses/{first['id']}")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "response_id"
+    assert client.get(f"/v1/responses/{second['id']}").json()["previous_response_id"] == first["id"]

@@ -27,7 +27,7 @@ from ..settings import Settings, get_settings
 from ..store.database import get_engine, session_factory
 from ..store.keys import ensure_initial_key
 from ..ui import mount_ui
-from . import chat, errors, files, fine_tuning, models, reports, stored
+from . import chat, errors, files, fine_tuning, models, reports, responses, stored
 from .engine import Engine
 
 log = logging.getLogger("tuneforge.serve")
@@ -81,13 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="tuneforge",
         version=__version__,
-        description="OpenAI-compatible fine-tuning server: files, fine-tuning jobs, models, chat.",
+        description="OpenAI-compatible fine-tuning server: files, fine-tuning jobs, models, chat, responses.",
     )
     app.state.settings = settings
     app.state.sessions = session_factory(url)
     app.state.engine = Engine()
     errors.install(app)
-    for module in (files, fine_tuning, models, chat, stored):
+    for module in (files, fine_tuning, models, chat, stored, responses):
         app.include_router(module.router)
     app.include_router(reports.router)  # tuneforge's own: upload report, model sizes (the dashboard uses them)
 

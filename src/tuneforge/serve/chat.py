@@ -46,10 +46,13 @@ DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI's default is "up to the context"; a bou
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy endpoint's documented default
 
 
-def _samplings(req: SamplingParams, max_tokens: int | None, default_max: int, prompt_tokens: int,
-               context: int, copies: int = 1) -> list[Sampling]:
+def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, prompt_tokens: int,
+               context: int, copies: int = 1, names: tuple[str, str] = ("max_tokens", "messages")) -> list[Sampling]:
     """Check the sampling parameters (400 with the parameter named, as OpenAI answers) and build
-    one Sampling per choice; choice i of a seeded request uses seed+i, so choices differ but repeat."""
+    one Sampling per choice; choice i of a seeded request uses seed+i, so choices differ but repeat.
+    `names`: what the request calls its token limit and its prompt (the Responses API:
+    max_output_tokens, input)."""
+    max_name, prompt_name = names
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
@@ -73,13 +76,13 @@ def _samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pr
     room = context - prompt_tokens
     if room < 1:
         raise bad_request(f"This model's maximum context length is {context} tokens; the prompt has "
-                          f"{prompt_tokens}.", param="messages", code="context_length_exceeded")
+                          f"{prompt_tokens}.", param=prompt_name, code="context_length_exceeded")
     if max_tokens is not None and max_tokens < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens", code="invalid_value")
+        raise bad_request(f"{max_name} must be at least 1, got {max_tokens}", param=max_name, code="invalid_value")
     if max_tokens is not None and max_tokens > room:
         raise bad_request(f"This model's maximum context length is {context} tokens. You requested "
                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
-                          "the completion).", param="max_tokens", code="context_length_exceeded")
+                          "the completion).", param=max_name, code="context_length_exceeded")
     limit = max_tokens if max_tokens is not None else min(default_max, room)
     seeds = [None if req.seed is None else req.seed + i for i in range(n * copies)]
     return [Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, stop=stop or None, seed=sd)
@@ -100,20 +103,21 @@ def _usage(prompt_tokens: int, results: list[Completion]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 
 
-def _note_usage(request: Request, model: str, usage: Usage | None) -> None:
+def note_usage(request: Request, model: str, usage: Usage | None) -> None:
     request.state.model = model
     if usage is not None:
         request.state.prompt_tokens = usage.prompt_tokens
         request.state.completion_tokens = usage.completion_tokens
 
 
-def _measure(engine: Engine, target: Target, prompt: list[dict] | str) -> tuple[int, int]:
+def measure_prompt(engine: Engine, target: Target, prompt: list[dict] | str, param: str = "messages") -> tuple[int, int]:
+    """(prompt tokens, the model's context length); `param`: what the request calls its prompt."""
     try:
         return engine.prompt_length(target, prompt)
     except APIError:
         raise
     except Exception as err:  # e.g. a chat template that rejects this sequence of roles
-        raise bad_request(f"The model's chat template cannot render these messages: {err}", param="messages",
+        raise bad_request(f"The model's chat template cannot render these messages: {err}", param=param,
                           code="invalid_messages") from err
 
 
@@ -125,10 +129,10 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     request.state.model = req.model
     target = resolve_model(db, caller, req.model)
     messages = _chat_messages(req)
-    prompt_tokens, context = _measure(engine, target, messages)
-    samplings = _samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
-                           prompt_tokens, context)
-    work = [(messages, s) for s in samplings]
+    prompt_tokens, context = measure_prompt(engine, target, messages)
+    choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
+                        prompt_tokens, context)
+    work = [(messages, s) for s in choices]
     check_metadata(req.metadata)
     cid, created = "chatcmpl-" + new_id("", 29), int(time.time())
 
@@ -146,18 +150,18 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        finished = (lambda results: _in_own_session(request, keep, results)) if req.store else None
+        finished = (lambda results: in_own_session(request, keep, results)) if req.store else None
         return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
                                           include_usage, request, finished))
     results = engine.complete(target, work)
     done = completion(results)
-    _note_usage(request, req.model, done.usage)
+    note_usage(request, req.model, done.usage)
     if req.store:
         keep(results, db)
     return done
 
 
-def _in_own_session(request: Request, fn, *args) -> None:
+def in_own_session(request: Request, fn, *args) -> None:
     # a streamed response outlives the request's database session
     with request.app.state.sessions() as db:
         fn(*args, db)
@@ -174,9 +178,9 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     if req.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", param="suffix",
                           code="unsupported_parameter")
-    lengths = [_measure(engine, target, p) for p in prompts]
+    lengths = [measure_prompt(engine, target, p) for p in prompts]
     prompt_tokens, context = max(n for n, _ in lengths), lengths[0][1]
-    per_prompt = _samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context)
+    per_prompt = samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context)
     work = [(p, s) for p in prompts for s in per_prompt]
     total_prompt = sum(n for n, _ in lengths)
     cid, created = "cmpl-" + new_id("", 29), int(time.time())
@@ -186,7 +190,7 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
                                           include_usage, bool(req.echo), request))
     results = engine.complete(target, work)
     usage = _usage(total_prompt, results)
-    _note_usage(request, req.model, usage)
+    note_usage(request, req.model, usage)
     return TextCompletion(
         id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
         choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason)
@@ -207,7 +211,7 @@ def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, str | Completion]]:
+async def generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, str | Completion]]:
     q = engine.stream(target, work)
     while True:
         item = await anyio.to_thread.run_sync(q.get)
@@ -229,7 +233,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
     results: dict[int, Completion] = {}  # by choice index
     started: set[int] = set()
     try:
-        async for i, item in _generated(engine, target, work):
+        async for i, item in generated(engine, target, work):
             if i not in started:
                 started.add(i)
                 yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
@@ -243,7 +247,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
         return
     done = [results[i] for i in sorted(results)]
     usage = _usage(prompt_tokens, done)
-    _note_usage(request, model, usage)
+    note_usage(request, model, usage)
     if finished is not None:  # the caller keeps it (store=true)
         await anyio.to_thread.run_sync(finished, done)
     if include_usage:
@@ -261,7 +265,7 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
     results: list[Completion] = []
     started: set[int] = set()
     try:
-        async for i, item in _generated(engine, target, work):
+        async for i, item in generated(engine, target, work):
             if echo and i not in started:
                 started.add(i)
                 yield chunk(i, work[i][0])
@@ -274,7 +278,7 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return
     usage = _usage(prompt_tokens, results)
-    _note_usage(request, model, usage)
+    note_usage(request, model, usage)
     if include_usage:
         yield base | {"choices": [], "usage": usage.model_dump()}
 

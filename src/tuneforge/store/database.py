@@ -111,6 +111,21 @@ class StoredCompletionRow(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class ResponseRow(Base):
+    """A response of the Responses API kept for `previous_response_id`, GET and input_items (OpenAI keeps
+    them unless the request says `store: false`)."""
+
+    __tablename__ = "responses"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # resp_...
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    model: Mapped[str] = mapped_column(String(1000), index=True)
+    context: Mapped[list[Any]] = mapped_column(JSON)  # earlier turns ({role, content}), from previous_response_id
+    input: Mapped[list[Any]] = mapped_column(JSON)  # this request's input items, as input_items lists them
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the response object returned
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class EventRow(Base):
     __tablename__ = "job_events"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -1,0 +1,311 @@
+"""OpenAI's Responses API: `POST /v1/responses` (plain and streamed), GET and DELETE by id, and the
+input items - the API OpenAI's own guides now call a fine-tuned model with
+(`client.responses.create(model="ft:...", input="...")`), answered by the same engine as chat.
+
+What it covers is text: `input` as a string or a list of messages (content a string or
+input_text / output_text parts), `instructions` as the system message ahead of them,
+`previous_response_id` to continue a kept conversation (whose instructions are not carried over, as
+at OpenAI), temperature, top_p, max_output_tokens and metadata. Responses are kept unless the request
+says `store: false` - OpenAI's default. Tools, images, files, reasoning, structured output and
+background mode are refused with the parameter named rather than silently ignored.
+
+A stream is OpenAI's typed events (`event: <type>` and `data: <json>`, numbered by sequence_number):
+response.created, response.in_progress, response.output_item.added, response.content_part.added, one
+response.output_text.delta per piece, then .output_text.done, .content_part.done, .output_item.done
+and response.completed - or response.incomplete when max_output_tokens cut the answer, or
+response.failed when generation fails after the response started.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..data.formats import chat_role
+from ..models.generate import Completion, Sampling
+from ..store.database import ResponseRow, new_id
+from ..store.keys import Principal
+from .chat import DEFAULT_CHAT_MAX_TOKENS, generated, in_own_session, measure_prompt, note_usage, samplings
+from .deps import DB, Caller
+from .engine import Engine, Target
+from .errors import bad_request, not_found
+from .metadata import check_metadata
+from .models import resolve_model
+from .paging import check_limit, page_list
+from .protocol import (
+    InputItem,
+    InputItemList,
+    OutputMessage,
+    OutputText,
+    ResponseDeleted,
+    ResponseObject,
+    ResponseRequest,
+    ResponseUsage,
+    SamplingParams,
+    Usage,
+)
+
+ROLES = ("user", "assistant", "system", "developer")
+
+
+# --- the request ------------------------------------------------------------------------------------
+
+
+def _refuse_unsupported(req: ResponseRequest) -> None:
+    def refuse(what: str, param: str) -> None:
+        raise bad_request(f"{what} not supported by this server", param=param, code="unsupported_parameter")
+
+    if req.tools:
+        refuse("tools are", "tools")
+    if req.tool_choice not in (None, "auto", "none"):
+        refuse("tool_choice other than 'auto' or 'none' is", "tool_choice")
+    if req.reasoning:
+        refuse("reasoning is", "reasoning")
+    if req.background:
+        refuse("background mode is", "background")
+    if ((req.text or {}).get("format") or {}).get("type", "text") != "text":
+        refuse("text.format other than 'text' (structured output) is", "text.format")
+    if req.include:
+        refuse("include is", "include")
+    if req.top_logprobs:
+        refuse("top_logprobs is", "top_logprobs")
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or input_text / output_text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of content parts", param=where, code="invalid_value")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}[{j}]: only text parts (input_text, output_text) are supported by this "
+                              f"server, got {kind!r}", param=f"{where}[{j}]", code="unsupported_content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _turns(req: ResponseRequest) -> list[dict[str, str]]:
+    """The request's input as [{role, content}] messages."""
+    if isinstance(req.input, str):
+        if not req.input:
+            raise bad_request("input must not be empty", param="input", code="invalid_value")
+        return [{"role": "user", "content": req.input}]
+    if not req.input:
+        raise bad_request("input must contain at least one message", param="input", code="invalid_value")
+    turns = []
+    for i, item in enumerate(req.input):
+        kind = item.get("type", "message")
+        if kind != "message" or item.get("role") not in ROLES:
+            raise bad_request(f"input[{i}]: only messages with role user, assistant, system or developer are "
+                              f"supported by this server, got type {kind!r} role {item.get('role')!r}",
+                              param=f"input[{i}]", code="unsupported_input")
+        turns.append({"role": item["role"], "content": _text(item.get("content"), f"input[{i}].content")})
+    return turns
+
+
+def _input_items(turns: list[dict[str, str]]) -> list[dict]:
+    kind = {"assistant": "output_text"}
+    return [InputItem(id=new_id("msg_", 40), role=t["role"],
+                      content=[{"type": kind.get(t["role"], "input_text"), "text": t["content"]}
+                               | ({"annotations": []} if t["role"] == "assistant" else {})]).model_dump()
+            for t in turns]
+
+
+def _get(db: Session, caller: Principal, response_id: str) -> ResponseRow:
+    row = db.scalar(select(ResponseRow).where(ResponseRow.id == response_id, ResponseRow.project == caller.project))
+    if row is None:  # only kept responses exist here (and only the caller's project's)
+        raise not_found("response", response_id, param="response_id")
+    return row
+
+
+def _earlier_turns(db: Session, caller: Principal, previous_id: str | None) -> list[dict[str, str]]:
+    """The conversation before this request: the previous response's own context and input, and its
+    answer."""
+    if previous_id is None:
+        return []
+    row = db.scalar(select(ResponseRow).where(ResponseRow.id == previous_id, ResponseRow.project == caller.project))
+    if row is None:
+        raise bad_request(f"Previous response with id '{previous_id}' not found (only kept responses can be "
+                          "continued: store must not be false).", param="previous_response_id",
+                          code="previous_response_not_found")
+    said = [{"role": item["role"], "content": _text(item["content"], "input")} for item in row.input]
+    answer = "".join(part["text"] for message in row.response["output"] for part in message["content"])
+    return [*row.context, *said, {"role": "assistant", "content": answer}]
+
+
+# --- the response -----------------------------------------------------------------------------------
+
+
+class _Answer:
+    """One response's ids and settings, and the object at each stage: started, finished, failed."""
+
+    def __init__(self, req: ResponseRequest, prompt_tokens: int):
+        self.req, self.prompt_tokens = req, prompt_tokens
+        self.id, self.message_id, self.created = new_id("resp_", 40), new_id("msg_", 40), int(time.time())
+
+    def started(self) -> ResponseObject:
+        req = self.req
+        return ResponseObject(
+            id=self.id, created_at=self.created, status="in_progress", instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens, model=req.model, output=[],
+            previous_response_id=req.previous_response_id, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, store=req.store is not False,
+            metadata=req.metadata or {}, user=req.user,
+        )
+
+    def finished(self, result: Completion) -> ResponseObject:
+        cut = result.finish_reason == "length"
+        message = OutputMessage(id=self.message_id, status="incomplete" if cut else "completed",
+                                content=[OutputText(text=result.text)])
+        return self.started().model_copy(update={
+            "status": "incomplete" if cut else "completed", "completed_at": int(time.time()),
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "output": [message],
+            "usage": ResponseUsage(input_tokens=self.prompt_tokens, output_tokens=result.completion_tokens,
+                                   total_tokens=self.prompt_tokens + result.completion_tokens),
+        })
+
+    def failed(self, err: Exception) -> ResponseObject:
+        return self.started().model_copy(update={
+            "status": "failed", "error": {"code": "server_error", "message": f"Generation failed: {type(err).__name__}: {err}"}})
+
+
+def _keep(db: Session, caller: Principal, context: list[dict], items: list[dict], done: ResponseObject) -> None:
+    db.add(ResponseRow(id=done.id, project=caller.project, model=done.model, context=context, input=items,
+                       response=done.model_dump()))
+    db.commit()
+
+
+def _usage(done: ResponseObject) -> Usage:
+    u = done.usage
+    return Usage(prompt_tokens=u.input_tokens, completion_tokens=u.output_tokens, total_tokens=u.total_tokens)
+
+
+def create_response(request: Request, db: Session, caller: Principal, req: ResponseRequest):
+    engine: Engine = request.app.state.engine
+    request.state.model = req.model
+    target = resolve_model(db, caller, req.model)
+    _refuse_unsupported(req)
+    check_metadata(req.metadata)
+    context = _earlier_turns(db, caller, req.previous_response_id)
+    turns = _turns(req)
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages = system + [{"role": chat_role(t["role"]), "content": t["content"]} for t in context + turns]
+    prompt_tokens, room = measure_prompt(engine, target, messages, param="input")
+    (sampling,) = samplings(SamplingParams(model=req.model, temperature=req.temperature, top_p=req.top_p),
+                            req.max_output_tokens, DEFAULT_CHAT_MAX_TOKENS, prompt_tokens, room,
+                            names=("max_output_tokens", "input"))
+    answer, items = _Answer(req, prompt_tokens), _input_items(turns)
+
+    store = req.store is not False
+
+    def keep(done: ResponseObject, db: Session) -> None:
+        _keep(db, caller, context, items, done)
+
+    if req.stream:
+        kept = (lambda done: in_own_session(request, keep, done)) if store else None  # after the request's session
+        events = _events(engine, target, messages, sampling, answer, kept, request)
+        return StreamingResponse(_sse(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    (result,) = engine.complete(target, [(messages, sampling)])
+    done = answer.finished(result)
+    note_usage(request, req.model, _usage(done))
+    if store:
+        keep(done, db)
+    return done
+
+
+async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async for event in events:
+        yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _events(engine: Engine, target: Target, messages: list[dict], sampling: Sampling, answer: _Answer,
+                  keep, request: Request) -> AsyncIterator[dict]:
+    numbers = itertools.count()
+
+    def event(kind: str, **fields) -> dict:
+        return {"type": kind, "sequence_number": next(numbers), **fields}
+
+    started = answer.started().model_dump()
+    where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    yield event("response.output_item.added", output_index=0,
+                item={"id": answer.message_id, "type": "message", "role": "assistant", "status": "in_progress",
+                      "content": []})
+    yield event("response.content_part.added", **where, part=OutputText(text="").model_dump())
+    result = None
+    try:
+        async for _, piece in generated(engine, target, [(messages, sampling)]):
+            if isinstance(piece, Completion):
+                result = piece
+            elif piece:
+                yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
+    except Exception as err:
+        yield event("response.failed", response=answer.failed(err).model_dump())
+        return
+    done = answer.finished(result)
+    note_usage(request, done.model, _usage(done))
+    yield event("response.output_text.done", **where, text=result.text, logprobs=[])
+    yield event("response.content_part.done", **where, part=OutputText(text=result.text).model_dump())
+    yield event("response.output_item.done", output_index=0, item=done.output[0].model_dump())
+    if keep is not None:
+        await anyio.to_thread.run_sync(keep, done)
+    kind = "response.completed" if done.status == "completed" else "response.incomplete"
+    yield event(kind, response=done.model_dump())
+
+
+def list_input_items(db: Session, caller: Principal, response_id: str, after: str | None, limit: int,
+                     order: str) -> InputItemList:
+    check_limit(limit, 100)
+    items = [InputItem(**item) for item in _get(db, caller, response_id).input]
+    if order == "desc":
+        items.reverse()
+    data, more = page_list(items, after, limit)
+    return InputItemList(data=list(data), first_id=data[0].id if data else None,
+                         last_id=data[-1].id if data else None, has_more=more)
+
+
+def delete_response(db: Session, caller: Principal, response_id: str) -> ResponseDeleted:
+    db.delete(_get(db, caller, response_id))
+    db.commit()
+    return ResponseDeleted(id=response_id)
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1", tags=["responses"])
+
+
+@router.post("/responses", response_model=ResponseObject,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+def create_route(req: ResponseRequest, request: Request, db: DB, caller: Caller):
+    return create_response(request, db, caller, req)
+
+
+@router.get("/responses/{response_id}", response_model=ResponseObject)
+def retrieve_route(response_id: str, db: DB, caller: Caller):
+    return ResponseObject(**_get(db, caller, response_id).response)
+
+
+@router.delete("/responses/{response_id}", response_model=ResponseDeleted)
+def delete_route(response_id: str, db: DB, caller: Caller):
+    return delete_response(db, caller, response_id)
+
+
+@router.get("/responses/{response_id}/input_items", response_model=InputItemList)
+def input_items_route(response_id: str, db: DB, caller: Caller, after: str | None = None,
+                      limit: Annotated[int, Query()] = 20, order: Annotated[Literal["asc", "desc"], Query()] = "desc"):
+    return list_input_items(db, caller, response_id, after, limit, order)
