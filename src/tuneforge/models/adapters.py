@@ -58,5 +58,6 @@ def attach(base_model, weights: Path):
 
 @torch.no_grad()
 def merged(model):
-    """Plain transformers model with LoRA folded into the weights (for export)."""
+    """Plain transformers model with LoRA folded into the weights (for export, and to answer at the
+    base model's speed)."""
     return model.merge_and_unload() if isinstance(model, PeftModel) else model

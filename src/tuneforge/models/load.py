@@ -106,6 +106,9 @@ def load_any(name_or_run: str):
     """A run folder (tuned model) or a base model name/path, ready for inference (inference_dtype)."""
     path = Path(name_or_run)
     if (path / "config.json").is_file() and (path / "tokenizer").is_dir():
-        return load_tuned(path)
+        from .adapters import merged
+
+        model, tokenizer = load_tuned(path)
+        return merged(model), tokenizer  # LoRA folded in: decodes as fast as the base (serve.engine)
     model, tokenizer = load_base(name_or_run, inference_dtype())
     return model.eval(), tokenizer
