@@ -15,5 +15,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 \
   typing-inspection==0.4.5 python-dotenv==1.2.4 \
   transformers==5.24.0 huggingface_hub==2.4.0 \
-  trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
 du -sh .whl

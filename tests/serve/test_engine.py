@@ -3,6 +3,7 @@ layers, the base's untouched tensors shared, the base itself never changed, an L
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -78,3 +79,13 @@ def test_streamed_deltas_add_up_to_the_plain_answer(tmp_path):
             finals[i] = piece
     assert texts == [p.text for p in plain] == [f.text for f in finals]
     assert [f.completion_tokens for f in finals] == [p.completion_tokens for p in plain]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_gpu_answers_when_there_is_one(tmp_path):
+    engine = Engine()
+    target = Target("tiny-llama", make_adapter(tmp_path / "a", 4))
+    (done,) = engine.complete(target, [(MESSAGES, GREEDY)])
+    assert done.completion_tokens >= 1
+    assert next(engine._tuned[str(target.weights.resolve())].parameters()).device.type == "cuda"
+    assert next(engine._bases["tiny-llama"][0].parameters()).device.type == "cuda"

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..settings import get_settings
-from ..train.device import inference_dtype
-from .adapters import attach
+from ..train.device import inference_dtype, pick_device
+from .adapters import attach, merged
 from .catalogue import ModelSpec, resolve
 from .tiny import tiny_model
 
@@ -103,12 +103,13 @@ def load_tokenizer(name: str):
 
 
 def load_any(name_or_run: str):
-    """A run folder (tuned model) or a base model name/path, ready for inference (inference_dtype)."""
+    """A run folder (tuned model) or a base model name/path, ready for inference: on the GPU when
+    there is one, in inference_dtype."""
+    device = pick_device()
     path = Path(name_or_run)
     if (path / "config.json").is_file() and (path / "tokenizer").is_dir():
-        from .adapters import merged
-
-        model, tokenizer = load_tuned(path)
-        return merged(model), tokenizer  # LoRA folded in: decodes as fast as the base (serve.engine)
-    model, tokenizer = load_base(name_or_run, inference_dtype())
-    return model.eval(), tokenizer
+        model, tokenizer = load_tuned(path, dtype=inference_dtype(device))
+        model = merged(model)  # LoRA folded in: decodes as fast as the base (serve.engine)
+    else:
+        model, tokenizer = load_base(name_or_run, inference_dtype(device))
+    return model.to(device).eval(), tokenizer

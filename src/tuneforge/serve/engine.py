@@ -34,7 +34,7 @@ from peft import PeftModel
 from ..models.adapters import ADAPTER_FILE
 from ..models.generate import Completion, Sampling, complete, input_ids, stream
 from ..models.load import load_base
-from ..train.device import inference_dtype
+from ..train.device import inference_dtype, pick_device
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -50,6 +50,8 @@ class Target:
 class Engine:
     def __init__(self, max_models: int = 2):
         self.max_models = max_models
+        self.device = pick_device()  # the GPU when there is one (training workers are other processes)
+        self.dtype = inference_dtype(self.device)
         self._bases: dict[str, tuple[object, object]] = {}  # base name -> (model, tokenizer)
         self._tuned: OrderedDict[str, object] = OrderedDict()  # weights folder -> model (LRU)
         self._lock = threading.Lock()
@@ -58,8 +60,8 @@ class Engine:
 
     def _base(self, name: str):
         if name not in self._bases:
-            model, tokenizer = load_base(name, inference_dtype())
-            model.eval()
+            model, tokenizer = load_base(name, self.dtype)
+            model.to(self.device).eval()
             self._bases[name] = (model, tokenizer)
         return self._bases[name]
 
@@ -72,7 +74,8 @@ class Engine:
             else:
                 from transformers import AutoModelForCausalLM
 
-                self._tuned[key] = AutoModelForCausalLM.from_pretrained(weights, dtype=inference_dtype()).eval()
+                full = AutoModelForCausalLM.from_pretrained(weights, dtype=self.dtype)
+                self._tuned[key] = full.to(self.device).eval()
             while len(self._tuned) > self.max_models:
                 self._tuned.popitem(last=False)
         self._tuned.move_to_end(key)
@@ -83,7 +86,7 @@ class Engine:
         """A copy of the base with the adapter at `weights` folded in; the tensors the adapter leaves
         alone are the base's own, not copies."""
         model, _ = self._base(base)
-        adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(weights))
+        adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(weights), torch_device=str(self.device))
         targeted = set(adapted.base_model.targeted_module_names)
         merged = adapted.merge_and_unload().eval()
         originals = dict(model.named_parameters())

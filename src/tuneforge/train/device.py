@@ -38,7 +38,7 @@ CPU = torch.device("cpu")
 
 def inference_dtype(device: torch.device = CPU) -> torch.dtype:
     """The dtype a model answering prompts on `device` is loaded in (chat and the server answer on
-    the CPU, where models.load puts them): bf16 where the hardware multiplies in it natively, fp32
+    pick_device(): the GPU when there is one): bf16 where the hardware multiplies in it natively, fp32
     elsewhere. Decoding reads every weight once per token, so half the bytes is ~1.4x the tokens/s
     (the embedded model on 2 Zen 4 cores: 16 -> 23) and half the memory per loaded model. Evaluation
     and export keep fp32."""
