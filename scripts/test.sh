@@ -31,4 +31,4 @@ port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
     -o "-k $pgdir -p $port -c listen_addresses=127.0.0.1" start >/dev/null
 trap '"${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -m immediate stop >/dev/null; rm -rf "$pgdir"' EXIT
 TUNEFORGE_TEST_POSTGRES="postgresql+psycopg://tuneforge@127.0.0.1:$port" \
-    python -m pytest tests/store tests/jobs tests/serve "$@"
+    python -m pytest tests/store tests/jobs tests/serve tests/monitor "$@"

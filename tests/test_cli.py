@@ -149,6 +149,20 @@ def test_usage_summarises_served_requests():
         for status in (200, 200, 404):
             record(s, UsageRecord("POST", "/v1/chat/completions", status, 10.0 * status / 100,
                                   project="p", model="ft:x", prompt_tokens=5, completion_tokens=7))
-    rows = json.loads(tf("usage", "--json").stdout)
-    assert rows == [{"project": "p", "model": "ft:x", "requests": 3, "prompt_tokens": 15,
-                     "completion_tokens": 21, "errors": 1, "mean_latency_ms": 26.8}]  # (20 + 20 + 40.4) / 3
+    out = json.loads(tf("usage", "--json").stdout)
+    assert out["data"] == [{"project": "p", "model": "ft:x", "requests": 3, "prompt_tokens": 15,
+                            "completion_tokens": 21, "errors": 1, "mean_latency_ms": 26.8,  # (20 + 20 + 40.4) / 3
+                            "p95_latency_ms": 40.4}]
+    mini = next(c for c in out["openai_cost"] if c["model"] == "gpt-4o-mini")
+    assert mini["usd"] == pytest.approx((15 * 0.3 + 21 * 1.2) / 1e6)
+    text = tf("usage").stdout
+    assert "p95_latency_ms" in text and "gpt-4o-mini $0.0000" in text
+    from tuneforge.store.database import UsageRow, now
+
+    with session() as s:  # a request from three days ago: in all time, not in the last day
+        s.add(UsageRow(project="p", model="ft:x", method="POST", path="/v1/chat/completions", status=200,
+                       latency_ms=1.0, created_at=now() - 3 * 86400))
+        s.commit()
+    assert json.loads(tf("usage", "--json").stdout)["data"][0]["requests"] == 4
+    assert json.loads(tf("usage", "--json", "--days", "1").stdout)["data"][0]["requests"] == 3
+    assert "--days" in tf("usage", "--days", "-1", check=False).stderr

@@ -432,20 +432,27 @@ def worker(
 @app.command()
 def usage(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    days: Annotated[float | None, typer.Option(min=0.001, help="Only the last N days (default: all time).")] = None,
     database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
     json_out: JsonOpt = False,
 ):
-    """Served traffic per project and model: requests, tokens, errors, mean latency."""
-    from .monitor.usage import summary
+    """Served traffic per project and model: requests, tokens, errors, mean and p95 latency, and what
+    the same tokens would have cost at OpenAI's prices for fine-tuned models."""
+    from .monitor.usage import openai_cost, summary
+    from .store.database import now
 
-    rows = summary(project, database_url=database_url)
+    rows = summary(project, since=now() - days * 86400 if days else None, database_url=database_url)
+    costs = openai_cost(sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows))
     if json_out:
-        _print_json(rows)
+        _print_json({"data": rows, "openai_cost": costs})
         return
-    cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms")
+    cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms",
+            "p95_latency_ms")
     typer.echo("\t".join(cols))
     for r in rows:
         typer.echo("\t".join(str(r[c]) for c in cols))
+    typer.echo("The same tokens at OpenAI's fine-tuned model prices: "
+               + ", ".join(f"{c['model']} ${c['usd']:.4f}" for c in costs))
 
 
 @keys_app.command("create")

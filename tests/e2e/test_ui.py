@@ -200,12 +200,21 @@ def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
 
 
 def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions(page, server):
+    tokens = 0
     for i, rating in enumerate(("good", "bad", "good")):
-        server.api("POST", "/v1/chat/completions", {
+        done = server.api("POST", "/v1/chat/completions", {
             "model": "tiny-llama", "max_tokens": 3, "store": True, "metadata": {"rating": rating, "run": "monitor"},
             "messages": [{"role": "user", "content": f"monitor question {i}"}]})
+        tokens += done["usage"]["total_tokens"]
     page.goto(server.url + "/#/monitor")
     expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_be_visible()
+    expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_contain_text("p95")
+    chart = page.locator("[data-test=usage-chart]")
+    expect(chart).to_have_attribute("data-bars", re.compile(r"^2[45]$"))  # the hours of the last day
+    assert int(chart.locator("g[data-tokens]").last.get_attribute("data-tokens")) >= tokens  # this hour's bar
+    expect(page.locator("[data-test=openai-cost]")).to_contain_text("gpt-4o-mini $")
+    page.select_option("#usage-days", "7")
+    expect(chart).to_have_attribute("data-bars", re.compile(r"^[78]$"))  # days now
     page.fill("#stored-metadata", "run=monitor, rating=good")
     page.click("#stored-filter")
     expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(2)

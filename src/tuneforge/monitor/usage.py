@@ -1,16 +1,20 @@
 """Per-request usage: who called what, how many tokens, how long it took and how it ended.
 
-One row per API request (written by the server's usage middleware); `summary()` is the simple
-aggregate a dashboard or `tuneforge` command can show.
+One row per API request (written by the server's usage middleware). `summary()` aggregates it per
+model (with the 95th-percentile latency: a mean hides the slow requests users notice), `timeline()`
+per hour or day for a chart, and `openai_cost()` prices the tokens at OpenAI's rates for fine-tuned
+models - what the same traffic would have cost there (data/pricing.json, a rough guide).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from ..data.stats import load_pricing
 from ..store.database import UsageRow, now, session
 
 
@@ -32,9 +36,24 @@ def record(s: Session, rec: UsageRecord) -> None:
     s.commit()
 
 
+def _scoped(q, project: str | None, since: float | None):
+    if project is not None:
+        q = q.where(UsageRow.project == project)
+    if since is not None:
+        q = q.where(UsageRow.created_at >= since)
+    return q
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank: a latency some request actually had."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
 def summary(project: str | None = None, since: float | None = None, database_url: str | None = None) -> list[dict]:
-    """Requests, tokens, errors and mean latency per (project, model), optionally since a time."""
-    q = select(
+    """Requests, tokens, errors, mean and 95th-percentile latency per (project, model), optionally
+    since a time."""
+    q = _scoped(select(
         UsageRow.project,
         UsageRow.model,
         func.count().label("requests"),
@@ -42,12 +61,11 @@ def summary(project: str | None = None, since: float | None = None, database_url
         func.coalesce(func.sum(UsageRow.completion_tokens), 0).label("completion_tokens"),
         func.sum(case((UsageRow.status >= 400, 1), else_=0)).label("errors"),
         func.avg(UsageRow.latency_ms).label("mean_latency_ms"),
-    ).group_by(UsageRow.project, UsageRow.model).order_by(UsageRow.project, UsageRow.model)
-    if project is not None:
-        q = q.where(UsageRow.project == project)
-    if since is not None:
-        q = q.where(UsageRow.created_at >= since)
+    ).group_by(UsageRow.project, UsageRow.model).order_by(UsageRow.project, UsageRow.model), project, since)
     with session(database_url) as s:
+        latencies: dict[tuple, list[float]] = {}
+        for row in s.execute(_scoped(select(UsageRow.project, UsageRow.model, UsageRow.latency_ms), project, since)):
+            latencies.setdefault((row.project, row.model), []).append(row.latency_ms)
         return [
             {
                 "project": r.project,
@@ -57,9 +75,46 @@ def summary(project: str | None = None, since: float | None = None, database_url
                 "completion_tokens": int(r.completion_tokens),
                 "errors": int(r.errors or 0),
                 "mean_latency_ms": round(float(r.mean_latency_ms or 0.0), 1),
+                "p95_latency_ms": round(percentile(latencies[(r.project, r.model)], 95), 1),
             }
             for r in s.execute(q).all()
         ]
+
+
+def timeline(project: str | None = None, since: float | None = None, bucket_seconds: int = 86400,
+             database_url: str | None = None, until: float | None = None) -> list[dict]:
+    """Requests, tokens and errors per `bucket_seconds` (UTC hours or days), oldest first, from the
+    bucket holding `since` (or the first request) to the one holding `until` (now): empty buckets
+    included, so a chart's gaps are real."""
+    q = _scoped(select(UsageRow.created_at, UsageRow.prompt_tokens, UsageRow.completion_tokens, UsageRow.status),
+                project, since)
+    with session(database_url) as s:
+        rows = s.execute(q).all()
+    if since is None and not rows:
+        return []
+    first = since if since is not None else min(r.created_at for r in rows)
+    start = int(first // bucket_seconds) * bucket_seconds
+    end = int((until or now()) // bucket_seconds) * bucket_seconds
+    buckets = {t: {"start": t, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+               for t in range(start, end + bucket_seconds, bucket_seconds)}
+    for r in rows:
+        b = buckets.get(int(r.created_at // bucket_seconds) * bucket_seconds)
+        if b is None:  # a request after `until`
+            continue
+        b["requests"] += 1
+        b["prompt_tokens"] += r.prompt_tokens or 0
+        b["completion_tokens"] += r.completion_tokens or 0
+        b["errors"] += int(r.status >= 400)
+    return list(buckets.values())
+
+
+def openai_cost(prompt_tokens: int, completion_tokens: int) -> list[dict]:
+    """What these tokens would cost served by each fine-tuned OpenAI model in pricing.json."""
+    return [
+        {"model": m["model"], "as_of": m["as_of"],
+         "usd": (prompt_tokens * m["usd_per_1m_input_tokens"] + completion_tokens * m["usd_per_1m_output_tokens"]) / 1e6}
+        for m in load_pricing()["models"] if "usd_per_1m_input_tokens" in m
+    ]
 
 
 def last_day(project: str | None = None, database_url: str | None = None) -> list[dict]:

@@ -147,13 +147,20 @@ def tuned_models(db: DB, caller: Caller):
 
 @router.get("/tuneforge/usage")
 def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
-    """Requests, tokens, errors and mean latency per model for the caller's project (monitor.usage),
-    over the last `days` or all time."""
-    from ..monitor.usage import summary
+    """The caller's project's traffic over the last `days` (or all time): per model (monitor.usage:
+    requests, tokens, errors, mean and p95 latency), per hour (up to 2 days) or day for a chart, and
+    what its tokens would have cost at OpenAI's prices for fine-tuned models."""
+    from ..monitor.usage import openai_cost, summary, timeline
     from ..store.database import now
 
-    rows = summary(caller.project, since=now() - days * 86400 if days else None)
-    return {"object": "list", "data": [{k: v for k, v in r.items() if k != "project"} for r in rows]}
+    since = now() - days * 86400 if days else None
+    rows = [{k: v for k, v in r.items() if k != "project"} for r in summary(caller.project, since=since)]
+    bucket = 3600 if days and days <= 2 else 86400
+    return {
+        "object": "list", "data": rows, "bucket_seconds": bucket,
+        "timeline": timeline(caller.project, since=since, bucket_seconds=bucket),
+        "openai_cost": openai_cost(sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)),
+    }
 
 
 @router.post("/tuneforge/stored_completions/training_file", response_model=FileObject)

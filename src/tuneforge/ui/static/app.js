@@ -5,7 +5,7 @@
 const KEY_STORAGE = "tuneforge.apiKey";
 const FINAL = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 1500;
-const PALETTE = { train: "#4f46e5", valid: "#e8590c", trainAcc: "#0d9488", validAcc: "#c2255c" };
+const PALETTE = { train: "#4f46e5", valid: "#e8590c", trainAcc: "#0d9488", validAcc: "#c2255c", prompt: "#94a3d8", completion: "#4f46e5" };
 
 // ------------------------------------------------------------------------------------------ helpers
 
@@ -321,6 +321,49 @@ function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, x
   }
   wrap.append(h("div", { class: "legend" },
     series.filter((sr) => sr.points.length).map((sr) => h("span", {}, h("i", { style: `background:${sr.color}` }), sr.name))));
+  return wrap;
+}
+
+/**
+ * Served tokens per hour or day as stacked SVG bars (prompt below, completion above), one bar per
+ * bucket of monitor.usage.timeline; each bar's tooltip gives its requests, tokens and errors.
+ */
+function usageChart({ buckets, bucketSeconds, width = 520 }) {
+  const W = Math.max(240, Math.round(width)), H = 180, m = { l: 52, r: 10, t: 10, b: 26 };
+  const title = `tokens per ${bucketSeconds < 86400 ? "hour" : "day"}`;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, style: `height:${H}px` });
+  const wrap = h("div", { class: "chart", "data-test": "usage-chart", "data-bars": buckets.length }, svg);
+  const top = Math.max(1, ...buckets.map((b) => b.prompt_tokens + b.completion_tokens));
+  const ticks = niceTicks(0, top, 3, true);
+  const y1 = Math.max(top, ticks[ticks.length - 1] || top);
+  const Y = (v) => H - m.b - (v / y1) * (H - m.t - m.b);
+  for (const v of ticks) {
+    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), class: "grid-line" }));
+    svg.append(s("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, fmt.int(v)));
+  }
+  const slot = (W - m.l - m.r) / Math.max(1, buckets.length), bw = Math.max(1, slot * 0.7);
+  const label = (t) => {
+    const d = new Date(t * 1000);
+    return bucketSeconds < 86400 ? d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" })
+      : d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+  };
+  const every = Math.max(1, Math.ceil(buckets.length / Math.floor((W - m.l - m.r) / 70)));
+  buckets.forEach((b, i) => {
+    const x = m.l + i * slot + (slot - bw) / 2;
+    const g = s("g", { "data-start": b.start, "data-tokens": b.prompt_tokens + b.completion_tokens },
+      s("title", {}, `${label(b.start)}: ${fmt.int(b.requests)} requests, ${fmt.int(b.prompt_tokens)} prompt + `
+        + `${fmt.int(b.completion_tokens)} completion tokens, ${fmt.int(b.errors)} errors`));
+    if (b.prompt_tokens) g.append(s("rect", { x, width: bw, y: Y(b.prompt_tokens), height: Y(0) - Y(b.prompt_tokens), fill: PALETTE.prompt }));
+    if (b.completion_tokens) {
+      const y = Y(b.prompt_tokens + b.completion_tokens);
+      g.append(s("rect", { x, width: bw, y, height: Y(b.prompt_tokens) - y, fill: PALETTE.completion }));
+    }
+    svg.append(g);
+    if (i % every === 0) svg.append(s("text", { x: x + bw / 2, y: H - m.b + 16, "text-anchor": "middle" }, label(b.start)));
+  });
+  svg.append(s("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "axis" }));
+  wrap.append(h("div", { class: "legend" }, h("span", {}, h("i", { style: `background:${PALETTE.prompt}` }), "prompt tokens"),
+    h("span", {}, h("i", { style: `background:${PALETTE.completion}` }), "completion tokens")));
   return wrap;
 }
 
@@ -1081,21 +1124,32 @@ async function viewModels(root) {
 async function viewMonitor(root) {
   root.append(pageHead("Monitor", "Traffic this project's models served, and the completions kept with store: true - the way back to training data."));
   const days = h("select", { id: "usage-days", "aria-label": "Period", style: "width:auto" },
-    h("option", { value: "1" }, "Last 24 hours"), h("option", { value: "7" }, "Last 7 days"), h("option", { value: "" }, "All time"));
+    h("option", { value: "1" }, "Last 24 hours"), h("option", { value: "7" }, "Last 7 days"),
+    h("option", { value: "30" }, "Last 30 days"), h("option", { value: "" }, "All time"));
   const usageBody = h("div", { "data-test": "usage" });
   root.append(h("div", { class: "card" }, h("div", { class: "row between" }, h("h2", {}, "Traffic"), days), usageBody));
   const loadUsage = async () => {
     const q = days.value ? `?days=${days.value}` : "";
-    const rows = (await api(`/v1/tuneforge/usage${q}`)).data;
+    const usage = await api(`/v1/tuneforge/usage${q}`);
+    const rows = usage.data;
     if (!rows.length) { put(usageBody, h("p", { class: "muted" }, "No requests in this period.")); return; }
-    put(usageBody, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "usage-table" },
+    const chartSlot = h("div", {});
+    put(usageBody, chartSlot, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "usage-table" },
       h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Prompt tokens"),
-        h("th", { class: "num" }, "Completion tokens"), h("th", { class: "num" }, "Errors"), h("th", { class: "num" }, "Mean latency"))),
+        h("th", { class: "num" }, "Completion tokens"), h("th", { class: "num" }, "Errors"), h("th", { class: "num" }, "Mean latency"),
+        h("th", { class: "num" }, "p95 latency"))),
       h("tbody", {}, rows.map((r) => h("tr", { "data-model": r.model || "" },
         r.model ? h("td", { class: "mono small break grow" }, r.model) : h("td", { class: "muted small grow" }, "other calls (files, jobs, models)"),
         h("td", { class: "num", title: "requests" }, `${fmt.int(r.requests)} req`),
         h("td", { class: "num hide-narrow" }, fmt.int(r.prompt_tokens)), h("td", { class: "num hide-narrow" }, fmt.int(r.completion_tokens)),
-        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`)))))));
+        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num hide-narrow" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`),
+        h("td", { class: "num", title: "95th-percentile latency" }, `p95 ${fmt.int(Math.round(r.p95_latency_ms))} ms`)))))),
+      h("p", { class: "small muted", "data-test": "openai-cost" }, "The same tokens at OpenAI's prices for fine-tuned models: ",
+        usage.openai_cost.map((c) => `${c.model} ${fmt.usd(c.usd)}`).join(" · "), " (pricing.json, a rough guide)."));
+    const draw = (width) => put(chartSlot, usageChart({ buckets: usage.timeline, bucketSeconds: usage.bucket_seconds, width }));
+    draw(520);
+    const measured = chartSlot.firstChild.clientWidth;
+    if (measured && Math.abs(measured - 520) > 8) draw(measured);  // labels keep their size on any window
   };
   days.addEventListener("change", () => loadUsage().catch((e) => toast(e.message, true)));
 
