@@ -104,9 +104,7 @@ def list_files(db: Session, caller: Principal, after: str | None, limit: int, or
     if purpose:
         stmt = stmt.where(FileRow.purpose == purpose)
     rows, more = page(db, stmt, FileRow, after, limit, order)
-    data = [file_object(r) for r in rows]
-    return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                    has_more=more)
+    return FileList.of([file_object(r) for r in rows], more)
 
 
 def delete_file(db: Session, caller: Principal, file_id: str) -> FileDeleted:

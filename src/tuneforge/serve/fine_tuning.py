@@ -169,8 +169,7 @@ def list_checkpoints(db: Session, caller: Principal, job_id: str, after: str | N
     data = [Checkpoint(id=r.id, created_at=int(r.created_at), fine_tuned_model_checkpoint=r.name,
                        fine_tuning_job_id=r.job_id, step_number=r.step,
                        metrics=CheckpointMetrics(**(r.metrics | {"step": r.step}))) for r in rows]
-    return CheckpointList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                          has_more=more)
+    return CheckpointList.of(data, more)
 
 
 def control(db: Session, caller: Principal, settings: Settings, job_id: str, action) -> FineTuningJob:

@@ -7,11 +7,28 @@ named) and a faithful /openapi.json. Range checks that OpenAI answers with 400 l
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Auto = Literal["auto"]
+T = TypeVar("T")
+
+
+class CursorPage(BaseModel, Generic[T]):
+    """One page of an OpenAI list with cursor pagination (`after`): the ids of its first and last item."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+    @classmethod
+    def of(cls, items, has_more: bool):
+        items = list(items)
+        return cls(data=items, first_id=items[0].id if items else None, last_id=items[-1].id if items else None,
+                   has_more=has_more)
 
 # --- files ------------------------------------------------------------------------------------------
 
@@ -31,12 +48,7 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+FileList = CursorPage[FileObject]
 
 
 class FileDeleted(BaseModel):
@@ -158,12 +170,7 @@ class Checkpoint(BaseModel):
     step_number: int
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Checkpoint]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+CheckpointList = CursorPage[Checkpoint]
 
 
 # --- models -----------------------------------------------------------------------------------------
@@ -268,12 +275,7 @@ class StoredCompletion(ChatCompletion):
     metadata: dict[str, str] | None = None
 
 
-class StoredCompletionList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[StoredCompletion]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+StoredCompletionList = CursorPage[StoredCompletion]
 
 
 class StoredMessage(BaseModel):
@@ -284,12 +286,7 @@ class StoredMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class StoredMessageList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[StoredMessage]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+StoredMessageList = CursorPage[StoredMessage]
 
 
 class StoredCompletionUpdate(BaseModel):
@@ -416,9 +413,4 @@ class InputItem(BaseModel):
     content: list[dict[str, Any]]
 
 
-class InputItemList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[InputItem]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+InputItemList = CursorPage[InputItem]

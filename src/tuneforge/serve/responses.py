@@ -273,9 +273,7 @@ def list_input_items(db: Session, caller: Principal, response_id: str, after: st
     items = [InputItem(**item) for item in _get(db, caller, response_id).input]
     if order == "desc":
         items.reverse()
-    data, more = page_list(items, after, limit)
-    return InputItemList(data=list(data), first_id=data[0].id if data else None,
-                         last_id=data[-1].id if data else None, has_more=more)
+    return InputItemList.of(*page_list(items, after, limit))
 
 
 def delete_response(db: Session, caller: Principal, response_id: str) -> ResponseDeleted:

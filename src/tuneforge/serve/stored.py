@@ -55,9 +55,7 @@ def list_stored(db: Session, caller: Principal, model: str | None, metadata: dic
                 limit: int, order: str) -> StoredCompletionList:
     check_limit(limit, 100)
     rows, more = page_list(find_stored(db, caller.project, model, metadata, newest_first=order == "desc"), after, limit)
-    data = [_object(r) for r in rows]
-    return StoredCompletionList(data=data, first_id=data[0].id if data else None,
-                                last_id=data[-1].id if data else None, has_more=more)
+    return StoredCompletionList.of([_object(r) for r in rows], more)
 
 
 def list_messages(db: Session, caller: Principal, completion_id: str, after: str | None, limit: int,
@@ -67,9 +65,7 @@ def list_messages(db: Session, caller: Principal, completion_id: str, after: str
     messages = [StoredMessage(**(m | {"id": f"{row.id}-{i}"})) for i, m in enumerate(row.messages)]
     if order == "desc":
         messages.reverse()
-    data, more = page_list(messages, after, limit)
-    return StoredMessageList(data=list(data), first_id=data[0].id if data else None,
-                             last_id=data[-1].id if data else None, has_more=more)
+    return StoredMessageList.of(*page_list(messages, after, limit))
 
 
 def update(db: Session, caller: Principal, completion_id: str, req: StoredCompletionUpdate) -> StoredCompletion:
