@@ -25,7 +25,7 @@ from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
 from .fit import diagnose
-from .metrics import evaluate_loss
+from .metrics import EVAL_BATCH_SIZE, EVAL_ROW_TOKENS, evaluate_loss
 
 REPORT_FILE = "eval.json"
 
@@ -55,7 +55,8 @@ def _score(model, tokenizer, rendered, examples, pairs, n_samples, classify, max
     report = evaluate_loss(model, rendered, pad_id=tokenizer.pad_token_id)
     tick()
     if pairs:
-        logps = dpo.pair_logps(model, pairs, batch_size=8, max_row_tokens=4096, pad_id=tokenizer.pad_token_id,
+        logps = dpo.pair_logps(model, pairs, batch_size=EVAL_BATCH_SIZE, max_row_tokens=EVAL_ROW_TOKENS,
+                               pad_id=tokenizer.pad_token_id,
                                device=next(model.parameters()).device, dtype=None)
         margin = logps[:, 0] - logps[:, 1]
         report["preference_accuracy"] = float((margin > 0).float().mean())

@@ -15,6 +15,10 @@ from ..data.render import Rendered
 from ..train.device import autocast
 from ..train.loss import batch_loss
 
+# How evaluation packs examples (no gradients are kept, so wider than training's batches)
+EVAL_BATCH_SIZE = 8
+EVAL_ROW_TOKENS = 4096
+
 
 @torch.no_grad()
 def evaluate_loss(
@@ -22,8 +26,8 @@ def evaluate_loss(
     rendered: list[Rendered],
     *,
     pad_id: int,
-    batch_size: int = 8,
-    max_row_tokens: int = 4096,
+    batch_size: int = EVAL_BATCH_SIZE,
+    max_row_tokens: int = EVAL_ROW_TOKENS,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict:
