@@ -180,3 +180,16 @@ def test_kept_responses_round_trip_in_the_database(client):
     r = client.get(f"/v1/responses/{first['id']}")
     assert r.status_code == 404 and r.json()["error"]["param"] == "response_id"
     assert client.get(f"/v1/responses/{second['id']}").json()["previous_response_id"] == first["id"]
+
+
+def test_workers_get_one_gpu_each_when_there_are_several(monkeypatch):
+    from tuneforge.serve.app import WorkerPool
+
+    pool = WorkerPool(3, "sqlite://")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-5f2a")
+    assert [pool.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["3", "GPU-5f2a", "3"]
+    assert all(pool.worker_env(i)["TUNEFORGE_WORKER_PARENT"] for i in range(3))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # one GPU: every worker shares it, as given
+    assert [pool.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["1", "1", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none: nothing to hand out
+    assert [pool.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["", "", ""]

@@ -26,6 +26,7 @@ from ..monitor.usage import UsageRecord, record
 from ..settings import Settings, get_settings
 from ..store.database import get_engine, session_factory
 from ..store.keys import ensure_initial_key
+from ..train.device import visible_gpus
 from ..ui import mount_ui
 from . import chat, errors, files, fine_tuning, models, reports, responses, stored
 from .engine import Engine
@@ -118,8 +119,17 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._watch = threading.Thread(target=self._supervise, daemon=True, name="tuneforge-workers")
 
-    def _spawn(self, i: int) -> None:
+    def worker_env(self, i: int) -> dict[str, str]:
+        """Worker i's environment. With several GPUs, each worker gets one of them (round robin), so
+        `--workers N` trains N jobs side by side instead of N jobs on the first GPU."""
         env = dict(os.environ, TUNEFORGE_WORKER_PARENT=str(os.getpid()))
+        gpus = visible_gpus()
+        if len(gpus) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        return env
+
+    def _spawn(self, i: int) -> None:
+        env = self.worker_env(i)
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "tuneforge.jobs.worker", "--database-url", self.database_url], env=env
         )
