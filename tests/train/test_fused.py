@@ -119,3 +119,40 @@ def test_rotary_is_transformers_rotary(dtype):
         return
     _, truth = run(transformers_rotary, qkv.float())
     assert (out_grad.float() - truth).norm() <= (ref_grad.float() - truth).norm()
+
+
+def _saved_bytes(m, batch) -> int:
+    """Bytes the autograd graph keeps for the backward pass (each storage once), and run it."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batch_loss(m, batch)
+    out.loss.backward()
+    return sum(storages.values())
+
+
+def test_a_lora_group_makes_its_normalised_input_again_instead_of_keeping_it(tiny):
+    model, batch = tiny
+    remade, kept = _model(model, "lora"), _model(model, "lora")
+    fuse_for_training(remade), fuse_for_training(kept)
+    prepare_for_autocast(remade, torch.bfloat16), prepare_for_autocast(kept, torch.bfloat16)
+    for m in kept.modules():  # the norms' outputs without what they were made from: groups keep them
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.forward = lambda h, fwd=m.forward: _without_source(fwd(h))
+    remade_bytes, kept_bytes = _saved_bytes(remade, batch), _saved_bytes(kept, batch)
+    # two groups a layer, each not keeping a [tokens, hidden] bf16 input - but the first layer's q/k/v,
+    # whose norm is not in the graph (frozen input and weight) and keeps nothing to make it from
+    tokens, hidden, layers = batch.input_ids.numel(), model.config.hidden_size, model.config.num_hidden_layers
+    assert kept_bytes - remade_bytes == (2 * layers - 1) * tokens * hidden * 2
+    for (name, p), (_, q) in zip(remade.named_parameters(), kept.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name  # made again bit for bit
+
+
+def _without_source(y):
+    y.__dict__.pop("_tuneforge_norm", None)
+    return y

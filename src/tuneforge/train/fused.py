@@ -32,19 +32,20 @@ from .lora import fuse_lora, lora_gradients, lora_group, lora_parts, lora_produc
 
 
 class _RMSNorm(torch.autograd.Function):
-    """weight * x / rms(x), in fp32, returned in `dtype` (what the next matmul would cast it to)."""
+    """weight * x / rms(x), in fp32, returned in `dtype` (what the next matmul would cast it to),
+    with the per-token scale 1 / rms(x) as a second, non-differentiable output."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, dtype):
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            y = weight * (xf * rstd).to(x.dtype)  # transformers' own order of operations
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            y = normalized(x, weight, rstd, dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return y.to(dtype)
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             xf = x.float()
@@ -61,8 +62,20 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def normalized(x, weight, rstd, dtype):
+    """The norm's output from its input and per-token scale, in transformers' order of operations -
+    so that `train.lora` can make a group's input again in the backward pass, bit for bit."""
+    return (weight * (x.float() * rstd).to(x.dtype)).to(dtype)
+
+
 def _norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
+    y, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
+    # What it was made from: a LoRA group reading y keeps these instead of y itself, and makes y again
+    # when its backward pass needs it (train.lora._LoraGroup) - when the norm keeps them anyway, i.e.
+    # it is in the autograd graph (not the first layer's, whose input and weight are frozen in LoRA).
+    if y.requires_grad:
+        y._tuneforge_norm = (normalized, hidden_states, self.weight, rstd)
+    return y
 
 
 class _SwiGLU(torch.autograd.Function):

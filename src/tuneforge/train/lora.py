@@ -125,6 +125,11 @@ class _LoraGroup(torch.autograd.Function):
     and in the backward pass one input-gradient product for all of them: 3 (or 2) times fewer small,
     latency-bound ops and autograd nodes than one `_LoraLinear` each. Returns the outputs side by side
     in one tensor; the caller splits it (whose backward is a single concatenation).
+
+    When the input is a fused RMSNorm's output (`train.fused`), it is not kept for the backward pass
+    but made again there, bit for bit, from what the norm keeps anyway (its fp32 input and per-token
+    scale): 2 bytes per token per input width less per group, a seventh of a LoRA step's saved
+    activations, for one elementwise pass.
     """
 
     @staticmethod
@@ -132,6 +137,10 @@ class _LoraGroup(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
+            norm = getattr(x, "_tuneforge_norm", None)
+            ctx.remake = None
+            if norm is not None and x.dtype == dtype:
+                ctx.remake, kept = norm[0], norm[1:]
             a_all = torch.cat([a.to(dtype) for a in adapters[0::2]])  # [n * rank, in]
             bs = [b.to(dtype) for b in adapters[1::2]]
             rank = a_all.shape[0] // len(bs)
@@ -142,17 +151,22 @@ class _LoraGroup(torch.autograd.Function):
             for i, (width, b) in enumerate(zip(widths, bs)):
                 y[:, start : start + width].addmm_(xa[:, i * rank : (i + 1) * rank], b.T, alpha=scale)
                 start += width
-        ctx.save_for_backward(x2, xa, weight, a_all, *bs)
+        inputs = kept if ctx.remake else (x2,)
+        ctx.save_for_backward(*inputs, xa, weight, a_all, *bs)
+        ctx.n_inputs, ctx.dtype = len(inputs), dtype
         ctx.scale, ctx.shape, ctx.widths, ctx.rank = scale, shape, widths, rank
         ctx.dtypes = (x.dtype, [t.dtype for t in adapters])
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, weight, a_all, *bs = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        inputs, (xa, weight, a_all, *bs) = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
         x_dtype, adapter_dtypes = ctx.dtypes
         rank, scale = ctx.rank, ctx.scale
         with torch.autocast(grad_y.device.type, enabled=False):
+            x2 = ctx.remake(*inputs, ctx.dtype) if ctx.remake else inputs[0]
+            x2 = x2.reshape(-1, x2.shape[-1])
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
             pieces = g.split(list(ctx.widths), dim=1)
             g_xa = torch.cat([p @ b for p, b in zip(pieces, bs)], dim=1).mul_(scale)  # [tokens, n * rank]
