@@ -5,9 +5,10 @@ elementwise passes in fp32 whose output every projection then casts to bf16 agai
 make their own copy), and SwiGLU keeps three [tokens, 3 x width] tensors for its backward pass. On a
 135M model that is ~40 KB of saved activations per token per layer, and as much time as the matmuls.
 
-- `_RMSNorm` computes transformers' numbers in transformers' order and hands the consumers the bf16
-  tensor they would have cast it to (so q/k/v or gate/up share one input); it keeps only its fp32
-  input and the per-token scale for the backward pass.
+- `_RMSNorm` hands the consumers the bf16 tensor they would have cast its output to (so q/k/v or
+  gate/up share one input); it keeps only its normalised input in bf16 and the per-token scale for
+  the backward pass, and a LoRA group reading its output makes that output again from them rather
+  than keeping it.
 - `_SwiGLU` keeps just its two bf16 inputs and recomputes silu(gate) in the backward pass.
 - `_Rotary` applies rotary embeddings in two passes each way (transformers: five), in the layout packed
   attention gathers from.
@@ -33,48 +34,56 @@ from .lora import fuse_lora, lora_gradients, lora_group, lora_parts, lora_produc
 
 class _RMSNorm(torch.autograd.Function):
     """weight * x / rms(x), in fp32, returned in `dtype` (what the next matmul would cast it to),
-    with the per-token scale 1 / rms(x) as a second, non-differentiable output."""
+    with the normalised input x / rms(x) in `dtype` as a second, non-differentiable output.
+
+    The backward pass keeps x / rms(x) rounded to `dtype` and 1 / rms(x), not the fp32 input: half
+    the bytes of the residual stream, twice per layer (in fp32 training, nothing changes). The output
+    is made from that rounded x / rms(x) too, so the backward pass differentiates exactly what the
+    forward pass computed, and a LoRA group can make its input again bit for bit (`normalized`): under
+    bf16 autocast an element of the output may differ from transformers' (which rounds once, after
+    the weight) by one bf16 rounding step."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, dtype):
         with torch.autocast(x.device.type, enabled=False):
-            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-            y = normalized(x, weight, rstd, dtype)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.mark_non_differentiable(rstd)
-        return y, rstd
+            xf = x.float()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            xhat = torch.mul(xf, rstd, out=torch.empty(xf.shape, dtype=dtype, device=xf.device))  # one pass
+            y = normalized(xhat, weight, dtype)
+        ctx.save_for_backward(xhat, weight, rstd)
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(xhat)
+        return y, xhat
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_rstd):
-        x, weight, rstd = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
+    def backward(ctx, grad_y, _grad_xhat):
+        xhat, weight, rstd = ctx.saved_tensors
+        with torch.autocast(xhat.device.type, enabled=False):
+            xf = xhat.float()
             gw = grad_y * weight.float()  # fp32 (grad_y is in the compute dtype)
-            # d/dx of x * rstd(x): rstd * (gw - xhat * mean(gw * xhat)), xhat = x * rstd, written as
-            # gw * rstd - x * (rstd^3 * mean(gw * x)): four passes over [tokens, width] instead of eight
-            # (the row dot product is one pass, as a batched matrix product, with no temporary)
-            dot = torch.einsum("...i,...i->...", gw, xf).unsqueeze(-1)
-            coef = rstd.pow(3).mul_(dot).div_(x.shape[-1])
-            grad_x = gw.mul(rstd).addcmul_(xf, coef, value=-1).to(x.dtype)
+            # d/dx of x * rstd(x): rstd * (gw - xhat * mean(gw * xhat)): the row dot product is one
+            # pass, as a batched matrix product, with no temporary
+            dot = torch.einsum("...i,...i->...", gw, xf).unsqueeze(-1).div_(xf.shape[-1])
+            grad_x = gw.addcmul_(xf, dot, value=-1).mul_(rstd).to(ctx.x_dtype)
             grad_w = None
             if ctx.needs_input_grad[1]:
-                grad_w = (grad_y.float() * xf * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+                grad_w = (grad_y.float() * xf).reshape(-1, xf.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
-def normalized(x, weight, rstd, dtype):
-    """The norm's output from its input and per-token scale, in transformers' order of operations -
-    so that `train.lora` can make a group's input again in the backward pass, bit for bit."""
-    return (weight * (x.float() * rstd).to(x.dtype)).to(dtype)
+def normalized(xhat, weight, dtype):
+    """The norm's output from its normalised input (as the norm's backward pass keeps it): in the
+    forward pass, and again in a LoRA group's backward pass (`train.lora`)."""
+    return torch.mul(xhat, weight, out=torch.empty(xhat.shape, dtype=dtype, device=xhat.device))  # in fp32, one pass
 
 
 def _norm_forward(self, hidden_states):
-    y, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
+    y, xhat = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
     # What it was made from: a LoRA group reading y keeps these instead of y itself, and makes y again
-    # when its backward pass needs it (train.lora._LoraGroup) - when the norm keeps them anyway, i.e.
+    # when its backward pass needs it (train.lora._LoraGroup) - when the norm keeps xhat anyway, i.e.
     # it is in the autograd graph (not the first layer's, whose input and weight are frozen in LoRA).
     if y.requires_grad:
-        y._tuneforge_norm = (normalized, hidden_states, self.weight, rstd)
+        y._tuneforge_norm = (normalized, xhat, self.weight)
     return y
 
 

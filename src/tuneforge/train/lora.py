@@ -127,9 +127,9 @@ class _LoraGroup(torch.autograd.Function):
     in one tensor; the caller splits it (whose backward is a single concatenation).
 
     When the input is a fused RMSNorm's output (`train.fused`), it is not kept for the backward pass
-    but made again there, bit for bit, from what the norm keeps anyway (its fp32 input and per-token
-    scale): 2 bytes per token per input width less per group, a seventh of a LoRA step's saved
-    activations, for one elementwise pass.
+    but made again there, bit for bit, from what the norm keeps anyway (its normalised input): 2 bytes
+    per token per input width less per group, a seventh of a LoRA step's saved activations, for one
+    elementwise pass.
     """
 
     @staticmethod
