@@ -120,6 +120,7 @@ def test_what_a_text_server_does_not_do_is_refused_by_name(server):
         (dict(input="x", tools=[{"type": "web_search"}]), "tools"),
         (dict(input="x", reasoning={"effort": "low"}), "reasoning"),
         (dict(input="x", text={"format": {"type": "json_object"}}), "text.format"),
+        (dict(input="x", conversation="conv_123"), "conversation"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
          "input[0].content[0]"),
         (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "input[0]"),

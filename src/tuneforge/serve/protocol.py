@@ -337,6 +337,8 @@ class ResponseRequest(BaseModel):
     background: bool | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
     user: str | None = None
 
 

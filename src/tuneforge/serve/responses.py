@@ -78,6 +78,10 @@ def _refuse_unsupported(req: ResponseRequest) -> None:
         refuse("include is", "include")
     if req.top_logprobs:
         refuse("top_logprobs is", "top_logprobs")
+    if req.conversation:
+        refuse("conversation (the Conversations API) is", "conversation")  # previous_response_id is
+    if req.prompt:
+        refuse("prompt (stored prompt templates) is", "prompt")
 
 
 def _text(content: Any, where: str) -> str:
