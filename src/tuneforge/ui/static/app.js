@@ -1142,8 +1142,8 @@ async function viewMonitor(root) {
         r.model ? h("td", { class: "mono small break grow" }, r.model) : h("td", { class: "muted small grow" }, "other calls (files, jobs, models)"),
         h("td", { class: "num", title: "requests" }, `${fmt.int(r.requests)} req`),
         h("td", { class: "num hide-narrow" }, fmt.int(r.prompt_tokens)), h("td", { class: "num hide-narrow" }, fmt.int(r.completion_tokens)),
-        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num hide-narrow" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`),
-        h("td", { class: "num", title: "95th-percentile latency" }, `p95 ${fmt.int(Math.round(r.p95_latency_ms))} ms`)))))),
+        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num hide-narrow nowrap" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`),
+        h("td", { class: "num nowrap", title: "95th-percentile latency" }, `p95 ${fmt.int(Math.round(r.p95_latency_ms))} ms`)))))),
       h("p", { class: "small muted", "data-test": "openai-cost" }, "The same tokens at OpenAI's prices for fine-tuned models: ",
         usage.openai_cost.map((c) => `${c.model} ${fmt.usd(c.usd)}`).join(" · "), " (pricing.json, a rough guide)."));
     const draw = (width) => put(chartSlot, usageChart({ buckets: usage.timeline, bucketSeconds: usage.bucket_seconds, width }));
