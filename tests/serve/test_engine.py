@@ -59,10 +59,31 @@ def test_fine_tuned_models_are_merged_copies_sharing_the_base(tmp_path):
     assert torch.equal(answer(engine, Target("tiny-llama", one)), first)  # made again, same model
     assert torch.equal(answer(engine, Target("tiny-llama")), base)
     assert all(torch.equal(v, state[k]) for k, v in base_model.state_dict().items())  # the base is untouched
+    assert type(base_model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # and has no adapter layers
     assert not torch.allclose(base, first) and not torch.allclose(first, second)
 
     engine.forget(one)
     assert list(engine._tuned) == []
+
+
+def test_an_adapter_too_big_to_merge_is_served_as_peft_layers_beside_the_untouched_base(tmp_path):
+    one = make_adapter(tmp_path / "one", 1)
+    engine = Engine(merge_fraction=0.0)  # no room for a merged copy
+    base = answer(engine, Target("tiny-llama"))
+    base_model = engine._bases["tiny-llama"][0]
+    tuned = answer(engine, Target("tiny-llama", one))
+    served = engine._tuned[str(one.resolve())]
+    assert isinstance(served, PeftModel)  # unmerged: the adapter's own layers
+    # sharing the base's tensors, not copies, and leaving its modules as they were
+    assert served.get_input_embeddings().weight is base_model.get_input_embeddings().weight
+    q = base_model.model.layers[0].self_attn.q_proj
+    assert type(q) is torch.nn.Linear and served.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight is q.weight
+    expected, _ = tiny_model()
+    with torch.no_grad():
+        ids = torch.tensor([engine._bases["tiny-llama"][1]("hello there")["input_ids"]])
+        peft = PeftModel.from_pretrained(expected.to(base_model.dtype), one).eval()
+        assert torch.equal(tuned, peft(input_ids=ids).logits[0, -1])
+    assert torch.equal(answer(engine, Target("tiny-llama")), base) and not torch.allclose(tuned, base)
 
 
 def test_streamed_deltas_add_up_to_the_plain_answer(tmp_path):

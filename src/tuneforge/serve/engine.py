@@ -9,7 +9,9 @@ base, so nothing drifts): it answers exactly as fast as the base, and shares eve
 does not change (embeddings, norms) with it. The base model itself is never modified. Recently asked
 fine-tuned models stay loaded (an LRU of `max_models`, full fine-tunes included); the cost of a
 merged copy is the size of the layers the adapter targets (~210 MB in bf16 for SmolLM2-135M), paid
-again only when a model evicted from the LRU is asked for.
+again only when a model evicted from the LRU is asked for. Where that copy would take more than half
+the free memory (a large base on a small GPU), the adapter is served as PEFT's layers instead: slower,
+but a few MB.
 
 A lock serialises generation (one model answers at a time on these cores): a request holds it from
 choosing its model until its last token. Streaming generation runs in its own thread (which holds the
@@ -39,6 +41,18 @@ from ..train.device import inference_dtype, pick_device
 log = logging.getLogger("tuneforge.serve")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's, or the machine's available memory (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # not Linux: no figure to go by, merge
+
+
 @dataclass(frozen=True)
 class Target:
     """What a model name resolves to: a base model, optionally with a fine-tuned weights folder."""
@@ -48,8 +62,9 @@ class Target:
 
 
 class Engine:
-    def __init__(self, max_models: int = 2):
+    def __init__(self, max_models: int = 2, merge_fraction: float = 0.5):
         self.max_models = max_models
+        self.merge_fraction = merge_fraction  # of the free memory a merged copy may take
         self.device = pick_device()  # the GPU when there is one (training workers are other processes)
         self.dtype = inference_dtype(self.device)
         self._bases: dict[str, tuple[object, object]] = {}  # base name -> (model, tokenizer)
@@ -69,31 +84,36 @@ class Engine:
         _, tokenizer = self._base(base)
         key = str(weights.resolve())
         if key not in self._tuned:
+            while len(self._tuned) >= self.max_models:  # room first: a merged copy is large
+                self._tuned.popitem(last=False)
             if (weights / ADAPTER_FILE).exists():
-                self._tuned[key] = self._merged(base, weights)
+                self._tuned[key] = self._adapted(base, weights)
             else:
                 from transformers import AutoModelForCausalLM
 
                 full = AutoModelForCausalLM.from_pretrained(weights, dtype=self.dtype)
                 self._tuned[key] = full.to(self.device).eval()
-            while len(self._tuned) > self.max_models:
-                self._tuned.popitem(last=False)
         self._tuned.move_to_end(key)
         return self._tuned[key], tokenizer
 
     @torch.no_grad()
-    def _merged(self, base: str, weights: Path):
-        """A copy of the base with the adapter at `weights` folded in; the tensors the adapter leaves
-        alone are the base's own, not copies."""
+    def _adapted(self, base: str, weights: Path):
+        """The base with the adapter at `weights`: merged into copies of the layers it targets when
+        they fit in `merge_fraction` of the free memory, else as PEFT's adapter layers (slower to
+        decode, a few MB). Either way the base's own modules and tensors are left as they are: the
+        adapter goes into a copy of the module tree whose tensors are the base's."""
         model, _ = self._base(base)
-        adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(weights), torch_device=str(self.device))
-        targeted = set(adapted.base_model.targeted_module_names)
-        merged = adapted.merge_and_unload().eval()
-        originals = dict(model.named_parameters())
-        for name, p in merged.named_parameters():  # (an adapter's modules_to_save are changed, and kept)
-            if name.rpartition(".")[0] not in targeted and torch.equal(p, originals[name]):
-                p.data = originals[name].data
-        return merged
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        adapted = PeftModel.from_pretrained(copy.deepcopy(model, shared), str(weights), torch_device=str(self.device))
+        tuner = adapted.base_model
+        layers = [tuner.model.get_submodule(name).base_layer for name in tuner.targeted_module_names]
+        size = sum(layer.weight.nbytes for layer in layers)
+        if size > self.merge_fraction * free_memory(self.device):
+            log.info("serving %s unmerged: merging would copy %d MB", weights, size >> 20)
+            return adapted.eval()
+        for layer in layers:  # merging writes into the weights: into copies, not the base's
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        return adapted.merge_and_unload().eval()
 
     @contextmanager
     def use(self, target: Target):
