@@ -24,6 +24,7 @@ from ..models.load import load_base, load_tuned
 from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
+from ..train.device import pick_device
 from .fit import diagnose
 from .metrics import EVAL_BATCH_SIZE, EVAL_ROW_TOKENS, evaluate_loss
 
@@ -86,7 +87,9 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     examples = [e for e in examples if e.assistant_messages()]
     if not examples:
         raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
+    device = pick_device()  # the GPU when there is one
     tuned, tokenizer = load_tuned(run_dir, dtype=torch.float32)  # metrics in full precision
+    tuned.to(device)
     rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
     classify = is_classification(examples)
@@ -101,7 +104,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     if hasattr(tuned, "disable_adapter"):
         base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
     else:
-        base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].eval()
+        base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].to(device).eval()
     with base_ctx:
         base_report = _score(base, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
     tuned_report = _score(tuned, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
