@@ -166,3 +166,18 @@ def test_usage_summarises_served_requests():
     assert json.loads(tf("usage", "--json").stdout)["data"][0]["requests"] == 4
     assert json.loads(tf("usage", "--json", "--days", "1").stdout)["data"][0]["requests"] == 3
     assert "--days" in tf("usage", "--days", "-1", check=False).stderr
+
+
+def test_data_stored_writes_kept_responses(tmp_path):
+    from tests.serve.test_reports import keep_response
+
+    keep_response("default", {"rating": "good"})
+    keep_response("default", {"rating": "bad"}, answer="Five.")
+    out = tmp_path / "next.jsonl"
+    done = json.loads(tf("data", "stored", "-o", out, "--responses", "--metadata", "rating=good", "--json").stdout)
+    assert done["n_examples"] == 1
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["messages"][0] == {"role": "system", "content": "Answer briefly."}
+    assert row["messages"][-1] == {"role": "assistant", "content": "Four."}
+    missing = tf("data", "stored", "-o", out, "--responses", "--metadata", "rating=none", check=False)
+    assert missing.returncode == 2 and "no completed kept responses" in missing.stderr

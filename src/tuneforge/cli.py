@@ -112,11 +112,13 @@ def data_stored(
     project: Annotated[str, typer.Option(help="Project whose stored completions to read.")] = "default",
     model: Annotated[str | None, typer.Option(help="Only completions of this model (e.g. an ft: name).")] = None,
     metadata: Annotated[list[str] | None, typer.Option(help="Only completions with this metadata: key=value.")] = None,
+    responses: Annotated[bool, typer.Option("--responses", help="Read the kept Responses API answers instead.")] = False,
     database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
     json_out: JsonOpt = False,
 ):
-    """Write the server's stored chat completions (`store: true`) as chat JSONL: training data again."""
-    from .monitor.stored import training_examples, write_jsonl
+    """Write the server's stored chat completions (`store: true`), or with --responses its kept
+    responses, as chat JSONL: training data again."""
+    from .monitor.stored import response_examples, training_examples, write_jsonl
     from .store.database import session
 
     wanted = {}
@@ -126,9 +128,10 @@ def data_stored(
             raise ValueError(f"--metadata {pair!r}: expected key=value")
         wanted[key] = value
     with session(database_url) as s:
-        examples = training_examples(s, project, model, wanted)
+        examples = (response_examples if responses else training_examples)(s, project, model, wanted)
     if not examples:
-        raise ValueError(f"no stored completions in project {project!r} match (model={model}, metadata={wanted})")
+        what = "completed kept responses" if responses else "stored completions"
+        raise ValueError(f"no {what} in project {project!r} match (model={model}, metadata={wanted})")
     write_jsonl(examples, out)
     if json_out:
         _print_json({"out": str(out), "n_examples": len(examples)})

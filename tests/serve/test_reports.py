@@ -100,3 +100,39 @@ def test_usage_and_stored_completions_back_into_a_training_file(client):
     assert client.get(f"/v1/files/{made['id']}/report", params={"model": "tiny-llama"}).json()["format"] == "chat"
     none = client.post("/v1/tuneforge/stored_completions/training_file", params={"metadata[rating]": "meh"})
     assert none.status_code == 400 and none.json()["error"]["code"] == "no_stored_completions"
+
+
+def keep_response(project: str, metadata: dict, *, status: str = "completed", answer: str = "Four.",
+                  instructions: str | None = "Answer briefly.") -> None:
+    """A kept response as serve.responses stores one (one that ended its answer by itself, which the
+    random tiny model cannot be relied on to do)."""
+    from tuneforge.store.database import ResponseRow
+
+    response = {"id": new_id("resp_"), "status": status, "instructions": instructions, "metadata": metadata,
+                "output": [{"content": [{"type": "output_text", "text": answer, "annotations": []}]}]}
+    said = [("developer", "Be exact."), ("user", "And 2+2?")]
+    with session() as s:
+        s.add(ResponseRow(id=response["id"], project=project, model="tiny-llama", response=response,
+                          context=[{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "Two."}],
+                          input=[{"id": new_id("msg_"), "role": role, "content": [{"type": "input_text", "text": text}]}
+                                 for role, text in said]))
+        s.commit()
+
+
+def test_kept_responses_back_into_a_training_file(client):
+    served = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2,
+                                                "metadata": {"batch": "r"}})
+    assert served.status_code == 200 and served.json()["status"] == "incomplete"  # cut: never training data
+    keep_response("proj", {"batch": "r"})
+    keep_response("proj", {"batch": "r"}, status="incomplete")
+    keep_response("proj", {"batch": "other"}, answer="Five.")
+    keep_response("elsewhere", {"batch": "r"}, answer="Six.")
+    made = client.post("/v1/tuneforge/responses/training_file", params={"metadata[batch]": "r"}).json()
+    assert made["purpose"] == "fine-tune" and made["filename"] == "kept-responses.jsonl"
+    rows = [json.loads(x) for x in client.get(f"/v1/files/{made['id']}/content").text.splitlines()]
+    assert rows == [{"messages": [
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "Two."}, {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "Four."}]}]
+    none = client.post("/v1/tuneforge/responses/training_file", params={"metadata[batch]": "nothing"})
+    assert none.status_code == 400 and none.json()["error"]["code"] == "no_kept_responses"

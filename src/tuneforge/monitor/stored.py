@@ -1,9 +1,12 @@
-"""Served traffic back into training data: stored chat completions as chat JSONL.
+"""Served traffic back into training data: stored chat completions, or kept responses, as chat JSONL.
 
 A completion the server kept (`store: true`, serve.stored) holds the request's messages and the
 answers. Each becomes one training example - the messages as sent, then the first answer as the
 assistant turn - in OpenAI's chat format, so `tuneforge data validate` and a new fine-tuning job
 read it like any other file. Filter by model and metadata to keep what was reviewed as good.
+A kept response (the Responses API keeps them unless `store: false`, serve.responses) becomes its
+whole conversation: instructions as the system message, earlier turns (previous_response_id), the
+input, and the answer - only answers that ended by themselves (a cut one would teach cutting off).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..data.formats import chat_role
-from ..store.database import StoredCompletionRow, metadata_matches
+from ..store.database import ResponseRow, StoredCompletionRow, metadata_matches
 
 
 def find_stored(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None,
@@ -39,6 +42,32 @@ def training_examples(s: Session, project: str = "default", model: str | None = 
             continue  # nothing to learn from (an empty or refused answer), and the validator agrees
         messages = [_training_message(m) for m in row.messages]
         out.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+    return out
+
+
+def find_responses(s: Session, project: str, model: str | None = None,
+                   metadata: dict[str, str] | None = None) -> list[ResponseRow]:
+    """The kept responses of `project`, of `model` and with every `metadata` pair if given, oldest first."""
+    stmt = select(ResponseRow).where(ResponseRow.project == project)
+    if model:
+        stmt = stmt.where(ResponseRow.model == model)
+    rows = s.scalars(stmt.order_by(ResponseRow.seq.asc())).all()
+    return [r for r in rows if metadata_matches(r.response.get("metadata"), metadata or {})]
+
+
+def response_examples(s: Session, project: str = "default", model: str | None = None,
+                      metadata: dict[str, str] | None = None) -> list[dict]:
+    """One {"messages": [...]} per completed kept response of `project` (oldest first) that matches."""
+    out = []
+    for row in find_responses(s, project, model, metadata):
+        answer = "".join(part["text"] for message in row.response["output"] for part in message["content"])
+        if row.response["status"] != "completed" or not answer.strip():
+            continue
+        instructions = row.response.get("instructions")
+        system = [{"role": "system", "content": instructions}] if instructions else []
+        said = [{"role": item["role"], "content": "".join(part["text"] for part in item["content"])} for item in row.input]
+        turns = [{"role": chat_role(m["role"]), "content": m["content"]} for m in [*row.context, *said]]
+        out.append({"messages": system + turns + [{"role": "assistant", "content": answer}]})
     return out
 
 

@@ -176,3 +176,17 @@ def stored_training_file(request: Request, caller: Caller, db: DB, settings: Set
         raise bad_request("No stored chat completion matches (store: true, with the model and metadata asked)",
                           param="metadata", code="no_stored_completions")
     return store_file(db, caller, settings, "stored-completions.jsonl", jsonl_bytes(examples))
+
+
+@router.post("/tuneforge/responses/training_file", response_model=FileObject)
+def responses_training_file(request: Request, caller: Caller, db: DB, settings: SettingsDep,
+                            model: Annotated[str | None, Query()] = None):
+    """The caller's kept responses (completed ones, of `model`, with every `metadata[k]=v` asked) as
+    a chat JSONL file with purpose fine-tune (`tuneforge data stored --responses`)."""
+    from ..monitor.stored import jsonl_bytes, response_examples
+
+    examples = response_examples(db, caller.project, model, metadata_filter(request))
+    if not examples:
+        raise bad_request("No kept response matches (completed, with the model and metadata asked)",
+                          param="metadata", code="no_kept_responses")
+    return store_file(db, caller, settings, "kept-responses.jsonl", jsonl_bytes(examples))
