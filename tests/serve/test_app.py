@@ -193,3 +193,18 @@ def test_workers_get_one_gpu_each_when_there_are_several(monkeypatch):
     assert [pool.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["1", "1", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none: nothing to hand out
     assert [pool.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["", "", ""]
+
+
+def test_responses_truncation_auto_drops_the_oldest_turns(client):
+    long = "alpha beta " * 30  # ~340 tokens a turn for the tiny model's tokenizer; nine do not fit in 2,048
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {long}"} for i in range(9)]
+    ask = {"model": "tiny-llama", "input": turns, "max_output_tokens": 8, "instructions": "Be brief."}
+    refused = client.post("/v1/responses", json=ask)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert refused.json()["error"]["param"] == "input"
+    done = client.post("/v1/responses", json=ask | {"truncation": "auto"}).json()
+    assert done["truncation"] == "auto" and done["status"] in ("completed", "incomplete")
+    used = done["usage"]["input_tokens"]
+    one_turn = client.post("/v1/responses", json=ask | {"input": turns[-1:]}).json()["usage"]["input_tokens"]
+    assert 2 * one_turn < used <= 2048 - 8  # several of the latest turns kept, within the context
+    assert client.post("/v1/responses", json=ask | {"input": turns[-1:], "truncation": "auto"}).status_code == 200

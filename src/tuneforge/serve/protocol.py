@@ -339,6 +339,7 @@ class ResponseRequest(BaseModel):
     top_logprobs: int | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
 
 

@@ -5,7 +5,8 @@ input items - the API OpenAI's own guides now call a fine-tuned model with
 What it covers is text: `input` as a string or a list of messages (content a string or
 input_text / output_text parts), `instructions` as the system message ahead of them,
 `previous_response_id` to continue a kept conversation (whose instructions are not carried over, as
-at OpenAI), temperature, top_p, max_output_tokens and metadata. Responses are kept unless the request
+at OpenAI), `truncation: "auto"` (the oldest turns dropped to fit the context), temperature, top_p,
+max_output_tokens and metadata. Responses are kept unless the request
 says `store: false` - OpenAI's default. Tools, images, files, reasoning, structured output and
 background mode are refused with the parameter named rather than silently ignored.
 
@@ -149,6 +150,18 @@ def _earlier_turns(db: Session, caller: Principal, previous_id: str | None) -> l
     return [*row.context, *said, {"role": "assistant", "content": answer}]
 
 
+def _fitted(engine: Engine, target: Target, system: list[dict], turns: list[dict], req: ResponseRequest):
+    """(messages, prompt tokens, context length). With `truncation: "auto"`, the oldest turns are
+    dropped, as at OpenAI, until the prompt leaves room for max_output_tokens (or one token); the
+    instructions and the last turn always stay."""
+    while True:
+        messages = system + [{"role": chat_role(t["role"]), "content": t["content"]} for t in turns]
+        prompt_tokens, room = measure_prompt(engine, target, messages, param="input")
+        if req.truncation != "auto" or len(turns) == 1 or prompt_tokens + (req.max_output_tokens or 1) <= room:
+            return messages, prompt_tokens, room
+        turns = turns[1:]
+
+
 # --- the response -----------------------------------------------------------------------------------
 
 
@@ -166,6 +179,7 @@ class _Answer:
             max_output_tokens=req.max_output_tokens, model=req.model, output=[],
             previous_response_id=req.previous_response_id, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, store=req.store is not False,
+            truncation=req.truncation or "disabled",
             metadata=req.metadata or {}, user=req.user,
         )
 
@@ -205,8 +219,7 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
     context = _earlier_turns(db, caller, req.previous_response_id)
     turns = _turns(req)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    messages = system + [{"role": chat_role(t["role"]), "content": t["content"]} for t in context + turns]
-    prompt_tokens, room = measure_prompt(engine, target, messages, param="input")
+    messages, prompt_tokens, room = _fitted(engine, target, system, context + turns, req)
     (sampling,) = samplings(SamplingParams(model=req.model, temperature=req.temperature, top_p=req.top_p),
                             req.max_output_tokens, DEFAULT_CHAT_MAX_TOKENS, prompt_tokens, room,
                             names=("max_output_tokens", "input"))
