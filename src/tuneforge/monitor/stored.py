@@ -21,15 +21,22 @@ from ..data.formats import chat_role
 from ..store.database import ResponseRow, StoredCompletionRow, metadata_matches
 
 
+def _kept(s: Session, table, project: str, model: str | None, metadata: dict[str, str] | None, meta_of,
+          newest_first: bool = False) -> list:
+    """Rows of `table` (stored completions or kept responses) of `project`, of `model` and with every
+    `metadata` pair (read from a row by `meta_of`) if given, in the order they were kept."""
+    stmt = select(table).where(table.project == project)
+    if model:
+        stmt = stmt.where(table.model == model)
+    by_seq = table.seq.desc() if newest_first else table.seq.asc()
+    return [r for r in s.scalars(stmt.order_by(by_seq)).all() if metadata_matches(meta_of(r), metadata or {})]
+
+
 def find_stored(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None,
                 newest_first: bool = False) -> list[StoredCompletionRow]:
     """The stored completions of `project`, of `model` and with every `metadata` pair if given, in
     the order they were stored (the API's list and this module's export both read them so)."""
-    stmt = select(StoredCompletionRow).where(StoredCompletionRow.project == project)
-    if model:
-        stmt = stmt.where(StoredCompletionRow.model == model)
-    by_seq = StoredCompletionRow.seq.desc() if newest_first else StoredCompletionRow.seq.asc()
-    return [r for r in s.scalars(stmt.order_by(by_seq)).all() if metadata_matches(r.meta, metadata or {})]
+    return _kept(s, StoredCompletionRow, project, model, metadata, lambda r: r.meta, newest_first)
 
 
 def training_examples(s: Session, project: str = "default", model: str | None = None,
@@ -48,11 +55,15 @@ def training_examples(s: Session, project: str = "default", model: str | None = 
 def find_responses(s: Session, project: str, model: str | None = None,
                    metadata: dict[str, str] | None = None) -> list[ResponseRow]:
     """The kept responses of `project`, of `model` and with every `metadata` pair if given, oldest first."""
-    stmt = select(ResponseRow).where(ResponseRow.project == project)
-    if model:
-        stmt = stmt.where(ResponseRow.model == model)
-    rows = s.scalars(stmt.order_by(ResponseRow.seq.asc())).all()
-    return [r for r in rows if metadata_matches(r.response.get("metadata"), metadata or {})]
+    return _kept(s, ResponseRow, project, model, metadata, lambda r: r.response.get("metadata"))
+
+
+def response_conversation(row: ResponseRow) -> tuple[list[dict], str]:
+    """A kept response's turns before its answer (earlier turns, then its own input, roles as sent)
+    and the answer's text; its instructions are not among them."""
+    said = [{"role": item["role"], "content": "".join(part["text"] for part in item["content"])} for item in row.input]
+    answer = "".join(part["text"] for message in row.response["output"] for part in message["content"])
+    return [*row.context, *said], answer
 
 
 def response_examples(s: Session, project: str = "default", model: str | None = None,
@@ -60,13 +71,12 @@ def response_examples(s: Session, project: str = "default", model: str | None = 
     """One {"messages": [...]} per completed kept response of `project` (oldest first) that matches."""
     out = []
     for row in find_responses(s, project, model, metadata):
-        answer = "".join(part["text"] for message in row.response["output"] for part in message["content"])
+        turns, answer = response_conversation(row)
         if row.response["status"] != "completed" or not answer.strip():
             continue
         instructions = row.response.get("instructions")
         system = [{"role": "system", "content": instructions}] if instructions else []
-        said = [{"role": item["role"], "content": "".join(part["text"] for part in item["content"])} for item in row.input]
-        turns = [{"role": chat_role(m["role"]), "content": m["content"]} for m in [*row.context, *said]]
+        turns = [{"role": chat_role(m["role"]), "content": m["content"]} for m in turns]
         out.append({"messages": system + turns + [{"role": "assistant", "content": answer}]})
     return out
 

@@ -201,14 +201,19 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
 # --- streaming --------------------------------------------------------------------------------------
 
 
+def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies (nginx's X-Accel-Buffering) and never cached."""
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def body():
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(body())
 
 
 async def generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, str | Completion]]:

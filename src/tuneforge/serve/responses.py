@@ -27,15 +27,23 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..data.formats import chat_role
 from ..models.generate import Completion, Sampling
+from ..monitor.stored import response_conversation
 from ..store.database import ResponseRow, new_id
 from ..store.keys import Principal
-from .chat import DEFAULT_CHAT_MAX_TOKENS, generated, in_own_session, measure_prompt, note_usage, samplings
+from .chat import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    generated,
+    in_own_session,
+    measure_prompt,
+    note_usage,
+    samplings,
+    sse_response,
+)
 from .deps import DB, Caller
 from .engine import Engine, Target
 from .errors import bad_request, not_found
@@ -128,9 +136,14 @@ def _input_items(turns: list[dict[str, str]]) -> list[dict]:
             for t in turns]
 
 
+def _find(db: Session, caller: Principal, response_id: str) -> ResponseRow | None:
+    # only kept responses exist here (and only the caller's project's)
+    return db.scalar(select(ResponseRow).where(ResponseRow.id == response_id, ResponseRow.project == caller.project))
+
+
 def _get(db: Session, caller: Principal, response_id: str) -> ResponseRow:
-    row = db.scalar(select(ResponseRow).where(ResponseRow.id == response_id, ResponseRow.project == caller.project))
-    if row is None:  # only kept responses exist here (and only the caller's project's)
+    row = _find(db, caller, response_id)
+    if row is None:
         raise not_found("response", response_id, param="response_id")
     return row
 
@@ -140,14 +153,13 @@ def _earlier_turns(db: Session, caller: Principal, previous_id: str | None) -> l
     answer."""
     if previous_id is None:
         return []
-    row = db.scalar(select(ResponseRow).where(ResponseRow.id == previous_id, ResponseRow.project == caller.project))
+    row = _find(db, caller, previous_id)
     if row is None:
         raise bad_request(f"Previous response with id '{previous_id}' not found (only kept responses can be "
                           "continued: store must not be false).", param="previous_response_id",
                           code="previous_response_not_found")
-    said = [{"role": item["role"], "content": _text(item["content"], "input")} for item in row.input]
-    answer = "".join(part["text"] for message in row.response["output"] for part in message["content"])
-    return [*row.context, *said, {"role": "assistant", "content": answer}]
+    turns, answer = response_conversation(row)
+    return [*turns, {"role": "assistant", "content": answer}]
 
 
 def _fitted(engine: Engine, target: Target, system: list[dict], turns: list[dict], req: ResponseRequest):
@@ -233,8 +245,7 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
     if req.stream:
         kept = (lambda done: in_own_session(request, keep, done)) if store else None  # after the request's session
         events = _events(engine, target, messages, sampling, answer, kept, request)
-        return StreamingResponse(_sse(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(_sse(events))
     (result,) = engine.complete(target, [(messages, sampling)])
     done = answer.finished(result)
     note_usage(request, req.model, _usage(done))
