@@ -445,7 +445,7 @@ def usage(
     from .store.database import now
 
     rows = summary(project, since=now() - days * 86400 if days else None, database_url=database_url)
-    costs = openai_cost(sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows))
+    costs = openai_cost(rows)
     if json_out:
         _print_json({"data": rows, "openai_cost": costs})
         return

@@ -55,7 +55,8 @@ def test_timeline_buckets_by_day_with_empty_days_kept():
 
 
 def test_openai_cost_prices_input_and_output_tokens():
-    costs = {c["model"]: c["usd"] for c in openai_cost(1_000_000, 500_000)}
+    traffic = [{"prompt_tokens": 600_000, "completion_tokens": 500_000}, {"prompt_tokens": 400_000, "completion_tokens": 0}]
+    costs = {c["model"]: c["usd"] for c in openai_cost(traffic)}
     assert costs["gpt-4o-mini"] == pytest.approx(0.3 + 0.5 * 1.2)
     assert costs["gpt-4o"] == pytest.approx(3.75 + 0.5 * 15.0)
-    assert all(c["usd"] == 0 for c in openai_cost(0, 0))
+    assert all(c["usd"] == 0 for c in openai_cost([]))

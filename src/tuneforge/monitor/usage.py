@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import case, func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..data.stats import load_pricing
@@ -52,33 +52,27 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(project: str | None = None, since: float | None = None, database_url: str | None = None) -> list[dict]:
     """Requests, tokens, errors, mean and 95th-percentile latency per (project, model), optionally
-    since a time."""
-    q = _scoped(select(
-        UsageRow.project,
-        UsageRow.model,
-        func.count().label("requests"),
-        func.coalesce(func.sum(UsageRow.prompt_tokens), 0).label("prompt_tokens"),
-        func.coalesce(func.sum(UsageRow.completion_tokens), 0).label("completion_tokens"),
-        func.sum(case((UsageRow.status >= 400, 1), else_=0)).label("errors"),
-        func.avg(UsageRow.latency_ms).label("mean_latency_ms"),
-    ).group_by(UsageRow.project, UsageRow.model).order_by(UsageRow.project, UsageRow.model), project, since)
+    since a time; ordered by project and model, calls without a model first. One read of the rows:
+    a percentile is not an aggregate SQLite and PostgreSQL share, so all of it is counted here."""
+    q = _scoped(select(UsageRow.project, UsageRow.model, UsageRow.prompt_tokens, UsageRow.completion_tokens,
+                       UsageRow.status, UsageRow.latency_ms), project, since)
+    groups: dict[tuple, list] = {}
     with session(database_url) as s:
-        latencies: dict[tuple, list[float]] = {}
-        for row in s.execute(_scoped(select(UsageRow.project, UsageRow.model, UsageRow.latency_ms), project, since)):
-            latencies.setdefault((row.project, row.model), []).append(row.latency_ms)
-        return [
-            {
-                "project": r.project,
-                "model": r.model,
-                "requests": r.requests,
-                "prompt_tokens": int(r.prompt_tokens),
-                "completion_tokens": int(r.completion_tokens),
-                "errors": int(r.errors or 0),
-                "mean_latency_ms": round(float(r.mean_latency_ms or 0.0), 1),
-                "p95_latency_ms": round(percentile(latencies[(r.project, r.model)], 95), 1),
-            }
-            for r in s.execute(q).all()
-        ]
+        for row in s.execute(q):
+            groups.setdefault((row.project, row.model), []).append(row)
+    return [
+        {
+            "project": key[0],
+            "model": key[1],
+            "requests": len(rows),
+            "prompt_tokens": sum(r.prompt_tokens or 0 for r in rows),
+            "completion_tokens": sum(r.completion_tokens or 0 for r in rows),
+            "errors": sum(r.status >= 400 for r in rows),
+            "mean_latency_ms": round(sum(r.latency_ms for r in rows) / len(rows), 1),
+            "p95_latency_ms": round(percentile([r.latency_ms for r in rows], 95), 1),
+        }
+        for key, rows in sorted(groups.items(), key=lambda kv: tuple((v is not None, v or "") for v in kv[0]))
+    ]
 
 
 def timeline(project: str | None = None, since: float | None = None, bucket_seconds: int = 86400,
@@ -108,8 +102,11 @@ def timeline(project: str | None = None, since: float | None = None, bucket_seco
     return list(buckets.values())
 
 
-def openai_cost(prompt_tokens: int, completion_tokens: int) -> list[dict]:
-    """What these tokens would cost served by each fine-tuned OpenAI model in pricing.json."""
+def openai_cost(rows: list[dict]) -> list[dict]:
+    """What the tokens of these summary() rows would cost served by each fine-tuned OpenAI model in
+    pricing.json."""
+    prompt_tokens = sum(r["prompt_tokens"] for r in rows)
+    completion_tokens = sum(r["completion_tokens"] for r in rows)
     return [
         {"model": m["model"], "as_of": m["as_of"],
          "usd": (prompt_tokens * m["usd_per_1m_input_tokens"] + completion_tokens * m["usd_per_1m_output_tokens"]) / 1e6}

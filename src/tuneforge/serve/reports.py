@@ -159,7 +159,7 @@ def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
     return {
         "object": "list", "data": rows, "bucket_seconds": bucket,
         "timeline": timeline(caller.project, since=since, bucket_seconds=bucket),
-        "openai_cost": openai_cost(sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)),
+        "openai_cost": openai_cost(rows),
     }
 
 
