@@ -302,10 +302,7 @@ function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, x
   if (yMax === undefined) y1 += pad;
   const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
   const Y = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
-  for (const v of niceTicks(y0, y1, 4)) {
-    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), class: "grid-line" }));
-    svg.append(s("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, yFormat(v)));
-  }
+  yGrid(svg, niceTicks(y0, y1, 4), Y, W, m, yFormat);
   for (const v of niceTicks(x0, x1, W < 420 ? 4 : 6, true)) {
     svg.append(s("text", { x: X(v), y: H - m.b + 16, "text-anchor": "middle" }, v));
   }
@@ -319,9 +316,21 @@ function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, x
       for (const p of sr.points) svg.append(s("circle", { cx: X(p[0]), cy: Y(p[1]), r: 3, fill: sr.color }));
     }
   }
-  wrap.append(h("div", { class: "legend" },
-    series.filter((sr) => sr.points.length).map((sr) => h("span", {}, h("i", { style: `background:${sr.color}` }), sr.name))));
+  wrap.append(legend(series.filter((sr) => sr.points.length)));
   return wrap;
+}
+
+/** Horizontal grid lines at `ticks`, labelled on the left. */
+function yGrid(svg, ticks, Y, W, m, format) {
+  for (const v of ticks) {
+    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), class: "grid-line" }));
+    svg.append(s("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, format(v)));
+  }
+}
+
+/** A chart's legend: a coloured mark and a name for each of `items` ({name, color}). */
+function legend(items) {
+  return h("div", { class: "legend" }, items.map((it) => h("span", {}, h("i", { style: `background:${it.color}` }), it.name)));
 }
 
 /**
@@ -337,10 +346,7 @@ function usageChart({ buckets, bucketSeconds, width = 520 }) {
   const ticks = niceTicks(0, top, 3, true);
   const y1 = Math.max(top, ticks[ticks.length - 1] || top);
   const Y = (v) => H - m.b - (v / y1) * (H - m.t - m.b);
-  for (const v of ticks) {
-    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), class: "grid-line" }));
-    svg.append(s("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, fmt.int(v)));
-  }
+  yGrid(svg, ticks, Y, W, m, fmt.int);
   const slot = (W - m.l - m.r) / Math.max(1, buckets.length), bw = Math.max(1, slot * 0.7);
   const label = (t) => {
     const d = new Date(t * 1000);
@@ -362,8 +368,7 @@ function usageChart({ buckets, bucketSeconds, width = 520 }) {
     if (i % every === 0) svg.append(s("text", { x: x + bw / 2, y: H - m.b + 16, "text-anchor": "middle" }, label(b.start)));
   });
   svg.append(s("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "axis" }));
-  wrap.append(h("div", { class: "legend" }, h("span", {}, h("i", { style: `background:${PALETTE.prompt}` }), "prompt tokens"),
-    h("span", {}, h("i", { style: `background:${PALETTE.completion}` }), "completion tokens")));
+  wrap.append(legend([{ name: "prompt tokens", color: PALETTE.prompt }, { name: "completion tokens", color: PALETTE.completion }]));
   return wrap;
 }
 
