@@ -445,10 +445,16 @@ def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
         ask = dict(model=done.fine_tuned_model, temperature=0, max_output_tokens=400,
                    instructions=reply_system, input="What is the curse of dimensionality?")
         response = client.responses.create(**ask)
-        assert response.status == "completed", response.incomplete_details  # it ends its answer itself
+        # a tuned model usually ends its answer itself; one that runs on (greedy decoding can loop) is
+        # cut at max_output_tokens and said to be
+        ended = response.usage.output_tokens < 400
+        assert response.status == ("completed" if ended else "incomplete"), response.incomplete_details
+        assert ended or response.incomplete_details.reason == "max_output_tokens"
         assert response.output_text.lower().startswith(answer)  # greedy both times; chat stopped at 80 tokens
         with client.responses.stream(**ask) as stream:
-            streamed = stream.get_final_response()
+            events = list(stream)
+        streamed = events[-1].response  # response.completed, or response.incomplete when cut
+        assert events[-1].type == f"response.{response.status}"
         assert streamed.output_text == response.output_text and streamed.usage == response.usage
     finally:
         srv.stop()
