@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py                       # LoRA and full, 3 repetitions
     python benchmarks/train_throughput.py --quick               # smoke run: LoRA, 1 epoch, 1 repetition
     python benchmarks/train_throughput.py --checkpointing       # + tuneforge with activation checkpointing
+    python benchmarks/train_throughput.py --methods qlora,lora  # QLoRA (base in NF4; needs bitsandbytes)
 
 On a GPU (both trainers run on it when torch sees one), with a bigger model of random weights:
     python benchmarks/random_model.py --shape llama-1b --out /tmp/llama-1b
@@ -28,6 +29,9 @@ Measured per run:
 - % of the matmul peak measured here (best of square fp32 and bf16 matmuls, same thread count; on a
   GPU bf16 only, 8192-square), and on a GPU also of its datasheet dense bf16 peak (MFU).
 - peak memory: the process's VmHWM; on a GPU also torch's peak of allocated GPU memory.
+- method qlora: LoRA on a base whose linear layers are NF4 with double quantisation (bitsandbytes) -
+  tuneforge's `quantize="nf4"`; for TRL, the model loaded with transformers' BitsAndBytesConfig, as
+  TRL's QLoRA recipe does. FLOPs counted as for LoRA.
 - validation loss: tuneforge's evaluate_loss on the same held-out examples after the last epoch
   (with --repeat the held-out examples have copies in the training set: a speed run, not a loss one).
 """
@@ -122,7 +126,8 @@ def _tuneforge_worker(args) -> dict:
 
     out = tempfile.mkdtemp(prefix="tf-bench-")
     cfg = TrainConfig(
-        data=args.data, out=out, base=args.base, method=args.method, n_epochs=args.epochs,
+        data=args.data, out=out, base=args.base, method="lora" if args.method == "qlora" else args.method,
+        quantize="nf4" if args.method == "qlora" else None, n_epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
         activation_checkpointing=args.worker == "tuneforge-ckpt",
     )
@@ -163,7 +168,19 @@ def _trl_worker(args) -> dict:
     # TRL as its users run it: the same thread count, none of tuneforge's process settings (oneDNN
     # kernel cache, glibc allocator thresholds: train.device.configure_cpu), which speed TRL up too.
     torch.set_num_threads(args.threads or physical_cores())
-    model, tokenizer = load_base(args.base)
+    if args.method == "qlora":  # TRL's QLoRA recipe: transformers quantises the base as it loads it
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from tuneforge.models.catalogue import resolve
+        from tuneforge.models.load import load_tokenizer, model_folder
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_folder(resolve(args.base)), dtype=torch.float32,
+                                                     quantization_config=nf4)
+        tokenizer = load_tokenizer(args.base)
+    else:
+        model, tokenizer = load_base(args.base)
     train_r, valid_r = _data(tokenizer, args.max_length, args.data)
     rows = [
         {"input_ids": r.input_ids, "labels": [t if lab != IGNORE else IGNORE for t, lab in zip(r.input_ids, r.labels)]}
@@ -178,7 +195,7 @@ def _trl_worker(args) -> dict:
         per_device_train_batch_size=int(batch_size),
         num_train_epochs=args.epochs,
         max_length=args.max_length,
-        learning_rate=BASE_LEARNING_RATE[args.method],
+        learning_rate=BASE_LEARNING_RATE["lora" if args.method == "qlora" else args.method],
         lr_scheduler_type="linear",
         warmup_steps=max(1, round(steps * 0.05)),
         weight_decay=0.0,
@@ -193,7 +210,7 @@ def _trl_worker(args) -> dict:
         dataloader_num_workers=0,
     )
     peft_config = None
-    if args.method == "lora":
+    if args.method in ("lora", "qlora"):
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                  bias="none", task_type="CAUSAL_LM")
 
@@ -262,7 +279,7 @@ def _model_shape(base: str) -> dict:
 
 
 def _flops(run: dict, method: str, shape: dict, epochs: int) -> float:
-    per_token = (4 if method == "lora" else 6) * shape["n_params"]
+    per_token = (6 if method == "full" else 4) * shape["n_params"]
     attention = 6 * shape["layers"] * shape["width"] * sum(n * n for n in shape["lengths"]) * epochs
     return per_token * run["tokens"] + attention
 

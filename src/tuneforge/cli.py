@@ -231,6 +231,8 @@ def train(
     precision: Annotated[str, typer.Option(help="auto, bf16 or fp32.")] = "auto",
     activation_checkpointing: Annotated[bool, typer.Option(
         help="Recompute each layer in the backward pass: a fraction of the activation memory, ~1/3 slower.")] = False,
+    quantize: Annotated[str | None, typer.Option(
+        help="nf4: keep the frozen base in 4 bits (QLoRA; needs bitsandbytes). LoRA only.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     json_out: JsonOpt = False,
@@ -258,7 +260,7 @@ def train(
             learning_rate_multiplier=_auto_or(float)(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
-            precision=precision, activation_checkpointing=activation_checkpointing,
+            precision=precision, activation_checkpointing=activation_checkpointing, quantize=quantize,
         )
     _sigterm_as_interrupt()
     progress = _Progress(quiet)

@@ -180,7 +180,7 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     expect(row.locator("a[href^='#/jobs/ftjob-']")).to_be_visible()
 
 
-def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
+def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, pairs_file):
     pairs = server.upload(pairs_file)
     page.goto(server.url + f"/#/upload/{pairs['id']}")
     expect(page.locator("[data-test=report-stats]")).to_contain_text("Local time as DPO", timeout=60_000)
@@ -189,14 +189,16 @@ def test_create_a_dpo_job_on_preference_pairs(page, server, pairs_file):
     page.select_option("#f-model", "tiny-llama")
     page.select_option("#f-training_file", pairs["id"])
     page.click(".seg label:has(input[value=dpo])")  # the radio itself is hidden under its label
+    page.check("input[name=quantize]")  # on a 4-bit base (QLoRA)
     page.fill("input[name=n_epochs]", "1")
     page.click("#create-submit")
 
     page.wait_for_url(re.compile(r".*#/jobs/ftjob-.*"))
     expect(page.locator(".page[data-page=jobs]")).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
-    expect(page.locator("[data-test=method]")).to_have_text("DPO · lora")
+    expect(page.locator("[data-test=method]")).to_have_text("DPO · lora (nf4)")
     job = server.api("GET", f"/v1/fine_tuning/jobs/{page.url.rsplit('/', 1)[-1]}")
     assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["n_epochs"] == 1
+    assert job["metadata"]["tuneforge.quantize"] == "nf4"
 
 
 def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions(page, server):

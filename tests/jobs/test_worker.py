@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from tuneforge.jobs.worker import fine_tuned_name, run_worker
@@ -73,6 +74,16 @@ def test_full_fine_tuning_is_chosen_through_metadata():
     job, _, _, model = load(job_id)
     assert job.status == "succeeded", job.error
     assert Path(model.path, "model.safetensors").is_file()  # full weights, not an adapter
+
+
+def test_a_qlora_job_keeps_its_base_in_four_bits():
+    pytest.importorskip("bitsandbytes")
+    job_id = add_job(add_file(10), meta={"tuneforge.quantize": "nf4"}, n_epochs=1, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    job, _, _, model = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert json.loads(Path(job.run_dir, "config.json").read_text())["quantize"] == "nf4"
+    assert Path(model.path, "adapter_model.safetensors").is_file()
 
 
 def test_a_dpo_job_trains_on_preference_pairs():

@@ -107,6 +107,13 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert rl.status_code == 400 and rl.json()["error"]["code"] == "unsupported_method"
     bad = client.post("/v1/fine_tuning/jobs", json=body | {"suffix": "a:b"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
+    # tuneforge's extensions travel in metadata, and are checked there
+    qlora = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"tuneforge.quantize": "nf4"}})
+    assert qlora.status_code == 200 and qlora.json()["metadata"] == {"tuneforge.quantize": "nf4"}
+    for meta, says in [({"tuneforge.quantize": "int4"}, "must be nf4"),
+                       ({"tuneforge.quantize": "nf4", "tuneforge.method": "full"}, "method lora")]:
+        r = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": meta})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "metadata" and says in r.json()["error"]["message"]
 
 
 def test_chat_and_usage_rows(client):

@@ -21,9 +21,9 @@ def test_a_memory_mapped_model_prepares_to_the_same_weights(tmp_path, monkeypatc
     model, _ = tiny_model(seed=0)
     model.save_pretrained(tmp_path / "m")
     mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    assert device._weights_file_maps()  # its weights are views of the mapped file: the path under test
+    assert device.weights_file_maps()  # its weights are views of the mapped file: the path under test
     dropped = []
-    monkeypatch.setattr(device, "_drop_file_pages", lambda t, spans, real=device._drop_file_pages: (
+    monkeypatch.setattr(device, "drop_file_pages", lambda t, spans, real=device.drop_file_pages: (
         dropped.append(t.numel()), real(t, spans)))
     prepared = []
     for m in (copy.deepcopy(model), mapped):

@@ -28,9 +28,11 @@ FINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("validating_files", "queued", "running")
 HEARTBEAT_SECONDS = 2.0
 
-# tuneforge's one extension of the job object: how the weights are trained ("lora" or "full"). OpenAI's
-# API has no such field, so it travels in metadata, which every OpenAI client sends unchanged.
+# tuneforge's extensions of the job object: how the weights are trained ("lora" or "full") and whether
+# the base is kept in 4 bits. OpenAI's API has no such fields, so they travel in metadata, which every
+# OpenAI client sends unchanged.
 METHOD_KEY = "tuneforge.method"
+QUANTIZE_KEY = "tuneforge.quantize"  # "nf4": the base frozen in 4 bits (QLoRA, models.quantize)
 
 
 def stale_seconds() -> float:

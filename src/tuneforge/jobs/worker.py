@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..settings import Settings, get_settings
 from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow, new_id, now, resolve_url, session_factory
 from . import queue
-from .queue import METHOD_KEY
+from .queue import METHOD_KEY, QUANTIZE_KEY
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -174,6 +174,7 @@ class JobRunner:
             out=str(self.run_dir),
             base=job.model,
             method=(job.meta or {}).get(METHOD_KEY, "lora"),
+            quantize=(job.meta or {}).get(QUANTIZE_KEY),
             validation_data=valid_path,
             n_epochs=hp.get("n_epochs", "auto"),
             batch_size=hp.get("batch_size", "auto"),

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..settings import get_settings
 from ..train.device import inference_dtype, pick_device
 from .adapters import attach, merged
 from .catalogue import ModelSpec, resolve
+from .quantize import Quantize, to_nf4
 from .tiny import tiny_model
 
 
@@ -52,17 +53,24 @@ def model_folder(spec: ModelSpec) -> Path:
     return folder
 
 
-def load_base(name: str | ModelSpec, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a catalogue name or path, in train mode off, on the CPU."""
+def load_base(name: str | ModelSpec, dtype: torch.dtype = torch.float32, quantize: Quantize | None = None,
+              compute_dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a catalogue name or path, in train mode off, on the CPU.
+
+    quantize="nf4": the linear layers' weights are stored in 4 bits (QLoRA's frozen base,
+    models.quantize) and multiplied in `compute_dtype`; everything else is in `dtype`."""
     spec = name if isinstance(name, ModelSpec) else resolve(name)
     if spec.source == "tiny":
         model, tokenizer = tiny_model()
-        return model.to(dtype), tokenizer
-    folder = model_folder(spec)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        model = model.to(dtype)
+    else:
+        folder = model_folder(spec)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if quantize is not None:
+        to_nf4(model, compute_dtype or dtype)
     return model, tokenizer
 
 

@@ -18,8 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..jobs import queue
-from ..jobs.queue import METHOD_KEY
+from ..jobs.queue import METHOD_KEY, QUANTIZE_KEY
 from ..models.catalogue import available
+from ..models.quantize import check_quantize, require_bitsandbytes
 from ..settings import Settings
 from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, metadata_matches, new_id
 from ..store.keys import Principal
@@ -123,9 +124,16 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
         raise bad_request("suffix must be 1 to 64 letters, digits, '-', '_' or '.'", param="suffix",
                           code="invalid_suffix")
     check_metadata(req.metadata)
-    if (req.metadata or {}).get(METHOD_KEY, "lora") not in ("lora", "full"):
+    method = (req.metadata or {}).get(METHOD_KEY, "lora")
+    if method not in ("lora", "full"):
         raise bad_request(f"metadata['{METHOD_KEY}'] must be 'lora' or 'full'", param="metadata",
                           code="invalid_metadata")
+    if (quantize := (req.metadata or {}).get(QUANTIZE_KEY)) is not None:
+        try:
+            check_quantize(quantize, method)
+            require_bitsandbytes()
+        except ValueError as e:
+            raise bad_request(f"metadata['{QUANTIZE_KEY}']: {e}", param="metadata", code="invalid_metadata") from None
     if req.integrations:
         raise bad_request("integrations are not supported by this server", param="integrations",
                           code="unsupported_integration")

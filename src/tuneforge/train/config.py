@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.stats import resolve_n_epochs
+from ..models.quantize import Quantize, check_quantize
 
 Auto = Literal["auto"]
 Method = Literal["lora", "full"]
@@ -47,6 +48,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    quantize: Quantize | None = None  # "nf4": the frozen base in 4 bits (QLoRA, models.quantize); LoRA only
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -56,6 +58,9 @@ class TrainConfig:
     early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = one per physical core
     activation_checkpointing: bool = False  # recompute layers in the backward pass: less memory, slower
+
+    def __post_init__(self):
+        check_quantize(self.quantize, self.method)
 
     @property
     def learning_rate(self) -> float:

@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from transformers.models.llama import modeling_llama as llama
 
 from .device import compute_dtype
-from .lora import fuse_lora, lora_gradients, lora_group, lora_parts, lora_product, run_group
+from .lora import (
+    fuse_lora,
+    keep_weight,
+    kept_weight,
+    lora_gradients,
+    lora_group,
+    lora_parts,
+    lora_product,
+    run_group,
+)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -137,17 +146,18 @@ class _SwiGLUDown(torch.autograd.Function):
             shape = gate_up.shape
             gate_up2 = gate_up.reshape(-1, shape[-1]).to(dtype)
             act = F.silu(gate_up2[:, :width]) * gate_up2[:, width:]
-            y, saved = lora_product(act, weight, bias, a, b, scale, dtype)
-        ctx.save_for_backward(gate_up2, *saved)
+            y, (xa, w, a_, b_) = lora_product(act, weight, bias, a, b, scale, dtype)
+        ctx.save_for_backward(gate_up2, xa, keep_weight(ctx, w), a_, b_)
         ctx.width, ctx.scale, ctx.shape, ctx.dtypes = width, scale, shape, (gate_up.dtype, a.dtype, b.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        gate_up, *saved = ctx.saved_tensors
+        gate_up, xa, w, a_, b_ = ctx.saved_tensors
         width = ctx.width
         gate_up_dtype, a_dtype, b_dtype = ctx.dtypes
         with torch.autocast(grad_y.device.type, enabled=False):
+            saved = (xa, kept_weight(ctx, w), a_, b_)
             g_xa, grad_b, grad_act = lora_gradients(grad_y, saved, ctx.scale, True)
             gate, up = gate_up[:, :width], gate_up[:, width:]
             silu = F.silu(gate)

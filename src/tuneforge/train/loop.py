@@ -118,13 +118,14 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     emit = on_event if on_event is not None and main else (lambda event: None)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    configure_cpu(cfg.threads or distributed.threads(group, physical_cores()))
+    configure_cpu(cfg.threads or distributed.threads(group, physical_cores()), quantized=cfg.quantize is not None)
     torch.manual_seed(cfg.seed)
     device = pick_device()
+    dtype = autocast_dtype(cfg.precision, device)
 
-    emit({"type": "message", "message": f"Loading base model {cfg.base}"})
+    emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
-        model, tokenizer = load_base(cfg.base)
+        model, tokenizer = load_base(cfg.base, quantize=cfg.quantize, compute_dtype=dtype)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     preference = cfg.objective == "dpo"
     if preference:  # items are dpo.Pair: both answers of each preference pair
@@ -148,7 +149,6 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         dropout=cfg.lora_dropout, targets=cfg.lora_targets,
     ).to(device)
     model.train()
-    dtype = autocast_dtype(cfg.precision, device)
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     fuse_for_training(model)  # norms, MLPs and LoRA linears as one autograd node each (train.fused)
     if cfg.activation_checkpointing:

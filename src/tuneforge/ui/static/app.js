@@ -520,7 +520,9 @@ async function viewCreate(root, params) {
         h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", autocomplete: "off" })),
       h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Training file"), trainSelect), trainSlot),
       h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Validation file ", h("span", { class: "hint" }, "optional")), validSelect), validSlot),
-      h("div", { class: "field full" }, h("span", {}, "Method"), methodSeg),
+      h("div", { class: "field full" }, h("span", {}, "Method"), h("div", { class: "row" }, methodSeg,
+        h("label", { class: "check", title: "Keep the frozen base in 4 bits (QLoRA, needs bitsandbytes on the server): for base models too big to train otherwise. LoRA and DPO only." },
+          h("input", { type: "checkbox", name: "quantize", value: "nf4" }), "Base in 4 bits (QLoRA)"))),
       h("fieldset", { class: "full" }, h("legend", {}, "Hyperparameters"),
         h("div", { class: "form-grid three" },
           hp("n_epochs", "Epochs", "auto or a number"),
@@ -558,6 +560,7 @@ async function viewCreate(root, params) {
         : { type: "supervised", supervised: { hyperparameters: hyper } },
       metadata: { "tuneforge.method": method === "dpo" ? "lora" : method },
     };
+    if (data.get("quantize")) body.metadata["tuneforge.quantize"] = "nf4";
     const valid = data.get("validation_file");
     if (valid && valid !== "__upload__") body.validation_file = valid;
     const suffix = String(data.get("suffix") || "").trim();
@@ -812,7 +815,8 @@ async function viewJob(root, params, jobId) {
     const last = rows[rows.length - 1];
     const total = last && last.total_steps;
     const hp = job.hyperparameters || {};
-    const adapter = (job.metadata && job.metadata["tuneforge.method"]) || "lora";
+    const meta = job.metadata || {};
+    const adapter = (meta["tuneforge.method"] || "lora") + (meta["tuneforge.quantize"] ? ` (${meta["tuneforge.quantize"]})` : "");
     const method = job.method && job.method.type === "dpo" ? `DPO · ${adapter}` : adapter;
     const progress = job.status === "succeeded" ? 1 : total ? last.step / total : 0;
     put(statusCard, 
