@@ -109,7 +109,7 @@ TRIM_THRESHOLD = 1 << 30  # free memory kept at the top of the heap before it is
 # A 4-bit base's de-quantised weights (a layer's worth, twice a step per layer) are what a QLoRA step
 # allocates most; kept in the heap, they leave it fragmented around the step's activations: a 1B
 # model's step peaked at 3.4 GB of RSS, 1.3 GB of it free heap. Mapped afresh each time: 1.9 GB.
-QUANTIZED_MMAP_THRESHOLD = int(os.environ.get("TF_QMMT", "32")) << 20
+QUANTIZED_MMAP_THRESHOLD = 32 << 20
 
 
 def _glibc():
