@@ -132,6 +132,52 @@ def test_chat_and_usage_rows(client):
     assert rows["tiny-llama"]["prompt_tokens"] >= usage["prompt_tokens"]
 
 
+def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    file_id = upload(client).json()["id"]
+    unknown = [
+        ("/v1/chat/completions", ask | {"temprature": 0.5}, "temprature"),
+        ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_tokens": 5}, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "a", "messages": []}, "messages"),
+        ("/v1/fine_tuning/jobs", {"model": "tiny-llama", "training_file": file_id,
+                                  "hyperparameters": {"lora_rank": 8}}, "hyperparameters.lora_rank"),
+    ]
+    for path, body, param in unknown:
+        r = client.post(path, json=body)
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"] == {"message": f"Unrecognized request argument supplied: {param}",
+                                     "type": "invalid_request_error", "param": param, "code": "unknown_parameter"}
+    # OpenAI's own parameters that would change the answer if ignored
+    for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tool_choice": "required"}, "tool_choice"), ({"top_logprobs": 3}, "top_logprobs"),
+                         ({"modalities": ["text", "audio"]}, "modalities"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+                         ({"functions": [{"name": "f"}]}, "functions"), ({"frequency_penalty": 2.5}, "frequency_penalty")]:
+        r = client.post("/v1/chat/completions", json=ask | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # ... and the ones that ask for what happens anyway, or only route and cache
+    for extra in [{"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"modalities": ["text"]},
+                  {"service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "u1"}]:
+        assert client.post("/v1/chat/completions", json=ask | extra).status_code == 200
+
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    token = tiny_tokenizer().convert_tokens_to_ids("z")
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    forced = client.post("/v1/chat/completions", json=ask | {"logit_bias": {str(token): 100}}).json()
+    assert forced["choices"][0]["message"]["content"] == "zzz"
+    plain = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "abc", "max_tokens": 1}).json()
+    first = plain["choices"][0]["text"]
+    (banned_id,) = tiny_tokenizer()(first, add_special_tokens=False)["input_ids"]
+    banned = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "abc", "max_tokens": 1,
+                                                   "logit_bias": {str(banned_id): -100}}).json()
+    assert banned["choices"][0]["text"] not in ("", first)
+    for bias in [{"999999": 1}, {"x": 1}, {str(token): 101}]:
+        r = client.post("/v1/chat/completions", json=ask | {"logit_bias": bias})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
 def test_openapi_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     spec = client.get("/openapi.json").json()

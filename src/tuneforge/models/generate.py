@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from ..data.render import prompt_ids
 
@@ -24,6 +24,9 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x times a token was generated so far
+    presence_penalty: float = 0.0  # minus penalty once a token has been generated at all
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, 100 forces)
 
 
 @dataclass
@@ -49,7 +52,30 @@ def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling) -> dict:
         kwargs |= {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
     if s.stop:
         kwargs |= {"stop_strings": s.stop, "tokenizer": tokenizer}
+    if s.frequency_penalty or s.presence_penalty or s.logit_bias:
+        kwargs["logits_processor"] = LogitsProcessorList([_OpenAIAdjustments(len(ids), s)])
     return kwargs
+
+
+class _OpenAIAdjustments(LogitsProcessor):
+    """OpenAI's frequency and presence penalties and logit_bias, on the model's logits before any
+    sampling: logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0), counting
+    the tokens generated so far (not the prompt's), then + logit_bias[t]."""
+
+    def __init__(self, prompt_length: int, s: Sampling):
+        self.start, self.frequency, self.presence = prompt_length, s.frequency_penalty, s.presence_penalty
+        self.bias = s.logit_bias or {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.start :]
+        if (self.frequency or self.presence) and generated.shape[1]:
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        if self.bias:
+            ids = torch.tensor(list(self.bias), device=scores.device)
+            scores = scores.index_add(1, ids, torch.tensor(list(self.bias.values()), dtype=scores.dtype,
+                                                           device=scores.device).expand(scores.shape[0], -1))
+        return scores
 
 
 def input_ids(tokenizer, prompt: list[dict] | str, tools=None) -> list[int]:

@@ -47,11 +47,12 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy endpoint's documented default
 
 
 def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, prompt_tokens: int,
-               context: int, copies: int = 1, names: tuple[str, str] = ("max_tokens", "messages")) -> list[Sampling]:
+               context: int, copies: int = 1, names: tuple[str, str] = ("max_tokens", "messages"),
+               vocab_size: int | None = None) -> list[Sampling]:
     """Check the sampling parameters (400 with the parameter named, as OpenAI answers) and build
     one Sampling per choice; choice i of a seeded request uses seed+i, so choices differ but repeat.
     `names`: what the request calls its token limit and its prompt (the Responses API:
-    max_output_tokens, input)."""
+    max_output_tokens, input); `vocab_size`: the model's, which logit_bias's token ids must be below."""
     max_name, prompt_name = names
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
@@ -67,9 +68,13 @@ def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pro
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise bad_request("stop takes at most 4 sequences", param="stop", code="invalid_value")
+    penalties = {}
     for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name):
-            raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        value = getattr(req, name) or 0.0
+        if not -2 <= value <= 2:
+            raise bad_request(f"{name} must be between -2 and 2, got {value}", param=name, code="invalid_value")
+        penalties[name] = value
+    bias = _logit_bias(req.logit_bias, vocab_size)
     if req.logprobs:
         raise bad_request("logprobs are not supported by this server", param="logprobs",
                           code="unsupported_parameter")
@@ -85,8 +90,50 @@ def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pro
                           "the completion).", param=max_name, code="context_length_exceeded")
     limit = max_tokens if max_tokens is not None else min(default_max, room)
     seeds = [None if req.seed is None else req.seed + i for i in range(n * copies)]
-    return [Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, stop=stop or None, seed=sd)
-            for sd in seeds]
+    return [Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, stop=stop or None, seed=sd,
+                     logit_bias=bias, **penalties) for sd in seeds]
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias - token id (a string, as JSON keys are) -> a bias from -100 to 100 - checked
+    against the model's vocabulary."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or (vocab_size is not None and int(key) >= vocab_size):
+            raise bad_request(f"Invalid key in 'logit_bias': {key}. Keys are token ids from 0 to {(vocab_size or 1) - 1}.",
+                              param="logit_bias", code="invalid_value")
+        if not -100 <= value <= 100:
+            raise bad_request(f"Invalid value in 'logit_bias' for token {key}: {value}. Biases are from -100 to 100.",
+                              param="logit_bias", code="invalid_value")
+        out[int(key)] = float(value)
+    return out
+
+
+def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
+    """OpenAI parameters this server does not implement, refused by name unless they ask for what it
+    does anyway (plain text, no tool forced, one candidate): ignoring them would change the answer."""
+    def refuse(what: str, param: str) -> None:
+        raise bad_request(f"{what} not supported by this server", param=param, code="unsupported_parameter")
+
+    if isinstance(req, CompletionRequest):
+        if req.best_of not in (None, 1):
+            refuse("best_of other than 1 is", "best_of")
+        return
+    if req.top_logprobs:
+        refuse("top_logprobs are", "top_logprobs")
+    if (req.response_format or {}).get("type", "text") != "text":
+        refuse("response_format other than 'text' (JSON mode, structured output) is", "response_format")
+    if req.tool_choice not in (None, "auto", "none"):
+        refuse("tool_choice other than 'auto' or 'none' is", "tool_choice")
+    if req.functions or req.function_call not in (None, "auto", "none"):
+        refuse("functions and function_call (deprecated; use tools) are", "functions" if req.functions else "function_call")
+    if req.modalities not in (None, ["text"]):
+        refuse("modalities other than ['text'] are", "modalities")
+    for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+        if getattr(req, name) is not None:
+            refuse(f"{name} is", name)
 
 
 def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
@@ -128,10 +175,11 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     engine: Engine = request.app.state.engine
     request.state.model = req.model
     target = resolve_model(db, caller, req.model)
+    refuse_unsupported(req)
     messages = _chat_messages(req)
     prompt_tokens, context = measure_prompt(engine, target, messages)
     choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
-                        prompt_tokens, context)
+                        prompt_tokens, context, vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(messages, s) for s in choices]
     check_metadata(req.metadata)
     cid, created = "chatcmpl-" + new_id("", 29), int(time.time())
@@ -178,9 +226,11 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     if req.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", param="suffix",
                           code="unsupported_parameter")
+    refuse_unsupported(req)
     lengths = [measure_prompt(engine, target, p) for p in prompts]
     prompt_tokens, context = max(n for n, _ in lengths), lengths[0][1]
-    per_prompt = samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context)
+    per_prompt = samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context,
+                           vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(p, s) for p in prompts for s in per_prompt]
     total_prompt = sum(n for n, _ in lengths)
     cid, created = "cmpl-" + new_id("", 29), int(time.time())

@@ -136,6 +136,12 @@ class Engine:
             n = len(input_ids(tokenizer, prompt))
             return n, int(getattr(model.config, "max_position_embeddings", 2048))
 
+    def vocab_size(self, target: Target) -> int:
+        """How many token ids the model scores (what logit_bias may name)."""
+        with self._lock:
+            model, _ = self._base(target.base)
+            return int(model.config.vocab_size)
+
     def complete(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> list[Completion]:
         """One finished answer per (prompt, sampling): a chat (messages) or a raw text prompt."""
         with self.use(target) as (model, tokenizer):

@@ -73,6 +73,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError):
         errors = err.errors()
+        unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+        if unknown:  # OpenAI's answer to a parameter it does not have: 400, naming it
+            param = _param_of(tuple(unknown[0].get("loc", ())))
+            return JSONResponse(error_body(400, f"Unrecognized request argument supplied: {param}", param=param,
+                                           code="unknown_parameter"), status_code=400)
         first = errors[0] if errors else {}
         param = _param_of(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":

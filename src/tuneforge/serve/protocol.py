@@ -57,10 +57,19 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+class Request(BaseModel):
+    """A request body. A field it does not declare is an error that names it (400, code
+    unknown_parameter, as OpenAI answers), never silently dropped: a parameter this server does not
+    act on must not look as if it had been obeyed. OpenAI's parameters that it does not implement
+    are declared, and refused by name where ignoring them would change the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 # --- fine-tuning ------------------------------------------------------------------------------------
 
 
-class Hyperparameters(BaseModel):
+class Hyperparameters(Request):
     batch_size: Auto | int | None = None
     learning_rate_multiplier: Auto | float | None = None
     n_epochs: Auto | int | None = None
@@ -70,22 +79,22 @@ class DpoHyperparameters(Hyperparameters):
     beta: Auto | float | None = None
 
 
-class SupervisedMethod(BaseModel):
+class SupervisedMethod(Request):
     hyperparameters: Hyperparameters | None = None
 
 
-class DpoMethod(BaseModel):
+class DpoMethod(Request):
     hyperparameters: DpoHyperparameters | None = None
 
 
-class Method(BaseModel):
+class Method(Request):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
 
-class JobCreate(BaseModel):
+class JobCreate(Request):
     model: str
     training_file: str
     hyperparameters: Hyperparameters | None = None
@@ -207,11 +216,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Request):
     include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # padding against length side channels; nothing to pad here
 
 
-class SamplingParams(BaseModel):
+class SamplingParams(Request):
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -223,8 +233,13 @@ class SamplingParams(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
     user: str | None = None
+    # OpenAI's routing and caching hints: nothing here to route or cache by, and no effect on the answer
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class ChatRequest(SamplingParams):
@@ -234,12 +249,25 @@ class ChatRequest(SamplingParams):
     top_logprobs: int | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # keep the completion (stored completions: list, label, turn into training data)
+    # refused unless they ask for what happens anyway (chat.refuse_unsupported)
+    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingParams):
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = None
 
 
 class Usage(BaseModel):
@@ -289,7 +317,7 @@ class StoredMessage(BaseModel):
 StoredMessageList = CursorPage[StoredMessage]
 
 
-class StoredCompletionUpdate(BaseModel):
+class StoredCompletionUpdate(Request):
     metadata: dict[str, str] | None
 
 
@@ -319,7 +347,7 @@ class TextCompletion(BaseModel):
 # --- responses (openai/types/responses/*.py) -------------------------------------------------------
 
 
-class ResponseRequest(BaseModel):
+class ResponseRequest(Request):
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -341,6 +369,12 @@ class ResponseRequest(BaseModel):
     prompt: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
+    stream_options: StreamOptions | None = None
+    parallel_tool_calls: bool | None = None  # no tools here: nothing to call in parallel
+    max_tool_calls: int | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class OutputText(BaseModel):

@@ -1,0 +1,32 @@
+"""OpenAI's sampling adjustments, as the generation loop applies them to a step's logits."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.models.generate import Sampling, _OpenAIAdjustments, complete
+from tuneforge.models.tiny import tiny_model
+
+
+def test_penalties_count_only_generated_tokens_and_bias_adds():
+    prompt = torch.tensor([[5, 5, 5, 1]])  # token 5 in the prompt: no penalty for it
+    ids = torch.cat([prompt, torch.tensor([[2, 2, 3]])], dim=1)  # generated so far: 2 twice, 3 once
+    adjust = _OpenAIAdjustments(prompt.shape[1], Sampling(frequency_penalty=0.5, presence_penalty=0.25,
+                                                          logit_bias={4: 100.0, 3: -1.0}))
+    scores = adjust(ids, torch.zeros(1, 8))
+    expected = torch.zeros(1, 8)
+    expected[0, 2] = -(0.5 * 2 + 0.25)
+    expected[0, 3] = -(0.5 * 1 + 0.25) - 1.0
+    expected[0, 4] = 100.0
+    torch.testing.assert_close(scores, expected)
+
+
+def test_a_presence_penalty_changes_a_greedy_answer_that_repeats_itself():
+    model, tok = tiny_model(seed=0)
+    ask = [{"role": "user", "content": "hi"}]
+    plain = complete(model, tok, ask, Sampling(max_tokens=12))
+    ids = tok(plain.text, add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) < len(ids)  # the random tiny model repeats itself...
+    varied = complete(model, tok, ask, Sampling(max_tokens=12, presence_penalty=2.0, frequency_penalty=2.0))
+    assert varied.text != plain.text  # ... and is pushed off its repeats
+    assert len(set(tok(varied.text, add_special_tokens=False)["input_ids"])) > len(set(ids))
