@@ -214,6 +214,13 @@ def test_upload_train_chat_delete(server):
         model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_tokens=6, temperature=0,
     )
     assert streamed == plain.choices[0].message.content
+    scored = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2, logit_bias={"0": -100},
+    )
+    tokens = scored.choices[0].logprobs.content  # parsed by the SDK into its own types
+    assert "".join(t.token for t in tokens) == scored.choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
 
     legacy = client.completions.create(model=model, prompt="Twice 5 is", max_tokens=5, temperature=0)
     assert legacy.object == "text_completion" and legacy.usage.completion_tokens <= 5
@@ -351,6 +358,14 @@ def test_errors_map_to_sdk_exceptions(server):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.chat.completions.create(model=BASE, messages="not a list")
     assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:  # a parameter the server would otherwise ignore
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    assert err.value.body["code"] == "unsupported_parameter" and err.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"temprature": 0.2})
+    assert err.value.body["code"] == "unknown_parameter" and err.value.body["param"] == "temprature"
 
     # The raw wire shape, for clients other than the SDK.
     r = httpx.get(f"{server.url}/fine_tuning/jobs/ftjob-x", headers={"Authorization": f"Bearer {server.key}"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -176,6 +178,29 @@ def test_logit_bias_forces_and_bans_tokens(client):
     for bias in [{"999999": 1}, {"x": 1}, {str(token): 101}]:
         r = client.post("/v1/chat/completions", json=ask | {"logit_bias": bias})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+def test_logprobs_are_the_models_own_and_cover_the_answer(client):
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=ask | {"logprobs": True, "top_logprobs": 3}).json()
+    choice = r["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == choice["message"]["content"] and len(content) == 6
+    for t in content:
+        assert t["logprob"] <= 0 and t["bytes"] == list(t["token"].encode()) and len(t["top_logprobs"]) == 3
+        tops = [a["logprob"] for a in t["top_logprobs"]]
+        assert tops == sorted(tops, reverse=True) and sum(math.exp(v) for v in tops) <= 1 + 1e-6
+        assert t["logprob"] == pytest.approx(tops[0])  # greedy: the chosen token is the most likely one
+    assert client.post("/v1/chat/completions", json=ask).json()["choices"][0]["logprobs"] is None
+    legacy = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "abc", "max_tokens": 4,
+                                                  "logprobs": 2, "echo": True}).json()["choices"][0]
+    lp = legacy["logprobs"]
+    assert legacy["text"] == "abc" + "".join(lp["tokens"]) and lp["text_offset"][0] == 3
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4 and all(len(d) <= 2 for d in lp["top_logprobs"])
+    for extra, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                         ({"logprobs": True, "stream": True}, "logprobs")]:
+        bad = client.post("/v1/chat/completions", json=ask | extra)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
 
 
 def test_openapi_and_health(client):

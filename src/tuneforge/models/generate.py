@@ -27,6 +27,18 @@ class Sampling:
     frequency_penalty: float = 0.0  # OpenAI's: minus penalty x times a token was generated so far
     presence_penalty: float = 0.0  # minus penalty once a token has been generated at all
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, 100 forces)
+    logprobs: int | None = None  # None: none; n: each answer token's log-probability and its n most likely
+
+
+@dataclass
+class TokenLogprob:
+    """One answer token: its text, its log-probability under the model (before sampling's temperature,
+    top_p, penalties and bias: the model's own distribution), the `Sampling.logprobs` most likely
+    tokens at its place with theirs."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -35,6 +47,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when Sampling.logprobs asked
 
 
 def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling) -> dict:
@@ -103,9 +116,32 @@ def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | No
     """The whole answer to chat messages (or to a raw prompt string)."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
-    out = model.generate(**_generate_kwargs(model, tokenizer, ids, s))[0][len(ids) :].tolist()
+    kwargs = _generate_kwargs(model, tokenizer, ids, s)
+    if s.logprobs is None:
+        out = model.generate(**kwargs)[0][len(ids) :].tolist()
+    else:  # the raw logits of every step come back with the tokens
+        generated = model.generate(**kwargs, output_logits=True, return_dict_in_generate=True)
+        out = generated.sequences[0][len(ids) :].tolist()
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
-    return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out))
+    logprobs = None if s.logprobs is None else _token_logprobs(tokenizer, out, generated.logits, s.logprobs, text)
+    return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out), logprobs)
+
+
+def _token_logprobs(tokenizer, out: list[int], logits, top: int, text: str) -> list[TokenLogprob]:
+    """TokenLogprob of each generated token that makes up `text` (what a stop string cut off and
+    the end-of-turn token are not part of the answer)."""
+    entries, shown = [], ""
+    for token_id, step in zip(out, logits):
+        if len(shown) >= len(text) or token_id in tokenizer.all_special_ids:
+            break
+        lp = torch.log_softmax(step[0].float(), dim=-1)
+        piece = tokenizer.decode([token_id])
+        best = torch.topk(lp, top) if top else None
+        alternatives = [] if best is None else [
+            (tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices)]
+        entries.append(TokenLogprob(piece, float(lp[token_id]), alternatives))
+        shown += piece
+    return entries
 
 
 def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None) -> Iterator[str]:

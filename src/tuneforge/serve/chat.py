@@ -75,9 +75,7 @@ def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pro
             raise bad_request(f"{name} must be between -2 and 2, got {value}", param=name, code="invalid_value")
         penalties[name] = value
     bias = _logit_bias(req.logit_bias, vocab_size)
-    if req.logprobs:
-        raise bad_request("logprobs are not supported by this server", param="logprobs",
-                          code="unsupported_parameter")
+    top = _logprobs(req)
     room = context - prompt_tokens
     if room < 1:
         raise bad_request(f"This model's maximum context length is {context} tokens; the prompt has "
@@ -91,7 +89,45 @@ def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pro
     limit = max_tokens if max_tokens is not None else min(default_max, room)
     seeds = [None if req.seed is None else req.seed + i for i in range(n * copies)]
     return [Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, stop=stop or None, seed=sd,
-                     logit_bias=bias, **penalties) for sd in seeds]
+                     logit_bias=bias, logprobs=top, **penalties) for sd in seeds]
+
+
+def _logprobs(req: SamplingParams) -> int | None:
+    """How many alternatives each answer token's log-probability comes with; None: no log-probabilities.
+    Chat: logprobs true, top_logprobs 0-20; legacy completions: logprobs 0-5 (OpenAI's limits)."""
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs", code="invalid_value")
+        top, limit, name = (req.top_logprobs or 0) if req.logprobs else None, 20, "top_logprobs"
+    else:
+        top, limit, name = (None if req.logprobs is None else int(req.logprobs)), 5, "logprobs"
+    if top is not None and not 0 <= top <= limit:
+        raise bad_request(f"{name} must be between 0 and {limit}, got {top}", param=name, code="invalid_value")
+    if top is not None and req.stream:
+        raise bad_request("logprobs in a streamed answer are not supported by this server; ask without stream",
+                          param="logprobs", code="unsupported_parameter")
+    return top
+
+
+def chat_logprobs(r: Completion) -> dict | None:
+    """OpenAI's choice.logprobs for a chat answer."""
+    if r.logprobs is None:
+        return None
+    entry = lambda token, logprob: {"token": token, "logprob": logprob, "bytes": list(token.encode())}  # noqa: E731
+    return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(a, lp) for a, lp in t.top]}
+                        for t in r.logprobs], "refusal": None}
+
+
+def _completion_logprobs(r: Completion, offset: int) -> dict | None:
+    """The legacy completions' choice.logprobs: parallel lists, text offsets from the choice's start."""
+    if r.logprobs is None:
+        return None
+    offsets, at = [], offset
+    for t in r.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {"tokens": [t.token for t in r.logprobs], "token_logprobs": [t.logprob for t in r.logprobs],
+            "top_logprobs": [dict(t.top) for t in r.logprobs], "text_offset": offsets}
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
@@ -121,8 +157,6 @@ def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
         if req.best_of not in (None, 1):
             refuse("best_of other than 1 is", "best_of")
         return
-    if req.top_logprobs:
-        refuse("top_logprobs are", "top_logprobs")
     if (req.response_format or {}).get("type", "text") != "text":
         refuse("response_format other than 'text' (JSON mode, structured output) is", "response_format")
     if req.tool_choice not in (None, "auto", "none"):
@@ -188,8 +222,8 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         return ChatCompletion(
             id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
             usage=_usage(prompt_tokens, results),
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
-                     for i, r in enumerate(results)],
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                                logprobs=chat_logprobs(r)) for i, r in enumerate(results)],
         )
 
     def keep(results: list[Completion], db: Session) -> None:
@@ -243,7 +277,8 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     note_usage(request, req.model, usage)
     return TextCompletion(
         id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
-        choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason)
+        choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason,
+                                  logprobs=_completion_logprobs(r, len(p) if req.echo else 0))
                  for i, ((p, _), r) in enumerate(zip(work, results))],
     )
 
