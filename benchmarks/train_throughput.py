@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import tuneforge  # noqa: F401  (first: both trainers' processes run offline - tuneforge/__init__)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "shakespeare_ml.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
