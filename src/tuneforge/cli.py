@@ -327,7 +327,7 @@ def chat(
     json_out: JsonOpt = False,
 ):
     """Ask a tuned (or base) model; prints just the answer."""
-    from .models.generate import Sampling, complete, stream
+    from .models.generate import Delta, Sampling, complete, stream
     from .models.load import load_any
 
     llm, tokenizer = load_any(model)
@@ -351,9 +351,9 @@ def chat(
         history.append({"role": "user", "content": line})
         parts = []
         for piece in stream(llm, tokenizer, history, sampling):
-            if isinstance(piece, str):
-                parts.append(piece)
-                typer.echo(piece, nl=False)
+            if isinstance(piece, Delta):
+                parts.append(piece.text)
+                typer.echo(piece.text, nl=False)
         typer.echo()
         history.append({"role": "assistant", "content": "".join(parts)})
 

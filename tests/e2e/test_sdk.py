@@ -221,6 +221,11 @@ def test_upload_train_chat_delete(server):
     tokens = scored.choices[0].logprobs.content  # parsed by the SDK into its own types
     assert "".join(t.token for t in tokens) == scored.choices[0].message.content
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+    streamed_scores = [t for c in client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2, logit_bias={"0": -100}, stream=True,
+    ) if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed_scores] == [t.token for t in tokens]
 
     legacy = client.completions.create(model=model, prompt="Twice 5 is", max_tokens=5, temperature=0)
     assert legacy.object == "text_completion" and legacy.usage.completion_tokens <= 5

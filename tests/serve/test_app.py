@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -197,10 +198,15 @@ def test_logprobs_are_the_models_own_and_cover_the_answer(client):
     lp = legacy["logprobs"]
     assert legacy["text"] == "abc" + "".join(lp["tokens"]) and lp["text_offset"][0] == 3
     assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4 and all(len(d) <= 2 for d in lp["top_logprobs"])
-    for extra, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-                         ({"logprobs": True, "stream": True}, "logprobs")]:
+    for extra in [{"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}]:
         bad = client.post("/v1/chat/completions", json=ask | extra)
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs", bad.text
+    # streamed: each chunk carries its own tokens' log-probabilities
+    streamed = client.post("/v1/chat/completions", json=ask | {"logprobs": True, "top_logprobs": 3, "stream": True})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    pieces = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert all(p["logprobs"]["content"] for p in pieces)
+    assert [t for p in pieces for t in p["logprobs"]["content"]] == content
 
 
 def test_openapi_and_health(client):

@@ -3,11 +3,13 @@ layers, the base's untouched tensors shared, the base itself never changed, an L
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tuneforge.models.generate import Sampling
+from tuneforge.models.generate import Delta, Sampling
 from tuneforge.models.tiny import tiny_model
 from tuneforge.serve.engine import Engine, Target
 
@@ -89,17 +91,25 @@ def test_an_adapter_too_big_to_merge_is_served_as_peft_layers_beside_the_untouch
 def test_streamed_deltas_add_up_to_the_plain_answer(tmp_path):
     engine = Engine()
     target = Target("tiny-llama", make_adapter(tmp_path / "a", 3))
-    plain = engine.complete(target, [(MESSAGES, GREEDY), ("raw prompt", GREEDY)])
-    q = engine.stream(target, [(MESSAGES, GREEDY), ("raw prompt", GREEDY)])
-    texts, finals = ["", ""], [None, None]
+    scored = replace(GREEDY, logprobs=2)
+    work = [(MESSAGES, GREEDY), ("raw prompt", GREEDY), (MESSAGES, scored)]
+    plain = engine.complete(target, work)
+    q = engine.stream(target, work)
+    texts, logprobs, finals = ["", "", ""], [[], [], []], [None, None, None]
     while (item := q.get(timeout=60)) is not None:
         i, piece = item
-        if isinstance(piece, str):
-            texts[i] += piece
+        if isinstance(piece, Delta):
+            texts[i] += piece.text
+            logprobs[i] += piece.logprobs or []
         else:
             finals[i] = piece
     assert texts == [p.text for p in plain] == [f.text for f in finals]
     assert [f.completion_tokens for f in finals] == [p.completion_tokens for p in plain]
+    # log-probabilities streamed with their tokens are those of the whole answer, to float precision
+    assert plain[0].logprobs is None and logprobs[0] == []
+    assert [t.token for t in logprobs[2]] == [t.token for t in plain[2].logprobs] == [t.token for t in finals[2].logprobs]
+    for a, b in zip(logprobs[2], plain[2].logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and [x for x, _ in a.top] == [x for x, _ in b.top]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -7,12 +7,14 @@ saw it.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from ..data.render import prompt_ids
 
@@ -50,7 +52,9 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when Sampling.logprobs asked
 
 
-def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling) -> dict:
+def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling, first: LogitsProcessor | None = None) -> dict:
+    """generate()'s arguments for `s`; `first`: a logits processor to run before the adjustments (to
+    see the model's own logits)."""
     if s.seed is not None:
         torch.manual_seed(s.seed)
     kwargs = dict(
@@ -65,8 +69,11 @@ def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling) -> dict:
         kwargs |= {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
     if s.stop:
         kwargs |= {"stop_strings": s.stop, "tokenizer": tokenizer}
+    processors = [first] if first is not None else []
     if s.frequency_penalty or s.presence_penalty or s.logit_bias:
-        kwargs["logits_processor"] = LogitsProcessorList([_OpenAIAdjustments(len(ids), s)])
+        processors.append(_OpenAIAdjustments(len(ids), s))
+    if processors:
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
     return kwargs
 
 
@@ -123,48 +130,107 @@ def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | No
         generated = model.generate(**kwargs, output_logits=True, return_dict_in_generate=True)
         out = generated.sequences[0][len(ids) :].tolist()
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
-    logprobs = None if s.logprobs is None else _token_logprobs(tokenizer, out, generated.logits, s.logprobs, text)
+    logprobs = None
+    if s.logprobs is not None:
+        logprobs, shown = [], ""
+        for token, step in zip(out, generated.logits):  # the tokens that make up `text`
+            if len(shown) >= len(text) or token in tokenizer.all_special_ids:
+                break
+            logprobs.append(_token_logprob(tokenizer, torch.log_softmax(step[0].float(), dim=-1), token, s.logprobs))
+            shown += logprobs[-1].token
     return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out), logprobs)
 
 
-def _token_logprobs(tokenizer, out: list[int], logits, top: int, text: str) -> list[TokenLogprob]:
-    """TokenLogprob of each generated token that makes up `text` (what a stop string cut off and
-    the end-of-turn token are not part of the answer)."""
-    entries, shown = [], ""
-    for token_id, step in zip(out, logits):
-        if len(shown) >= len(text) or token_id in tokenizer.all_special_ids:
-            break
-        lp = torch.log_softmax(step[0].float(), dim=-1)
-        piece = tokenizer.decode([token_id])
-        best = torch.topk(lp, top) if top else None
-        alternatives = [] if best is None else [
-            (tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices)]
-        entries.append(TokenLogprob(piece, float(lp[token_id]), alternatives))
-        shown += piece
-    return entries
+def _token_logprob(tokenizer, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """TokenLogprob of `token` chosen from a step's log-probabilities, with the `top` most likely."""
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = [] if best is None else [
+        (tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices)]
+    return TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives)
 
 
-def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None) -> Iterator[str]:
-    """Yield text deltas as they are generated; the final item is a Completion with the totals."""
+@dataclass
+class Delta:
+    """A piece of a streamed answer, and its tokens' log-probabilities when Sampling.logprobs asked."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+class _Tokens(BaseStreamer, LogitsProcessor):
+    """generate()'s tokens as they are chosen, for a consumer in another thread: each with its
+    TokenLogprob when `top` is not None. As a logits processor (first in the list, so it sees the
+    model's own logits) it keeps each step's log-probabilities; `put`, called with the token just
+    chosen from them, reads them."""
+
+    def __init__(self, tokenizer, top: int | None):
+        self.tokenizer, self.top = tokenizer, top
+        self.items: queue.Queue = queue.Queue()
+        self.prompt, self.step = True, None
+
+    def __call__(self, input_ids, scores):
+        self.step = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def put(self, value):
+        if self.prompt:  # generate() hands the prompt over first
+            self.prompt = False
+            return
+        for token in value.view(-1).tolist():
+            entry = None if self.top is None else _token_logprob(self.tokenizer, self.step, token, self.top)
+            self.items.put((token, entry))
+
+    def end(self):
+        self.items.put(None)
+
+    def __iter__(self):
+        while (item := self.items.get()) is not None:
+            yield item
+
+
+def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None,
+           tools=None) -> Iterator[Delta | Completion]:
+    """Yield the answer as it is generated: a Delta for each token that completes characters (a token
+    holding part of one waits for the rest), cut where a stop string appears; the final item is a
+    Completion with the totals. A failure in generation is raised here, never left waiting."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    tokens = _Tokens(tokenizer, s.logprobs)
+    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens if s.logprobs is not None else None)
     result: dict = {}
 
     def run():
-        with torch.no_grad():
-            result["ids"] = model.generate(**_generate_kwargs(model, tokenizer, ids, s), streamer=streamer)
+        try:
+            with torch.no_grad():
+                result["ids"] = model.generate(**kwargs, streamer=tokens)
+        except BaseException as err:  # the consumer must not wait for tokens that will never come
+            result["error"] = err
+            tokens.end()
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    sent = ""
-    for piece in streamer:
-        text, stopped = _cut_at_stop(sent + piece, s.stop)
+    out, sent, pending, shown = [], "", [], []
+    items = iter(tokens)
+    while True:
+        item = next(items, None)
+        if item is not None:
+            token, entry = item
+            out.append(token)
+            if entry is not None:
+                pending.append(entry)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if item is not None and text.endswith("\ufffd"):  # part of a character: wait for its other bytes
+            continue
+        text, stopped = _cut_at_stop(text, s.stop)
         if len(text) > len(sent):
-            yield text[len(sent) :]
-            sent = text
-        if stopped:
+            yield Delta(text[len(sent) :], pending if s.logprobs is not None else None)
+            shown += pending
+            sent, pending = text, []
+        if stopped or item is None:  # (at the end, whatever was held back goes out as it is)
             break
     worker.join()
-    out = result["ids"][0][len(ids) :].tolist()
-    yield Completion(sent, _finish_reason(tokenizer, out, s), len(ids), len(out))
+    if "error" in result:
+        raise result["error"]
+    generated = result["ids"][0][len(ids) :].tolist()
+    logprobs = shown if s.logprobs is not None else None
+    yield Completion(sent, _finish_reason(tokenizer, generated, s), len(ids), len(generated), logprobs)

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from ..data.formats import chat_role
-from ..models.generate import Completion, Sampling
+from ..models.generate import Completion, Delta, Sampling, TokenLogprob
 from ..store.database import new_id
 from ..store.keys import Principal
 from . import stored
@@ -103,31 +103,28 @@ def _logprobs(req: SamplingParams) -> int | None:
         top, limit, name = (None if req.logprobs is None else int(req.logprobs)), 5, "logprobs"
     if top is not None and not 0 <= top <= limit:
         raise bad_request(f"{name} must be between 0 and {limit}, got {top}", param=name, code="invalid_value")
-    if top is not None and req.stream:
-        raise bad_request("logprobs in a streamed answer are not supported by this server; ask without stream",
-                          param="logprobs", code="unsupported_parameter")
     return top
 
 
-def chat_logprobs(r: Completion) -> dict | None:
-    """OpenAI's choice.logprobs for a chat answer."""
-    if r.logprobs is None:
+def chat_logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's choice.logprobs of a chat answer (or of a streamed chunk's tokens)."""
+    if tokens is None:
         return None
     entry = lambda token, logprob: {"token": token, "logprob": logprob, "bytes": list(token.encode())}  # noqa: E731
     return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(a, lp) for a, lp in t.top]}
-                        for t in r.logprobs], "refusal": None}
+                        for t in tokens], "refusal": None}
 
 
-def _completion_logprobs(r: Completion, offset: int) -> dict | None:
+def _completion_logprobs(tokens: list[TokenLogprob] | None, offset: int) -> dict | None:
     """The legacy completions' choice.logprobs: parallel lists, text offsets from the choice's start."""
-    if r.logprobs is None:
+    if tokens is None:
         return None
     offsets, at = [], offset
-    for t in r.logprobs:
+    for t in tokens:
         offsets.append(at)
         at += len(t.token)
-    return {"tokens": [t.token for t in r.logprobs], "token_logprobs": [t.logprob for t in r.logprobs],
-            "top_logprobs": [dict(t.top) for t in r.logprobs], "text_offset": offsets}
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
@@ -223,7 +220,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
             id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
             usage=_usage(prompt_tokens, results),
             choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                                logprobs=chat_logprobs(r)) for i, r in enumerate(results)],
+                                logprobs=chat_logprobs(r.logprobs)) for i, r in enumerate(results)],
         )
 
     def keep(results: list[Completion], db: Session) -> None:
@@ -278,7 +275,7 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     return TextCompletion(
         id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
         choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason,
-                                  logprobs=_completion_logprobs(r, len(p) if req.echo else 0))
+                                  logprobs=_completion_logprobs(r.logprobs, len(p) if req.echo else 0))
                  for i, ((p, _), r) in enumerate(zip(work, results))],
     )
 
@@ -301,7 +298,7 @@ def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
     return sse_response(body())
 
 
-async def generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, str | Completion]]:
+async def generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, Delta | Completion]]:
     q = engine.stream(target, work)
     while True:
         item = await anyio.to_thread.run_sync(q.get)
@@ -317,8 +314,8 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
-        return base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return base | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]} | extra
 
     results: dict[int, Completion] = {}  # by choice index
     started: set[int] = set()
@@ -330,8 +327,8 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
             if isinstance(item, Completion):
                 results[i] = item
                 yield chunk(i, {}, item.finish_reason)
-            elif item:
-                yield chunk(i, {"content": item})
+            elif item.text:
+                yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return
@@ -349,11 +346,12 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, finish: str | None = None) -> dict:
-        return base | {"choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]} | extra
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return base | {"choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]} | extra
 
     results: list[Completion] = []
     started: set[int] = set()
+    offsets: dict[int, int] = {}  # by choice: where its next piece starts (text_offset of logprobs)
     try:
         async for i, item in generated(engine, target, work):
             if echo and i not in started:
@@ -362,8 +360,10 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
             if isinstance(item, Completion):
                 results.append(item)
                 yield chunk(i, "", item.finish_reason)
-            elif item:
-                yield chunk(i, item)
+            elif item.text:
+                at = offsets.get(i, len(work[i][0]) if echo else 0)
+                offsets[i] = at + len(item.text)
+                yield chunk(i, item.text, logprobs=_completion_logprobs(item.logprobs, at))
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return

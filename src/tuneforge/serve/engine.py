@@ -148,7 +148,7 @@ class Engine:
             return [complete(model, tokenizer, p, s) for p, s in requests]
 
     def stream(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> queue_mod.Queue:
-        """Start generating in a thread. The queue yields (request index, str delta | Completion),
+        """Start generating in a thread. The queue yields (request index, Delta | Completion),
         then None at the end, or the exception that stopped it."""
         out: queue_mod.Queue = queue_mod.Queue()
 

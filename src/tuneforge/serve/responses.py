@@ -279,8 +279,8 @@ async def _events(engine: Engine, target: Target, messages: list[dict], sampling
         async for _, piece in generated(engine, target, [(messages, sampling)]):
             if isinstance(piece, Completion):
                 result = piece
-            elif piece:
-                yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
+            elif piece.text:
+                yield event("response.output_text.delta", **where, delta=piece.text, logprobs=[])
     except Exception as err:
         yield event("response.failed", response=answer.failed(err).model_dump())
         return
