@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tuneforge.models.generate import Sampling, _OpenAIAdjustments, complete
@@ -30,3 +31,30 @@ def test_a_presence_penalty_changes_a_greedy_answer_that_repeats_itself():
     varied = complete(model, tok, ask, Sampling(max_tokens=12, presence_penalty=2.0, frequency_penalty=2.0))
     assert varied.text != plain.text  # ... and is pushed off its repeats
     assert len(set(tok(varied.text, add_special_tokens=False)["input_ids"])) > len(set(ids))
+
+
+def test_a_failure_mid_generation_reaches_the_stream_instead_of_a_hang():
+    from transformers import LogitsProcessorList
+
+    from tuneforge.models.generate import Delta, stream
+
+    model, tok = tiny_model(seed=0)
+    real = model.generate
+
+    def failing(**kwargs):  # the real generation, broken at its fourth step
+        steps = []
+
+        def boom(input_ids, scores):
+            steps.append(1)
+            if len(steps) == 4:
+                raise RuntimeError("out of memory at step 4")
+            return scores
+
+        return real(**kwargs, logits_processor=LogitsProcessorList([boom]))
+
+    model.generate = failing
+    got = []
+    with pytest.raises(RuntimeError, match="step 4"):
+        for item in stream(model, tok, [{"role": "user", "content": "hi"}], Sampling(max_tokens=20)):
+            got.append(item)
+    assert len(got) <= 3 and all(isinstance(d, Delta) for d in got)
