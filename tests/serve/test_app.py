@@ -209,6 +209,23 @@ def test_logprobs_are_the_models_own_and_cover_the_answer(client):
     assert [t for p in pieces for t in p["logprobs"]["content"]] == content
 
 
+def test_responses_give_logprobs_when_included(client):
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 5, "temperature": 0,
+           "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    part = client.post("/v1/responses", json=ask).json()["output"][0]["content"][0]
+    assert "".join(t["token"] for t in part["logprobs"]) == part["text"]
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in part["logprobs"])
+    plain = client.post("/v1/responses", json=ask | {"include": [], "top_logprobs": None}).json()
+    assert plain["output"][0]["content"][0]["logprobs"] is None
+    events = [json.loads(line[6:]) for line in client.post("/v1/responses", json=ask | {"stream": True}).text.splitlines()
+              if line.startswith("data: ")]
+    deltas = [t for e in events if e["type"] == "response.output_text.delta" for t in e["logprobs"]]
+    assert deltas == part["logprobs"]
+    assert next(e for e in events if e["type"] == "response.output_text.done")["logprobs"] == part["logprobs"]
+    bad = client.post("/v1/responses", json=ask | {"include": ["reasoning.encrypted_content"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "include"
+
+
 def test_openapi_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     spec = client.get("/openapi.json").json()

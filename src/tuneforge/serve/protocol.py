@@ -381,6 +381,7 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None  # with include=["message.output_text.logprobs"]
 
 
 class OutputMessage(BaseModel):

@@ -23,6 +23,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -37,6 +38,7 @@ from ..store.database import ResponseRow, new_id
 from ..store.keys import Principal
 from .chat import (
     DEFAULT_CHAT_MAX_TOKENS,
+    chat_logprobs,
     generated,
     in_own_session,
     measure_prompt,
@@ -64,6 +66,15 @@ from .protocol import (
 )
 
 ROLES = ("user", "assistant", "system", "developer")
+LOGPROBS = "message.output_text.logprobs"  # the include that asks for the answer's log-probabilities
+
+
+def _logprobs(req: ResponseRequest) -> int | None:
+    """How many alternatives each answer token comes with, when log-probabilities were asked for
+    (include, or top_logprobs); None otherwise."""
+    if LOGPROBS in (req.include or []) or req.top_logprobs is not None:
+        return req.top_logprobs or 0
+    return None
 
 
 # --- the request ------------------------------------------------------------------------------------
@@ -83,10 +94,11 @@ def _refuse_unsupported(req: ResponseRequest) -> None:
         refuse("background mode is", "background")
     if ((req.text or {}).get("format") or {}).get("type", "text") != "text":
         refuse("text.format other than 'text' (structured output) is", "text.format")
-    if req.include:
-        refuse("include is", "include")
-    if req.top_logprobs:
-        refuse("top_logprobs is", "top_logprobs")
+    if set(req.include or []) - {LOGPROBS}:
+        refuse(f"include other than {LOGPROBS!r} is", "include")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise bad_request(f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", param="top_logprobs",
+                          code="invalid_value")
     if req.conversation:
         refuse("conversation (the Conversations API) is", "conversation")  # previous_response_id is
     if req.prompt:
@@ -198,7 +210,7 @@ class _Answer:
     def finished(self, result: Completion) -> ResponseObject:
         cut = result.finish_reason == "length"
         message = OutputMessage(id=self.message_id, status="incomplete" if cut else "completed",
-                                content=[OutputText(text=result.text)])
+                                content=[OutputText(text=result.text, logprobs=_entries(result.logprobs))])
         return self.started().model_copy(update={
             "status": "incomplete" if cut else "completed", "completed_at": int(time.time()),
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "output": [message],
@@ -209,6 +221,12 @@ class _Answer:
     def failed(self, err: Exception) -> ResponseObject:
         return self.started().model_copy(update={
             "status": "failed", "error": {"code": "server_error", "message": f"Generation failed: {type(err).__name__}: {err}"}})
+
+
+def _entries(tokens) -> list[dict] | None:
+    """The Responses API's logprobs of some answer tokens: chat's entries (token, logprob, bytes,
+    top_logprobs), or None when none were asked for."""
+    return None if tokens is None else chat_logprobs(tokens)["content"]
 
 
 def _keep(db: Session, caller: Principal, context: list[dict], items: list[dict], done: ResponseObject) -> None:
@@ -235,6 +253,7 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
     (sampling,) = samplings(SamplingParams(model=req.model, temperature=req.temperature, top_p=req.top_p),
                             req.max_output_tokens, DEFAULT_CHAT_MAX_TOKENS, prompt_tokens, room,
                             names=("max_output_tokens", "input"))
+    sampling = replace(sampling, logprobs=_logprobs(req))
     answer, items = _Answer(req, prompt_tokens), _input_items(turns)
 
     store = req.store is not False
@@ -280,14 +299,14 @@ async def _events(engine: Engine, target: Target, messages: list[dict], sampling
             if isinstance(piece, Completion):
                 result = piece
             elif piece.text:
-                yield event("response.output_text.delta", **where, delta=piece.text, logprobs=[])
+                yield event("response.output_text.delta", **where, delta=piece.text, logprobs=_entries(piece.logprobs) or [])
     except Exception as err:
         yield event("response.failed", response=answer.failed(err).model_dump())
         return
     done = answer.finished(result)
     note_usage(request, done.model, _usage(done))
-    yield event("response.output_text.done", **where, text=result.text, logprobs=[])
-    yield event("response.content_part.done", **where, part=OutputText(text=result.text).model_dump())
+    yield event("response.output_text.done", **where, text=result.text, logprobs=_entries(result.logprobs) or [])
+    yield event("response.content_part.done", **where, part=done.output[0].content[0].model_dump())
     yield event("response.output_item.done", output_index=0, item=done.output[0].model_dump())
     if keep is not None:
         await anyio.to_thread.run_sync(keep, done)
