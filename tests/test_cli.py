@@ -181,3 +181,16 @@ def test_data_stored_writes_kept_responses(tmp_path):
     assert row["messages"][-1] == {"role": "assistant", "content": "Four."}
     missing = tf("data", "stored", "-o", out, "--responses", "--metadata", "rating=none", check=False)
     assert missing.returncode == 2 and "no completed kept responses" in missing.stderr
+
+
+def test_prune_deletes_old_kept_traffic_and_says_how_much():
+    from tests.monitor.test_retention import counts, keep
+
+    keep(60)
+    keep(5)
+    out = json.loads(tf("prune", "--days", "30", "--usage-days", "90", "--json").stdout)
+    assert out == {"deleted": {"stored_completions": 1, "responses": 1, "usage": 0}}
+    assert counts() == (1, 1, 2)
+    assert tf("prune", "--days", "1").stdout.strip() == "1 stored completions deleted, 1 responses deleted"
+    bad = tf("prune", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: say what to delete")

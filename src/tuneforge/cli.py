@@ -460,6 +460,30 @@ def usage(
                + ", ".join(f"{c['model']} ${c['usd']:.4f}" for c in costs))
 
 
+@app.command()
+@user_errors
+def prune(
+    days: Annotated[float | None, typer.Option(
+        help="Delete stored completions and kept responses older than this many days.")] = None,
+    usage_days: Annotated[float | None, typer.Option(help="Delete usage rows older than this many days.")] = None,
+    database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    json_out: JsonOpt = False,
+):
+    """Delete served traffic the server kept, once it is old enough (all projects). The server does the
+    same hourly when TUNEFORGE_RETENTION_DAYS / TUNEFORGE_USAGE_RETENTION_DAYS are set."""
+    from .monitor.retention import prune as prune_rows
+    from .store.database import session
+
+    if days is None and usage_days is None:
+        raise ValueError("say what to delete: --days N (stored completions, kept responses), --usage-days N, or both")
+    with session(database_url) as s:
+        gone = prune_rows(s, days=days, usage_days=usage_days)
+    if json_out:
+        _print_json({"deleted": gone})
+    else:
+        typer.echo(", ".join(f"{n} {name.replace('_', ' ')} deleted" for name, n in gone.items()))
+
+
 @keys_app.command("create")
 def keys_create(
     project: Annotated[str, typer.Option(help="Project the key belongs to.")] = "default",

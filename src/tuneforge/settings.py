@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite under home
     max_upload_bytes: int = 512 * 1024 * 1024
     org: str = "tuneforge"  # the {org} part of ft:{base}:{org}:{suffix}:{id}
+    # The server deletes stored completions and kept responses older than this, and usage rows older
+    # than usage_retention_days, at start and hourly (monitor.retention); None keeps them.
+    retention_days: float | None = Field(default=None, gt=0)
+    usage_retention_days: float | None = Field(default=None, gt=0)
 
     @property
     def models_dir(self) -> Path:

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from .. import __version__
+from ..monitor.retention import prune
 from ..monitor.usage import UsageRecord, record
 from ..settings import Settings, get_settings
 from ..store.database import get_engine, session_factory
@@ -32,6 +33,7 @@ from . import chat, errors, files, fine_tuning, models, reports, responses, stor
 from .engine import Engine
 
 log = logging.getLogger("tuneforge.serve")
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class UsageMiddleware:
@@ -100,7 +102,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     mount_ui(app)  # the dashboard at / and /ui/ (no catch-all: /v1 stays the API's)
     app.add_middleware(UsageMiddleware, sessions=app.state.sessions)
+    if settings.retention_days or settings.usage_retention_days:
+        _prune_hourly(app, settings)
     return app
+
+
+def _prune_hourly(app: FastAPI, settings: Settings) -> None:
+    """Apply the deployment's retention (monitor.retention) when the server starts, then every hour,
+    in a thread of its own for as long as the app runs."""
+    inner, stop = app.router.lifespan_context, threading.Event()
+
+    def run():
+        while True:
+            try:
+                with app.state.sessions() as s:
+                    gone = prune(s, days=settings.retention_days, usage_days=settings.usage_retention_days)
+                if any(gone.values()):
+                    log.info("retention: deleted %s", gone)
+            except Exception:  # a failed pass is logged and tried again next hour, never fatal
+                log.exception("retention pass failed")
+            if stop.wait(PRUNE_EVERY_SECONDS):
+                return
+
+    @asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            thread = threading.Thread(target=run, daemon=True, name="tuneforge-retention")
+            thread.start()
+            try:
+                yield state
+            finally:
+                stop.set()
+
+    app.router.lifespan_context = lifespan
 
 
 # --- workers ----------------------------------------------------------------------------------------
