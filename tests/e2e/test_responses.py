@@ -109,6 +109,11 @@ def test_streamed_events_build_the_same_response(server):
     assert raw[-1].type in ("response.completed", "response.incomplete")
     assert raw[-1].response.output_text == "".join(e.delta for e in raw if e.type == "response.output_text.delta")
 
+    scored = c.responses.create(model=BASE, input="Hi", max_output_tokens=4, temperature=0, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    tokens = scored.output[0].content[0].logprobs  # parsed into the SDK's own types
+    assert "".join(t.token for t in tokens) == scored.output_text and all(len(t.top_logprobs) == 2 for t in tokens)
+
     usage = httpx.get(f"{server.url}/tuneforge/usage", headers={"Authorization": f"Bearer {server.key}"}).json()
     row = next(r for r in usage["data"] if r["model"] == BASE)
     assert row["completion_tokens"] >= final.usage.output_tokens + raw[-1].response.usage.output_tokens
