@@ -109,3 +109,24 @@ def test_impossible_quantization_is_refused_by_name(kw, says):
     with pytest.raises(ValueError, match="quantize") as e:
         TrainConfig(data="d.jsonl", out="o", **kw)
     assert says in str(e.value)
+
+
+def test_a_stopped_qlora_run_resumes_to_the_same_run(tmp_path):
+    from tuneforge.train import metrics as metrics_log
+    from tuneforge.train.loop import TrainingStopped
+
+    data = write_chat(tmp_path / "train.jsonl", 24)
+    config = lambda name: TrainConfig(data=str(data), out=str(tmp_path / name), base="tiny-llama",  # noqa: E731
+                                      quantize="nf4", n_epochs=2, batch_size=4)
+    train(config("whole"))
+    asked = {"n": 0}
+
+    def stop_before_step_5():
+        asked["n"] += 1
+        return "paused" if asked["n"] == 5 else None
+
+    with pytest.raises(TrainingStopped):
+        train(config("split"), should_stop=stop_before_step_5)
+    assert train(config("split"), resume=True).steps == 12  # the base is quantised again, as before
+    losses = [[r["train_loss"] for r in metrics_log.read(tmp_path / name)] for name in ("whole", "split")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
