@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -112,7 +113,10 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
     # tuneforge's extensions travel in metadata, and are checked there
     qlora = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"tuneforge.quantize": "nf4"}})
-    assert qlora.status_code == 200 and qlora.json()["metadata"] == {"tuneforge.quantize": "nf4"}
+    if importlib.util.find_spec("bitsandbytes") is None:  # (an install without the qlora extra)
+        assert qlora.status_code == 400 and "pip install 'tuneforge[qlora]'" in qlora.json()["error"]["message"]
+    else:
+        assert qlora.status_code == 200 and qlora.json()["metadata"] == {"tuneforge.quantize": "nf4"}
     for meta, says in [({"tuneforge.quantize": "int4"}, "must be nf4"),
                        ({"tuneforge.quantize": "nf4", "tuneforge.method": "full"}, "method lora")]:
         r = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": meta})
