@@ -161,6 +161,10 @@ def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):
                          ({"functions": [{"name": "f"}]}, "functions"), ({"frequency_penalty": 2.5}, "frequency_penalty")]:
         r = client.post("/v1/chat/completions", json=ask | extra)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for extra, param in [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")]:
+        r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "a", "max_tokens": 2} | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert r.json()["error"]["code"] == "unsupported_parameter"
     # ... and the ones that ask for what happens anyway, or only route and cache
     for extra in [{"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"modalities": ["text"]},
                   {"service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "u1"}]:

@@ -123,21 +123,18 @@ def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | No
     """The whole answer to chat messages (or to a raw prompt string)."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
-    kwargs = _generate_kwargs(model, tokenizer, ids, s)
-    if s.logprobs is None:
-        out = model.generate(**kwargs)[0][len(ids) :].tolist()
-    else:  # the raw logits of every step come back with the tokens
-        generated = model.generate(**kwargs, output_logits=True, return_dict_in_generate=True)
-        out = generated.sequences[0][len(ids) :].tolist()
+    tokens = None if s.logprobs is None else _Tokens(tokenizer, s.logprobs)  # as stream() reads them
+    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens)
+    out = model.generate(**kwargs, streamer=tokens)[0][len(ids) :].tolist()
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
     logprobs = None
-    if s.logprobs is not None:
+    if tokens is not None:
         logprobs, shown = [], ""
-        for token, step in zip(out, generated.logits):  # the tokens that make up `text`
+        for token, entry in tokens:  # (generate() has ended the queue) the tokens that make up `text`
             if len(shown) >= len(text) or token in tokenizer.all_special_ids:
                 break
-            logprobs.append(_token_logprob(tokenizer, torch.log_softmax(step[0].float(), dim=-1), token, s.logprobs))
-            shown += logprobs[-1].token
+            logprobs.append(entry)
+            shown += entry.token
     return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out), logprobs)
 
 

@@ -25,7 +25,7 @@ from ..store.keys import Principal
 from . import stored
 from .deps import DB, Caller
 from .engine import Engine, Target
-from .errors import APIError, bad_request, error_body
+from .errors import APIError, bad_request, error_body, unsupported
 from .metadata import check_metadata
 from .models import resolve_model
 from .protocol import (
@@ -147,24 +147,24 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[i
 def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
     """OpenAI parameters this server does not implement, refused by name unless they ask for what it
     does anyway (plain text, no tool forced, one candidate): ignoring them would change the answer."""
-    def refuse(what: str, param: str) -> None:
-        raise bad_request(f"{what} not supported by this server", param=param, code="unsupported_parameter")
-
     if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise unsupported("suffix (insertion) is", "suffix")
         if req.best_of not in (None, 1):
-            refuse("best_of other than 1 is", "best_of")
+            raise unsupported("best_of other than 1 is", "best_of")
         return
     if (req.response_format or {}).get("type", "text") != "text":
-        refuse("response_format other than 'text' (JSON mode, structured output) is", "response_format")
+        raise unsupported("response_format other than 'text' (JSON mode, structured output) is", "response_format")
     if req.tool_choice not in (None, "auto", "none"):
-        refuse("tool_choice other than 'auto' or 'none' is", "tool_choice")
+        raise unsupported("tool_choice other than 'auto' or 'none' is", "tool_choice")
     if req.functions or req.function_call not in (None, "auto", "none"):
-        refuse("functions and function_call (deprecated; use tools) are", "functions" if req.functions else "function_call")
+        raise unsupported("functions and function_call (deprecated; use tools) are",
+                          "functions" if req.functions else "function_call")
     if req.modalities not in (None, ["text"]):
-        refuse("modalities other than ['text'] are", "modalities")
+        raise unsupported("modalities other than ['text'] are", "modalities")
     for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
         if getattr(req, name) is not None:
-            refuse(f"{name} is", name)
+            raise unsupported(f"{name} is", name)
 
 
 def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
@@ -254,9 +254,6 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     if not prompts or any(not p for p in prompts):
         raise bad_request("prompt must be a non-empty string or list of non-empty strings", param="prompt",
                           code="invalid_value")
-    if req.suffix:
-        raise bad_request("suffix (insertion) is not supported by this server", param="suffix",
-                          code="unsupported_parameter")
     refuse_unsupported(req)
     lengths = [measure_prompt(engine, target, p) for p in prompts]
     prompt_tokens, context = max(n for n, _ in lengths), lengths[0][1]

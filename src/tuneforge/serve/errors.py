@@ -36,6 +36,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def unsupported(what: str, param: str) -> APIError:
+    """An OpenAI parameter this server does not implement, refused by name (`what`: "tools are", ...)."""
+    return APIError(400, f"{what} not supported by this server", param=param, code="unsupported_parameter")
+
+
 def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
     return APIError(404, f"No {kind} with id '{ident}' found.", param=param, code=f"{kind.replace(' ', '_')}_not_found")
 

@@ -48,7 +48,7 @@ from .chat import (
 )
 from .deps import DB, Caller
 from .engine import Engine, Target
-from .errors import bad_request, not_found
+from .errors import bad_request, not_found, unsupported
 from .metadata import check_metadata
 from .models import resolve_model
 from .paging import check_limit, page_list
@@ -81,28 +81,25 @@ def _logprobs(req: ResponseRequest) -> int | None:
 
 
 def _refuse_unsupported(req: ResponseRequest) -> None:
-    def refuse(what: str, param: str) -> None:
-        raise bad_request(f"{what} not supported by this server", param=param, code="unsupported_parameter")
-
     if req.tools:
-        refuse("tools are", "tools")
+        raise unsupported("tools are", "tools")
     if req.tool_choice not in (None, "auto", "none"):
-        refuse("tool_choice other than 'auto' or 'none' is", "tool_choice")
+        raise unsupported("tool_choice other than 'auto' or 'none' is", "tool_choice")
     if req.reasoning:
-        refuse("reasoning is", "reasoning")
+        raise unsupported("reasoning is", "reasoning")
     if req.background:
-        refuse("background mode is", "background")
+        raise unsupported("background mode is", "background")
     if ((req.text or {}).get("format") or {}).get("type", "text") != "text":
-        refuse("text.format other than 'text' (structured output) is", "text.format")
+        raise unsupported("text.format other than 'text' (structured output) is", "text.format")
     if set(req.include or []) - {LOGPROBS}:
-        refuse(f"include other than {LOGPROBS!r} is", "include")
+        raise unsupported(f"include other than {LOGPROBS!r} is", "include")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise bad_request(f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", param="top_logprobs",
                           code="invalid_value")
     if req.conversation:
-        refuse("conversation (the Conversations API) is", "conversation")  # previous_response_id is
+        raise unsupported("conversation (the Conversations API) is", "conversation")  # previous_response_id is
     if req.prompt:
-        refuse("prompt (stored prompt templates) is", "prompt")
+        raise unsupported("prompt (stored prompt templates) is", "prompt")
 
 
 def _text(content: Any, where: str) -> str:
