@@ -244,7 +244,7 @@ def lora_group(modules) -> bool:
     dtypes = {m.base_layer.weight.dtype for m in modules}
     if len(set(names)) != 1 or len(ranks) != 1 or len(scales) != 1 or len(dtypes) != 1:
         return False
-    if any(_is_nf4(m.base_layer) for m in modules):  # 4-bit: de-quantised side by side for each product
+    if any(_is_nf4(m.base_layer) for m in modules):  # 4-bit: each layer de-quantised in turn (Nf4Weights)
         if not all(_is_nf4(m.base_layer) for m in modules):
             return False
         modules[0]._tuneforge_stacked = Nf4Weights([m.base_layer.weight for m in modules])
