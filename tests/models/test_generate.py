@@ -58,3 +58,22 @@ def test_a_failure_mid_generation_reaches_the_stream_instead_of_a_hang():
         for item in stream(model, tok, [{"role": "user", "content": "hi"}], Sampling(max_tokens=20)):
             got.append(item)
     assert len(got) <= 3 and all(isinstance(d, Delta) for d in got)
+
+
+def test_logprob_tokens_carry_their_exact_bytes_even_when_they_split_a_character():
+    from tuneforge.models.generate import Delta, stream, token_bytes
+
+    model, tok = tiny_model(seed=0)  # byte-level, no merges: every UTF-8 byte of "é" is its own token
+    first, second = tok("é", add_special_tokens=False)["input_ids"]
+    assert (token_bytes(tok, first), token_bytes(tok, second)) == (b"\xc3", b"\xa9")
+    # a random model sampling hot writes arbitrary bytes: the tokens' bytes, joined, are the answer
+    s = Sampling(max_tokens=40, temperature=2.0, seed=3, logprobs=2)
+    done = complete(model, tok, [{"role": "user", "content": "hi"}], s)
+    raw = b"".join(t.bytes for t in done.logprobs)
+    assert raw.decode("utf-8", errors="replace") == done.text and any(b >= 0x80 for b in raw)
+    partial = [t for t in done.logprobs if t.token != t.bytes.decode("utf-8", errors="replace")]
+    assert partial and all("\\x" in t.token for t in partial)  # spelled as escapes, never U+FFFD
+    assert all(len(t.top) == 2 and all(a.bytes for a in t.top) for t in done.logprobs)
+    streamed = [t for d in stream(model, tok, [{"role": "user", "content": "hi"}], s) if isinstance(d, Delta)
+                for t in d.logprobs]
+    assert [t.bytes for t in streamed] == [t.bytes for t in done.logprobs]

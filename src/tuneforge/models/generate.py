@@ -7,12 +7,14 @@ saw it.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from tokenizers import decoders
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
@@ -34,13 +36,18 @@ class Sampling:
 
 @dataclass
 class TokenLogprob:
-    """One answer token: its text, its log-probability under the model (before sampling's temperature,
-    top_p, penalties and bias: the model's own distribution), the `Sampling.logprobs` most likely
-    tokens at its place with theirs."""
+    """One answer token: its bytes, its text, its log-probability under the model (before sampling's
+    temperature, top_p, penalties and bias: the model's own distribution), and the `Sampling.logprobs`
+    most likely tokens at its place with theirs (their own `top` empty).
+
+    A token can hold part of a character (byte-level tokenizers split a UTF-8 character into several
+    tokens): `bytes` are then that part, which only joined with its neighbours' decodes, and `token`
+    spells the bytes that are no character as `\\xNN` escapes, as OpenAI's API does."""
 
     token: str
     logprob: float
-    top: list[tuple[str, float]]
+    top: list[TokenLogprob]
+    bytes: bytes = b""
 
 
 @dataclass
@@ -129,21 +136,45 @@ def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | No
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
     logprobs = None
     if tokens is not None:
-        logprobs, shown = [], ""
+        logprobs, shown, length = [], 0, len(text.encode())
         for token, entry in tokens:  # (generate() has ended the queue) the tokens that make up `text`
-            if len(shown) >= len(text) or token in tokenizer.all_special_ids:
+            if shown >= length or token in tokenizer.all_special_ids:
                 break
             logprobs.append(entry)
-            shown += entry.token
+            shown += len(entry.bytes)
     return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out), logprobs)
 
 
 def _token_logprob(tokenizer, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """TokenLogprob of `token` chosen from a step's log-probabilities, with the `top` most likely."""
+
+    def entry(i: int, alternatives: list[TokenLogprob]) -> TokenLogprob:
+        raw = token_bytes(tokenizer, i)
+        return TokenLogprob(raw.decode("utf-8", errors="backslashreplace"), float(logprobs[i]), alternatives, raw)
+
     best = torch.topk(logprobs, top) if top else None
-    alternatives = [] if best is None else [
-        (tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices)]
-    return TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives)
+    return entry(token, [] if best is None else [entry(int(i), []) for i in best.indices])
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes token id `token` stands for. A byte-level BPE vocabulary (GPT-2's, SmolLM2's, Llama
+    3's) spells each byte as one character of its token strings, so a token holding part of a UTF-8
+    character still has exact bytes; other tokenizers' tokens are taken as the text they decode to."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    alphabet = _byte_level_alphabet()
+    byte_level = isinstance(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None), decoders.ByteLevel)
+    if byte_level and isinstance(piece, str) and piece not in tokenizer.all_special_tokens and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return tokenizer.decode([token]).encode()
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable Latin-1 bytes stand for
+    themselves, the other 68 (controls, space, ...) for the characters from U+0100 up, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + n): b for n, b in enumerate(others)}
 
 
 @dataclass

@@ -110,21 +110,20 @@ def chat_logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
     """OpenAI's choice.logprobs of a chat answer (or of a streamed chunk's tokens)."""
     if tokens is None:
         return None
-    entry = lambda token, logprob: {"token": token, "logprob": logprob, "bytes": list(token.encode())}  # noqa: E731
-    return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(a, lp) for a, lp in t.top]}
-                        for t in tokens], "refusal": None}
+    entry = lambda t: {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}  # noqa: E731
+    return {"content": [entry(t) | {"top_logprobs": [entry(a) for a in t.top]} for t in tokens], "refusal": None}
 
 
 def _completion_logprobs(tokens: list[TokenLogprob] | None, offset: int) -> dict | None:
     """The legacy completions' choice.logprobs: parallel lists, text offsets from the choice's start."""
     if tokens is None:
         return None
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t.token)
+    offsets, before = [], b""
+    for t in tokens:  # where each token starts in the text: the characters its predecessors complete
+        offsets.append(offset + len(before.decode("utf-8", errors="ignore")))
+        before += t.bytes
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens], "text_offset": offsets}
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
