@@ -33,6 +33,22 @@ def test_summary_has_the_p95_latency_per_model():
     assert {r["model"] for r in summary("p", since=T0 + 25)} == {"other"}
 
 
+def test_the_databases_p95_is_the_nearest_rank_one_for_any_group_size():
+    import random
+
+    rng = random.Random(7)
+    latencies: dict = {}
+    for i in range(300):  # groups of 1 to ~150 requests, with ties; calls without a model too
+        model = rng.choice(["a", "b", None]) if i > 2 else f"single-{i}"
+        latency = float(rng.randint(1, 60))
+        latencies.setdefault(model, []).append(latency)
+        add(T0 + i, model=model, latency=latency)
+    got = {r["model"]: r for r in summary("p")}
+    assert {m: r["p95_latency_ms"] for m, r in got.items()} == {m: percentile(v, 95) for m, v in latencies.items()}
+    assert {m: r["requests"] for m, r in got.items()} == {m: len(v) for m, v in latencies.items()}
+    assert [r["model"] for r in summary("p")][0] is None  # calls without a model first
+
+
 def test_percentile_is_a_value_that_occurred():
     assert percentile([3.0], 95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
