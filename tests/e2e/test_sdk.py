@@ -201,6 +201,7 @@ def test_upload_train_chat_delete(server):
         model=model, messages=[{"role": "user", "content": "What is twice 3?"}], max_tokens=8, n=2, seed=1,
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    assert reply._request_id.startswith("req_") and again._request_id != reply._request_id
 
     chunks = list(client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "What is twice 4?"}], max_completion_tokens=6,
@@ -360,7 +361,7 @@ def test_errors_map_to_sdk_exceptions(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
     assert err.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=BASE, messages="not a list")
     assert err.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as err:  # a parameter the server would otherwise ignore

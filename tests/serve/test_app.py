@@ -43,10 +43,22 @@ def test_errors_have_openai_shape_and_sdk_statuses(client):
     assert r.status_code == 404 and set(r.json()["error"]) == ERROR_FIELDS
     r = client.get("/v1/fine_tuning/jobs/ftjob-missing")
     assert r.status_code == 404 and r.json()["error"]["param"] == "fine_tuning_job_id"
+    # what fails validation is a 400 (the SDK's BadRequestError), as at OpenAI, naming the parameter
     r = client.post("/v1/fine_tuning/jobs", json={"model": 3})
-    assert r.status_code == 422 and r.json()["error"]["param"] in ("model", "training_file")
-    r = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and set(r.json()["error"]) == ERROR_FIELDS
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("model", "training_file")
+    for body in (b"{not json", b"", b"[1, 2]"):
+        r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == ERROR_FIELDS and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama"})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Missing required parameter: 'messages'.", "type": "invalid_request_error", "param": "messages",
+        "code": "missing_required_parameter"}
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "file-x",
+                                                  "hyperparameters": {"batch_size": "big"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.batch_size", r.text
+    assert "more problem" not in r.json()["error"]["message"]  # a union's two branches: one problem
+    r = client.get("/v1/files", params={"order": "sideways"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "order"
     r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [], "n": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}],
@@ -187,6 +199,37 @@ def test_logit_bias_forces_and_bans_tokens(client):
     for bias in [{"999999": 1}, {"x": 1}, {str(token): 101}]:
         r = client.post("/v1/chat/completions", json=ask | {"logit_bias": bias})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+@pytest.mark.parametrize("messages,param,code", [
+    ([{"role": "user"}], "messages[0].content", "missing_required_parameter"),
+    ([{"role": "user", "content": None}], "messages[0].content", "missing_required_parameter"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+     "messages[0].content[1]", "unsupported_content"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}],
+     "messages[0].content[0]", "unsupported_content"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0]", "invalid_value"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}], "messages[1].tool_call_id",
+     "missing_required_parameter"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}],
+     "messages[1].tool_call_id", "invalid_value"),
+])
+def test_messages_a_text_model_cannot_read_as_sent_are_refused(client, messages, param, code):
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code), r.text
+
+
+def test_messages_openai_accepts_are_answered(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    for messages in ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "content": "42", "tool_call_id": "call_1"}]):
+        r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 2,
+                                                  "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
 
 
 def test_logprobs_are_the_models_own_and_cover_the_answer(client):

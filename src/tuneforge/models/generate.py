@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import decoders
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..data.render import prompt_ids
@@ -59,9 +59,10 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when Sampling.logprobs asked
 
 
-def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling, first: LogitsProcessor | None = None) -> dict:
+def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling, first: LogitsProcessor | None = None,
+                     cancel: threading.Event | None = None) -> dict:
     """generate()'s arguments for `s`; `first`: a logits processor to run before the adjustments (to
-    see the model's own logits)."""
+    see the model's own logits); `cancel`: once set, generation ends after the token in progress."""
     if s.seed is not None:
         torch.manual_seed(s.seed)
     kwargs = dict(
@@ -81,7 +82,20 @@ def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling, first: Logit
         processors.append(_OpenAIAdjustments(len(ids), s))
     if processors:
         kwargs["logits_processor"] = LogitsProcessorList(processors)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
     return kwargs
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends generation once `event` is set: a streamed answer whose reader has gone (the server's
+    client hung up) stops taking the cores after the token in progress."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _OpenAIAdjustments(LogitsProcessor):
@@ -183,6 +197,7 @@ class Delta:
 
     text: str
     logprobs: list[TokenLogprob] | None = None
+    tokens: int = 0  # the answer tokens this piece completes (usage of an answer cut short)
 
 
 class _Tokens(BaseStreamer, LogitsProcessor):
@@ -217,14 +232,16 @@ class _Tokens(BaseStreamer, LogitsProcessor):
 
 
 def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None,
-           tools=None) -> Iterator[Delta | Completion]:
+           tools=None, cancel: threading.Event | None = None) -> Iterator[Delta | Completion]:
     """Yield the answer as it is generated: a Delta for each token that completes characters (a token
     holding part of one waits for the rest), cut where a stop string appears; the final item is a
-    Completion with the totals. A failure in generation is raised here, never left waiting."""
+    Completion with the totals. A failure in generation is raised here, never left waiting. Setting
+    `cancel` ends the answer early (after the token in progress)."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
     tokens = _Tokens(tokenizer, s.logprobs)
-    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens if s.logprobs is not None else None)
+    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens if s.logprobs is not None else None,
+                              cancel=cancel)
     result: dict = {}
 
     def run():
@@ -237,7 +254,7 @@ def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    out, sent, pending, shown = [], "", [], []
+    out, sent, pending, shown, counted = [], "", [], [], 0
     items = iter(tokens)
     while True:
         item = next(items, None)
@@ -251,9 +268,9 @@ def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None
             continue
         text, stopped = _cut_at_stop(text, s.stop)
         if len(text) > len(sent):
-            yield Delta(text[len(sent) :], pending if s.logprobs is not None else None)
+            yield Delta(text[len(sent) :], pending if s.logprobs is not None else None, len(out) - counted)
             shown += pending
-            sent, pending = text, []
+            sent, pending, counted = text, [], len(out)
         if stopped or item is None:  # (at the end, whatever was held back goes out as it is)
             break
     worker.join()

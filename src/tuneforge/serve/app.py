@@ -25,7 +25,7 @@ from .. import __version__
 from ..monitor.retention import prune
 from ..monitor.usage import UsageRecord, record
 from ..settings import Settings, get_settings
-from ..store.database import get_engine, session_factory
+from ..store.database import get_engine, new_id, session_factory
 from ..store.keys import ensure_initial_key
 from ..train.device import visible_gpus
 from ..ui import mount_ui
@@ -52,10 +52,13 @@ class UsageMiddleware:
         state = scope.setdefault("state", {})  # the same dict request.state writes into
         started = time.perf_counter()
         status = {"code": 500}
+        request_id = new_id("req_", 32)
 
         async def send_and_watch(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                # OpenAI's request id header, which the SDK exposes as `._request_id` (for support and logs)
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:

@@ -9,8 +9,10 @@ started can no longer change the status, so it is sent as an `error` event, whic
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -146,6 +148,9 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[i
 def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
     """OpenAI parameters this server does not implement, refused by name unless they ask for what it
     does anyway (plain text, no tool forced, one candidate): ignoring them would change the answer."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          param="stream_options", code="invalid_value")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise unsupported("suffix (insertion) is", "suffix")
@@ -169,10 +174,38 @@ def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
 def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     if not req.messages:
         raise bad_request("messages must contain at least one message", param="messages", code="invalid_value")
-    out = []
-    for m in req.messages:
+    out, calls = [], set()  # the ids of the tool calls made so far, which a tool message answers
+    for i, m in enumerate(req.messages):
+        _check_message(m, f"messages[{i}]", calls)
+        calls |= {c.get("id") for c in m.tool_calls or []}
         out.append({"role": chat_role(m.role), "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
     return out
+
+
+TEXT_PARTS = {"text", "refusal"}  # what a text model reads; images, audio and files it cannot
+
+
+def _check_message(m, where: str, calls: set) -> None:
+    """OpenAI's rules for one message, 400 with the field named: content is required (an assistant
+    message may instead call tools), a tool message answers a tool call made before it, and content
+    parts are text - an image or audio part is refused, not dropped from the prompt unseen."""
+    if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.model_extra.get("function_call"))):
+        raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
+                          code="missing_required_parameter")
+    for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+        kind = part.get("type")
+        if kind not in TEXT_PARTS or not isinstance(part.get(kind), str):
+            what = f"{kind!r} content parts are" if kind not in TEXT_PARTS else f"a {kind!r} part without its {kind!r} string is"
+            raise APIError(400, f"{what} not supported: this model reads text only", param=f"{where}.content[{j}]",
+                           code="unsupported_content" if kind not in TEXT_PARTS else "invalid_value")
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise bad_request(f"Missing required parameter: '{where}.tool_call_id'.", param=f"{where}.tool_call_id",
+                              code="missing_required_parameter")
+        if m.tool_call_id not in calls:
+            raise bad_request(f"Invalid parameter: messages with role 'tool' must be a response to a preceding message "
+                              f"with 'tool_calls' (no tool call with id {m.tool_call_id!r} before {where}).",
+                              param=f"{where}.tool_call_id", code="invalid_value")
 
 
 def _usage(prompt_tokens: int, results: list[Completion]) -> Usage:
@@ -279,30 +312,59 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
 # --- streaming --------------------------------------------------------------------------------------
 
 
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its body however it ends. When the client hangs up, Starlette
+    stops reading the body mid-way; closed here at once (each layer closing the one it reads, down
+    to `generated`), the generation behind it is cancelled instead of running on to max_tokens."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies (nginx's X-Accel-Buffering) and never cached."""
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStream(body, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
     return sse_response(body())
 
 
-async def generated(engine: Engine, target: Target, work) -> AsyncIterator[tuple[int, Delta | Completion]]:
-    q = engine.stream(target, work)
-    while True:
-        item = await anyio.to_thread.run_sync(q.get)
-        if item is None:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
+async def generated(engine: Engine, target: Target, work, request: Request,
+                    prompt_tokens: int) -> AsyncIterator[tuple[int, Delta | Completion]]:
+    """(choice index, Delta | Completion) as the engine makes them. Closed before the end (the client
+    hung up), it cancels the generation, and the request's usage is the prompt and the answer tokens
+    made so far - what the cores spent."""
+    cancel = threading.Event()
+    q = engine.stream(target, work, cancel)
+    streamed: dict[int, int] = {}  # answer tokens by choice
+    ended = False
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(q.get)
+            if item is None:
+                ended = True
+                return
+            if isinstance(item, Exception):
+                raise item
+            i, piece = item
+            streamed[i] = piece.completion_tokens if isinstance(piece, Completion) else streamed.get(i, 0) + piece.tokens
+            yield item
+    finally:
+        cancel.set()
+        if not ended:
+            note_usage(request, request.state.model, Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(
+                streamed.values()), total_tokens=prompt_tokens + sum(streamed.values())))
 
 
 async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request, finished):
@@ -316,15 +378,16 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
     results: dict[int, Completion] = {}  # by choice index
     started: set[int] = set()
     try:
-        async for i, item in generated(engine, target, work):
-            if i not in started:
-                started.add(i)
-                yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
-            if isinstance(item, Completion):
-                results[i] = item
-                yield chunk(i, {}, item.finish_reason)
-            elif item.text:
-                yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
+        async with aclosing(generated(engine, target, work, request, prompt_tokens)) as pieces:
+            async for i, item in pieces:
+                if i not in started:
+                    started.add(i)
+                    yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+                if isinstance(item, Completion):
+                    results[i] = item
+                    yield chunk(i, {}, item.finish_reason)
+                elif item.text:
+                    yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return
@@ -349,17 +412,18 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
     started: set[int] = set()
     offsets: dict[int, int] = {}  # by choice: where its next piece starts (text_offset of logprobs)
     try:
-        async for i, item in generated(engine, target, work):
-            if echo and i not in started:
-                started.add(i)
-                yield chunk(i, work[i][0])
-            if isinstance(item, Completion):
-                results.append(item)
-                yield chunk(i, "", item.finish_reason)
-            elif item.text:
-                at = offsets.get(i, len(work[i][0]) if echo else 0)
-                offsets[i] = at + len(item.text)
-                yield chunk(i, item.text, logprobs=_completion_logprobs(item.logprobs, at))
+        async with aclosing(generated(engine, target, work, request, prompt_tokens)) as pieces:
+            async for i, item in pieces:
+                if echo and i not in started:
+                    started.add(i)
+                    yield chunk(i, work[i][0])
+                if isinstance(item, Completion):
+                    results.append(item)
+                    yield chunk(i, "", item.finish_reason)
+                elif item.text:
+                    at = offsets.get(i, len(work[i][0]) if echo else 0)
+                    offsets[i] = at + len(item.text)
+                    yield chunk(i, item.text, logprobs=_completion_logprobs(item.logprobs, at))
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
         return

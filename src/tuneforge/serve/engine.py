@@ -147,16 +147,21 @@ class Engine:
         with self.use(target) as (model, tokenizer):
             return [complete(model, tokenizer, p, s) for p, s in requests]
 
-    def stream(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> queue_mod.Queue:
+    def stream(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]],
+               cancel: threading.Event | None = None) -> queue_mod.Queue:
         """Start generating in a thread. The queue yields (request index, Delta | Completion),
-        then None at the end, or the exception that stopped it."""
+        then None at the end, or the exception that stopped it. Setting `cancel` (the reader has
+        gone) ends the answer in progress after its current token, and the rest are not begun."""
         out: queue_mod.Queue = queue_mod.Queue()
 
         def produce():
             try:
                 with self.use(target) as (model, tokenizer):
                     for i, (p, s) in enumerate(requests):
-                        for item in stream(model, tokenizer, p, s):  # always drained: generation ends before the lock is released
+                        if cancel is not None and cancel.is_set():
+                            break
+                        # always drained: generation ends before the lock is released
+                        for item in stream(model, tokenizer, p, s, cancel=cancel):
                             out.put((i, item))
                 out.put(None)
             except Exception as err:  # handed to the response, which reports it in the stream

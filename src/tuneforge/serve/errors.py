@@ -1,8 +1,9 @@
 """Every error leaves the server as OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 
 The status decides which exception the `openai` SDK raises (400 BadRequestError, 401
-AuthenticationError, 404 NotFoundError, 409 ConflictError, 413, 422 UnprocessableEntityError), so
-each user mistake gets the status the SDK expects; 500 is reserved for our own bugs. A 409 carries
+AuthenticationError, 404 NotFoundError, 409 ConflictError, 413), so each user mistake gets the status
+the SDK expects; 500 is reserved for our own bugs. A request that fails validation (bad JSON, a
+missing or mistyped parameter) is a 400, as at OpenAI, not FastAPI's 422. A 409 carries
 `x-should-retry: false`, because the SDK otherwise retries 409s, and a conflict with a job's state
 does not go away by asking again.
 """
@@ -60,8 +61,14 @@ def error_response(err: APIError) -> JSONResponse:
                         status_code=err.status, headers=err.headers)
 
 
+# pydantic names the branch of a union a value failed in the error's location ("literal['auto']",
+# "int", "function-after[...]"): not part of the parameter's name.
+_UNION_BRANCHES = {"int", "float", "str", "bool", "list", "dict", "none"}
+
+
 def _param_of(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if not ("[" in p or "'" in p or p in _UNION_BRANCHES)]
     if not parts:
         return None
     out = parts[0]
@@ -84,14 +91,23 @@ def install(app: FastAPI) -> None:
             return JSONResponse(error_body(400, f"Unrecognized request argument supplied: {param}", param=param,
                                            code="unknown_parameter"), status_code=400)
         first = errors[0] if errors else {}
-        param = _param_of(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            msg = "We could not parse the JSON body of your request."
+        kind, param = first.get("type", ""), _param_of(tuple(first.get("loc", ())))
+        # a union's branches fail one by one ('auto', or an integer): one problem, said once
+        same = [e for e in errors if _param_of(tuple(e.get("loc", ()))) == param]
+        if kind == "json_invalid":
+            param, code = None, "invalid_json"
+            msg = ("We could not parse the JSON body of your request. (The request body must be one JSON "
+                   f"object: {first.get('ctx', {}).get('error', 'invalid JSON')}.)")
+        elif param is None:
+            msg, code = "The request body must be a JSON object of the request's parameters.", "invalid_json"
+        elif kind == "missing":
+            msg, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
         else:
-            msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "Invalid request")
-        if len(errors) > 1:
-            msg += f" (and {len(errors) - 1} more problem(s))"
-        return JSONResponse(error_body(422, msg, param=param, code="invalid_request"), status_code=422)
+            code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+            msg = f"Invalid value for '{param}': " + ", or ".join(dict.fromkeys(e.get("msg", "invalid") for e in same))
+        if len(errors) > len(same):
+            msg += f" (and {len(errors) - len(same)} more problem(s))"
+        return JSONResponse(error_body(400, msg, param=param, code=code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):

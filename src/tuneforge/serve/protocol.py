@@ -1,7 +1,7 @@
 """Request and response shapes of every endpoint, field for field as OpenAI's API reference and the
 `openai` SDK's types (openai/types/file_object.py, fine_tuning/*.py, chat/*.py, completion.py).
 
-Declaring them as pydantic models gives request validation (a wrong type is a 422 with the field
+Declaring them as pydantic models gives request validation (a wrong type is a 400 with the field
 named) and a faithful /openapi.json. Range checks that OpenAI answers with 400 live in the handlers.
 """
 

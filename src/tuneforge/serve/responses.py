@@ -23,6 +23,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -271,8 +272,9 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
 
 
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    async for event in events:
-        yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    async with aclosing(events):  # closed early (the client hung up): closes the generation too
+        async for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 async def _events(engine: Engine, target: Target, messages: list[dict], sampling: Sampling, answer: _Answer,
@@ -292,11 +294,12 @@ async def _events(engine: Engine, target: Target, messages: list[dict], sampling
     yield event("response.content_part.added", **where, part=OutputText(text="").model_dump())
     result = None
     try:
-        async for _, piece in generated(engine, target, [(messages, sampling)]):
-            if isinstance(piece, Completion):
-                result = piece
-            elif piece.text:
-                yield event("response.output_text.delta", **where, delta=piece.text, logprobs=_entries(piece.logprobs) or [])
+        async with aclosing(generated(engine, target, [(messages, sampling)], request, answer.prompt_tokens)) as pieces:
+            async for _, piece in pieces:
+                if isinstance(piece, Completion):
+                    result = piece
+                elif piece.text:
+                    yield event("response.output_text.delta", **where, delta=piece.text, logprobs=_entries(piece.logprobs) or [])
     except Exception as err:
         yield event("response.failed", response=answer.failed(err).model_dump())
         return

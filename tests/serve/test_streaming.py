@@ -1,0 +1,70 @@
+"""Streams over a real HTTP connection (uvicorn on loopback, in this process so the engine can be
+watched): a client that hangs up mid-answer stops the generation and is billed what was made."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import select
+
+from tuneforge.serve.app import create_app
+from tuneforge.settings import get_settings
+from tuneforge.store.database import UsageRow, session
+from tuneforge.store.keys import create_key
+
+MAX_TOKENS = 1000  # the tiny model never stops on its own when greedy: ~20 s of generation here
+
+
+@pytest.fixture
+def live():
+    app = create_app(get_settings())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    key = create_key("proj")
+    yield app, httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"Authorization": f"Bearer {key}"},
+                            timeout=60)
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/chat/completions", {"messages": ASK, "max_tokens": MAX_TOKENS}),
+    ("/completions", {"prompt": "hi", "max_tokens": MAX_TOKENS}),
+    ("/responses", {"input": "hi", "max_output_tokens": MAX_TOKENS}),
+])
+def test_a_dropped_stream_stops_generating_and_counts_what_was_made(live, path, body):
+    app, client = live
+    with client.stream("POST", path, json={"model": "tiny-llama", "stream": True, "temperature": 0} | body) as r:
+        assert r.status_code == 200 and r.headers["x-request-id"].startswith("req_")
+        got = 0
+        for line in r.iter_lines():  # a few pieces of the answer, then hang up
+            got += line.startswith("data: ")
+            if got == 8:
+                break
+    # the engine is free again long before the answer's MAX_TOKENS would have been made
+    assert app.state.engine._lock.acquire(timeout=10), "generation went on after the client left"
+    app.state.engine._lock.release()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the usage row is written when the request ends
+        with session() as s:
+            row = s.scalar(select(UsageRow).where(UsageRow.path == "/v1" + path))
+        if row is not None:
+            break
+        time.sleep(0.1)
+    assert row is not None and row.model == "tiny-llama" and row.prompt_tokens > 0
+    assert 0 < row.completion_tokens < MAX_TOKENS / 4, row.completion_tokens
