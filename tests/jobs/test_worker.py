@@ -114,6 +114,35 @@ def test_bad_file_fails_in_the_validating_phase():
     assert events[-1].startswith("Fine-tuning job failed")
 
 
+def test_an_invalid_file_fails_naming_its_first_errors_by_line_and_field():
+    file_id = add_file(12)
+    path = Path(get_settings().files_dir) / f"{file_id}.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = "{not json"
+    lines[4] = json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    lines[6] = lines[7] = lines[8] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    path.write_text("\n".join(lines) + "\n")
+    job_id = add_job(file_id)
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    message = job.error["message"]
+    assert job.status == "failed" and job.error["code"] == "invalid_json", job.error
+    assert message.startswith(f"Training file {file_id} is invalid: line 3") and "line 5, field messages[0].role" in message
+    assert "line 7" in message and "and 2 more error(s)" in message and f"{file_id}.jsonl" not in message
+
+
+def test_a_small_validation_file_is_enough():
+    """OpenAI's 10-example minimum is for training files; a job may validate on a handful."""
+    job_id = add_job(add_file(12), n_epochs=1)
+    with session() as s:
+        s.scalar(select(JobRow).where(JobRow.id == job_id)).validation_file = add_file(3)
+        s.commit()
+    run_worker(poll_interval=0.1, once=True)
+    job, events, *_ = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert any("Validating validation file" in e for e in events)
+
+
 def test_missing_file_fails_instead_of_hanging():
     job_id = add_job("file-gone")
     run_worker(poll_interval=0.1, once=True)

@@ -104,14 +104,17 @@ class DataError(ValueError):
 
 
 def validate_file(
-    path: str | Path, tokenizer=None, max_length: int = 2048, tokens_per_second: float | None = None
+    path: str | Path, tokenizer=None, max_length: int = 2048, tokens_per_second: float | None = None,
+    min_examples: int = MIN_EXAMPLES,
 ) -> Report:
-    return _validate(path, tokenizer, max_length, tokens_per_second)[0]
+    """`min_examples`: OpenAI's minimum for a training file; a validation or held-out file passes 1."""
+    return _validate(path, tokenizer, max_length, tokens_per_second, min_examples)[0]
 
 
-def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048) -> list[Example]:
+def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048,
+                  min_examples: int = MIN_EXAMPLES) -> list[Example]:
     """The examples of a file that passes validation; DataError otherwise (trainer and server use this)."""
-    report, examples = _validate(path, tokenizer, max_length, None)
+    report, examples = _validate(path, tokenizer, max_length, None, min_examples)
     if not report.ok:
         raise DataError(report)
     if report.warnings:
@@ -119,10 +122,10 @@ def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048) -> l
     return examples
 
 
-def _validate(path, tokenizer, max_length, tokens_per_second) -> tuple[Report, list[Example]]:
+def _validate(path, tokenizer, max_length, tokens_per_second, min_examples) -> tuple[Report, list[Example]]:
     parsed = parse_file(path)
     examples = parsed.examples
-    issues = parsed.issues + _count_issues(parsed.n_records, parsed.issues)
+    issues = parsed.issues + _count_issues(parsed.n_records, parsed.issues, min_examples)
     issues += _duplicate_issues(examples) + _missing_role_issues(examples)
     report = Report(str(path), parsed.format, parsed.n_records, max_length=max_length)
     if parsed.n_records:
@@ -138,10 +141,10 @@ def _validate(path, tokenizer, max_length, tokens_per_second) -> tuple[Report, l
     return report, examples
 
 
-def _count_issues(n_records: int, issues: list[Issue]) -> list[Issue]:
-    if n_records >= MIN_EXAMPLES or any(i.code in ("empty_file", "unsupported_format") for i in issues):
+def _count_issues(n_records: int, issues: list[Issue], min_examples: int) -> list[Issue]:
+    if n_records >= min_examples or any(i.code in ("empty_file", "unsupported_format") for i in issues):
         return []
-    msg = f"Training file has {n_records} example(s), but must have at least {MIN_EXAMPLES} examples"
+    msg = f"Training file has {n_records} example(s), but must have at least {min_examples} examples"
     return [Issue("invalid_n_examples", msg)]
 
 

@@ -82,7 +82,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     """Score base and tuned; `on_progress(done, total)` hears of each finished unit of work."""
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)
-    loaded = load_examples(data)
+    loaded = load_examples(data, min_examples=1)  # a held-out set may be small
     examples = [_as_chat(e) for e in loaded if e.kind != "text"]
     examples = [e for e in examples if e.assistant_messages()]
     if not examples:

@@ -34,6 +34,7 @@ from .queue import METHOD_KEY, QUANTIZE_KEY
 
 log = logging.getLogger("tuneforge.worker")
 
+SHOWN_ERRORS = 3  # of an invalid file's errors, in the job's error message (the file report has them all)
 CONTROL_POLL_SECONDS = 0.5  # how often should_stop reads the job row (it is called every step)
 PARENT_ENV = "TUNEFORGE_WORKER_PARENT"  # set by `tuneforge serve`: the worker dies with its server
 
@@ -192,20 +193,19 @@ class JobRunner:
 
     def _validate(self, train_path: str, valid_path: str | None) -> None:
         from ..data.formats import parse_file
-        from ..data.validate import validate_file
+        from ..data.validate import MIN_EXAMPLES, validate_file
 
         for file_id, path, param in ((self.job.training_file, train_path, "training_file"),
                                      (self.job.validation_file, valid_path, "validation_file")):
             if path is None:
                 continue
             self.event(f"Validating {param.replace('_', ' ')}: {file_id}")
-            report = validate_file(path)
+            report = validate_file(path, min_examples=MIN_EXAMPLES if param == "training_file" else 1)
             name = f"{param.replace('_', ' ').capitalize()} {file_id}"
-            if not report.ok:
-                first = report.errors[0]
-                where = f" (line {first.line})" if first.line else ""
-                more = f"; {len(report.errors) - 1} more error(s)" if len(report.errors) > 1 else ""
-                raise JobFailed(first.code, f"{name}: {first.message}{where}{more}", param)
+            if not report.ok:  # the first few problems, each with its line and field, as `data validate` says them
+                shown = "; ".join(str(e).replace(Path(path).name, "the file") for e in report.errors[:SHOWN_ERRORS])
+                more = f"; and {len(report.errors) - SHOWN_ERRORS} more error(s)" if len(report.errors) > SHOWN_ERRORS else ""
+                raise JobFailed(report.errors[0].code, f"{name} is invalid: {shown}{more}", param)
             if self.job.method == "dpo" and report.format != "preference":  # a valid file has one format
                 other = next(e for e in parse_file(path).examples if e.kind != "preference")  # to name its line
                 raise JobFailed("invalid_preference_data", f"{name}: a DPO job trains on preference pairs "

@@ -74,7 +74,7 @@ class TrainResult:
 def _split(examples, cfg: TrainConfig, tokenizer):
     """Hold out a seeded random slice for validation when the user gave no validation file."""
     if cfg.validation_data:
-        return examples, load_examples(cfg.validation_data, tokenizer, cfg.max_length)
+        return examples, load_examples(cfg.validation_data, tokenizer, cfg.max_length, min_examples=1)
     if len(examples) < 20 or cfg.validation_split <= 0:
         return examples, []
     order = list(range(len(examples)))
