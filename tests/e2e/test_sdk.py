@@ -243,6 +243,9 @@ def test_upload_train_chat_delete(server):
         model=ckpts[1].fine_tuned_model_checkpoint, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
     )
     assert from_ckpt.choices[0].message.content is not None
+    assert client.models.retrieve(ckpts[1].fine_tuned_model_checkpoint).id == ckpts[1].fine_tuned_model_checkpoint
+    with pytest.raises(openai.PermissionDeniedError):  # it goes with its job's run, not on its own
+        client.models.delete(ckpts[1].fine_tuned_model_checkpoint)
 
     with pytest.raises(openai.BadRequestError) as err:
         client.fine_tuning.jobs.cancel(job.id)

@@ -35,14 +35,20 @@ def resolve_model(db: Session, caller: Principal, name: str) -> Target:
     row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
     if row is not None:
         return Target(row.base, Path(row.path))
+    ckpt = _checkpoint(db, caller, name)
+    if ckpt is not None:
+        return Target(ckpt.model, Path(ckpt.path))
+    raise model_missing(name)
+
+
+def _checkpoint(db: Session, caller: Principal, name: str):
+    """The caller's checkpoint model `name` (path, base model, created_at) whose weights are still on disk."""
     ckpt = db.execute(
-        select(CheckpointRow.path, JobRow.model)
+        select(CheckpointRow.path, CheckpointRow.created_at, JobRow.model)
         .join(JobRow, JobRow.id == CheckpointRow.job_id)
         .where(CheckpointRow.name == name, JobRow.project == caller.project)
     ).first()
-    if ckpt is not None and Path(ckpt.path).is_dir():
-        return Target(ckpt.model, Path(ckpt.path))
-    raise model_missing(name)
+    return ckpt if ckpt is not None and Path(ckpt.path).is_dir() else None
 
 
 def list_models(db: Session, caller: Principal) -> ModelList:
@@ -56,9 +62,12 @@ def retrieve_model(db: Session, caller: Principal, name: str) -> Model:
     if name in available():
         return Model(id=name, created=_STARTED, owned_by="tuneforge")
     row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
-    if row is None:
+    if row is not None:
+        return Model(id=row.id, created=int(row.created_at), owned_by=row.owned_by)
+    ckpt = _checkpoint(db, caller, name)  # callable like a model, so it can be looked up like one
+    if ckpt is None:
         raise model_missing(name)
-    return Model(id=row.id, created=int(row.created_at), owned_by=row.owned_by)
+    return Model(id=name, created=int(ckpt.created_at), owned_by="tuneforge")
 
 
 def delete_model(db: Session, caller: Principal, name: str, engine) -> ModelDeleted:
@@ -66,6 +75,9 @@ def delete_model(db: Session, caller: Principal, name: str, engine) -> ModelDele
         raise APIError(403, f"You cannot delete the base model `{name}`; only fine-tuned models can be deleted.",
                        param="model", code="model_not_deletable")
     row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
+    if row is None and _checkpoint(db, caller, name) is not None:
+        raise APIError(403, f"`{name}` is a checkpoint of a fine-tuning job: it is kept with the job's run and "
+                       "cannot be deleted on its own.", param="model", code="model_not_deletable")
     if row is None:
         raise model_missing(name)
     db.delete(row)
