@@ -82,9 +82,10 @@ def test_convert_reports_missing_column(tmp_path):
 def test_train_resumes_after_a_kill(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 40)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--data", str(data), "--out", str(run),
+    # started with relative paths, resumed from another directory (the run folder keeps them absolute)
+    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--data", data.name, "--out", run.name,
            "--base", "tiny-llama", "--n-epochs", "4", "--batch-size", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(), cwd=tmp_path)
     deadline = time.time() + 300
     while not checkpoint_dirs(run) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -96,6 +97,42 @@ def test_train_resumes_after_a_kill(tmp_path):
     result = json.loads(tf("train", "--resume", run, "--json").stdout)
     steps = [r["step"] for r in metrics_log.read(run)]
     assert result["steps"] == 72 and steps == list(range(1, 73))  # no step lost or repeated
+
+
+def test_a_trained_run_is_kept_from_mistakes_and_overwrite_clears_it(tmp_path, chat_file):
+    run = tmp_path / "run"
+    tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--n-epochs", "1", "--quiet")
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    proc = tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--method", "full", check=False)
+    assert proc.returncode == 2 and "already holds a trained run" in proc.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # untouched
+    proc = tf("train", "--resume", run, check=False)
+    assert proc.returncode == 2 and "has finished training" in proc.stderr
+    result = json.loads((run / "result.json").read_text())
+    assert result["final"]  # (a resume of a finished run used to rewrite it empty)
+    tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--method", "full", "--n-epochs", "1",
+       "--overwrite", "--quiet")
+    # the LoRA run's adapter is gone: eval, chat and export would have loaded it before the new model
+    assert not (run / "adapter").exists() and (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--n-epochs", "0", "n_epochs must be at least 1, got 0"),
+    ("--batch-size", "0", "batch_size must be at least 1, got 0"),
+    ("--learning-rate-multiplier", "0", "learning_rate_multiplier must be above 0"),
+    ("--precision", "xyz", "precision must be one of auto, bf16, fp32"),
+])
+def test_out_of_range_options_are_refused_before_anything_runs(tmp_path, chat_file, option, value, says):
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "tiny-llama", option, value, check=False)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_key_and_database_mistakes_are_one_line_errors():
+    proc = tf("keys", "revoke", "key-nope", check=False)
+    assert proc.returncode == 2 and "key-nope" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tf("usage", "--database-url", "garbage", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: database") and "Traceback" not in proc.stderr
 
 
 def test_resume_of_a_folder_that_is_no_run_says_so(tmp_path):

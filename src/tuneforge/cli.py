@@ -42,14 +42,19 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import ArgumentError, OperationalError
+
         from .data.validate import DataError
         from .models.catalogue import ModelNotFound
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, ModelNotFound, OSError, ValueError) as err:
+        except (DataError, ModelNotFound, OSError, ValueError, KeyError) as err:
             if _rank() == 0:  # under torchrun every process sees the same bad input: one says so
-                _say(f"error: {err}")
+                _say(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+            raise typer.Exit(2) from None
+        except (ArgumentError, OperationalError) as err:  # a database URL that is malformed or unreachable
+            _say(f"error: database: {str(err.orig if hasattr(err, 'orig') else err).splitlines()[0]}")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -59,7 +64,7 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _auto_or(kind):
+def _auto_or(kind, option: str):
     """Parse an option that is a number or the word 'auto'."""
 
     def parse(value: str):
@@ -68,9 +73,22 @@ def _auto_or(kind):
         try:
             return kind(value)
         except ValueError:
-            raise typer.BadParameter(f"expected a number or 'auto', got {value!r}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{option} must be {what} or auto, got {value!r}") from None
 
     return parse
+
+
+def _existing_file(path: Path | None, option: str) -> Path | None:
+    """An input file option's path made absolute (a run folder's config is read back from anywhere),
+    after checking it is a file."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder, not a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    return path.resolve()
 
 
 # ---------------------------------------------------------------- data
@@ -88,8 +106,7 @@ def data_validate(
     from .data.validate import validate_file
     from .models.load import load_tokenizer
 
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: no such file")
+    file = _existing_file(file, "FILE")
     report = validate_file(file, tokenizer=load_tokenizer(base), max_length=max_length,
                            tokens_per_second=_local_tokens_per_second())
     if json_out:
@@ -156,6 +173,11 @@ def data_convert(
     """Convert a CSV file into JSONL: prompt/completion, text/label or prompt/chosen/rejected columns."""
     from .data.convert import from_csv, write_jsonl
 
+    source = _existing_file(file, "FILE")
+    if out.resolve() == source:
+        raise ValueError(f"-o {out} is the CSV file being converted: write the JSONL somewhere else")
+    if out.is_dir():
+        raise ValueError(f"-o {out} is a folder: name the JSONL file to write")
     rows = from_csv(file, prompt_col=prompt_col, completion_col=completion_col, text_col=text_col,
                     label_col=label_col, chosen_col=chosen_col, rejected_col=rejected_col, system=system)
     write_jsonl(rows, out)
@@ -234,30 +256,31 @@ def train(
     quantize: Annotated[str | None, typer.Option(
         help="nf4: keep the frozen base in 4 bits (QLoRA; needs bitsandbytes). LoRA only.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ):
     """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
     from .train.config import TrainConfig
-    from .train.loop import TrainingStopped
+    from .train.loop import RESULT_FILE, TrainingStopped
     from .train.loop import train as run_training
 
-    if method not in ("lora", "full"):
-        raise ValueError(f"--method must be lora or full, not {method!r}")
-    if objective not in ("supervised", "dpo"):
-        raise ValueError(f"--objective must be supervised or dpo, not {objective!r}")
     if resume:
+        if data is not None or out is not None:
+            raise ValueError("--resume continues a run with the settings it started with: give it alone")
         cfg = TrainConfig.load(resume)
+        if (resume / RESULT_FILE).is_file():
+            raise ValueError(f"{resume} has finished training: nothing to resume (train again with --overwrite)")
     else:
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
-        if not data.exists():
-            raise FileNotFoundError(f"{data}: no such file")
+        _check_out(out, overwrite)
         cfg = TrainConfig(
-            data=str(data), out=str(out), base=base, method=method, objective=objective, dpo_beta=dpo_beta,
-            validation_data=str(validation_data) if validation_data else None,
-            n_epochs=_auto_or(int)(n_epochs), batch_size=_auto_or(int)(batch_size),
-            learning_rate_multiplier=_auto_or(float)(learning_rate_multiplier),
+            data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=base, method=method,
+            objective=objective, dpo_beta=dpo_beta,
+            validation_data=str(v) if (v := _existing_file(validation_data, "--validation-data")) else None,
+            n_epochs=_auto_or(int, "--n-epochs")(n_epochs), batch_size=_auto_or(int, "--batch-size")(batch_size),
+            learning_rate_multiplier=_auto_or(float, "--learning-rate-multiplier")(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
             precision=precision, activation_checkpointing=activation_checkpointing, quantize=quantize,
@@ -285,6 +308,24 @@ def train(
                    f"train loss {final.get('train_loss', float('nan')):.3f}{valid}")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out must be a new or empty folder, or hold a run that --overwrite replaces: a trained run is
+    not lost to a typo, and an interrupted one is pointed at --resume."""
+    from .train.config import CONFIG_FILE
+    from .train.loop import RESULT_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if overwrite or not out.is_dir() or not any(out.iterdir()) or _rank() != 0:
+        return  # (under torchrun rank 0 alone checks: the others may see the folder it is filling)
+    if (out / RESULT_FILE).is_file():
+        raise ValueError(f"--out {out} already holds a trained run: choose another folder, or --overwrite to replace it")
+    if (out / CONFIG_FILE).is_file():
+        raise ValueError(f"--out {out} holds an unfinished run: continue it with --resume {out}, "
+                         "or --overwrite to start again")
+    raise ValueError(f"--out {out} is a folder with other files in it: choose a new or empty folder")
+
+
 # ---------------------------------------------------------------- evaluate, chat, export
 
 
@@ -308,7 +349,7 @@ def evaluate(
             bar.total = total
             bar.update(done - bar.n)
 
-        report = compare(run, data, n_samples=samples, on_progress=progress)
+        report = compare(run, _existing_file(data, "--data"), n_samples=samples, on_progress=progress)
     if json_out:
         _print_json(report)
     else:
@@ -343,7 +384,9 @@ def chat(
     _say("interactive chat; an empty line or Ctrl-D ends it")
     while True:
         try:
-            line = input("> ")
+            sys.stderr.write("> ")  # the prompt is not part of the answers on stdout
+            sys.stderr.flush()
+            line = input()
         except (EOFError, KeyboardInterrupt):
             break
         if not line.strip():
@@ -371,6 +414,8 @@ def export(
     from .models.adapters import merged
     from .models.load import load_tuned
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} is a file: name a folder for the merged model")
     model, tokenizer = load_tuned(run, dtype=torch.float32)  # the weights as trained, not as served
     full = merged(model)
     full.save_pretrained(out)
@@ -388,11 +433,16 @@ def import_run_cmd(
     project: Annotated[str, typer.Option(help="Project whose API keys may use the model.")] = "default",
     suffix: Annotated[str | None, typer.Option(help="Part of the ft: name.")] = None,
     database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
+    json_out: JsonOpt = False,
 ):
     """Register a run folder with the server; prints the new ft: model name alone on stdout."""
     from .jobs.imports import import_run
 
-    typer.echo(import_run(run, project, suffix, database_url))
+    name = import_run(run, project, suffix, database_url)
+    if json_out:
+        _print_json({"id": name, "object": "model", "project": project, "run": str(run.resolve())})
+    else:
+        typer.echo(name)
 
 
 @app.command("models")
@@ -435,6 +485,7 @@ def worker(
 
 
 @app.command()
+@user_errors
 def usage(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
     days: Annotated[float | None, typer.Option(min=0.001, help="Only the last N days (default: all time).")] = None,
@@ -454,8 +505,8 @@ def usage(
     cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms",
             "p95_latency_ms")
     typer.echo("\t".join(cols))
-    for r in rows:
-        typer.echo("\t".join(str(r[c]) for c in cols))
+    for r in rows:  # (a request without a model - listing files, say - shows as "-")
+        typer.echo("\t".join("-" if r[c] is None else str(r[c]) for c in cols))
     typer.echo("The same tokens at OpenAI's fine-tuned model prices: "
                + ", ".join(f"{c['model']} ${c['usd']:.4f}" for c in costs))
 
@@ -485,17 +536,24 @@ def prune(
 
 
 @keys_app.command("create")
+@user_errors
 def keys_create(
     project: Annotated[str, typer.Option(help="Project the key belongs to.")] = "default",
     name: Annotated[str | None, typer.Option()] = None,
+    json_out: JsonOpt = False,
 ):
     """Create an API key; prints the key alone on stdout (it is not shown again)."""
     from .store.keys import create_key
 
-    typer.echo(create_key(project, name))
+    key = create_key(project, name)
+    if json_out:
+        _print_json({"key": key, "project": project, "name": name})
+    else:
+        typer.echo(key)
 
 
 @keys_app.command("list")
+@user_errors
 def keys_list(json_out: JsonOpt = False):
     """List API keys (never the secrets)."""
     from .store.keys import list_keys
@@ -503,18 +561,24 @@ def keys_list(json_out: JsonOpt = False):
     keys = list_keys()
     if json_out:
         _print_json(keys)
+    elif not keys:
+        _say("no API keys yet: tuneforge keys create --project NAME")
     else:
         for k in keys:
             typer.echo("\t".join(str(k.get(f, "")) for f in ("id", "project", "name", "created_at", "revoked")))
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str):
+@user_errors
+def keys_revoke(key_id: str, json_out: JsonOpt = False):
     """Revoke an API key by id."""
     from .store.keys import revoke_key
 
     revoke_key(key_id)
-    typer.echo(f"revoked {key_id}")
+    if json_out:
+        _print_json({"id": key_id, "revoked": True})
+    else:
+        typer.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,8 +48,14 @@ class JobFailed(Exception):
         self.code, self.message, self.param = code, message, param
 
 
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)
+SUFFIX_RULE = "suffix must be 1 to 64 letters, digits, '-', '_' or '.'"
+
+
 def fine_tuned_name(base_slug: str, org: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's naming: ft:{base}:{org}:{suffix}:{id} (the suffix part stays empty when not given)."""
+    if suffix is not None and not SUFFIX_RE.match(suffix):
+        raise ValueError(f"{SUFFIX_RULE}, got {suffix!r}")
     return f"ft:{base_slug}:{org}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
 
 

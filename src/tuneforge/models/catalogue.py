@@ -61,6 +61,8 @@ def resolve(name: str) -> ModelSpec:
         return ModelSpec(name, "gguf", path.resolve())
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSpec(name, "hf", path.resolve())
+    if ("/" in name or name.startswith(".")) and not path.exists():
+        raise ModelNotFound(f"{name}: no such folder (a run folder, or a base model's folder or .gguf file)")
     raise ModelNotFound(
         f"unknown base model {name!r}: use {EMBEDDED!r}, {TINY!r}, a local Hugging Face model "
         "directory (with config.json) or a .gguf file"

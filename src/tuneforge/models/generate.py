@@ -33,6 +33,14 @@ class Sampling:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, 100 forces)
     logprobs: int | None = None  # None: none; n: each answer token's log-probability and its n most likely
 
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be above 0 and at most 1, got {self.top_p}")
+
 
 @dataclass
 class TokenLogprob:

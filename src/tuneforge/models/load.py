@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..settings import get_settings
 from ..train.device import inference_dtype, pick_device
-from .adapters import attach, merged
+from .adapters import ADAPTER_FILE, FULL_FILE, attach, merged
 from .catalogue import ModelSpec, resolve
 from .quantize import Quantize, to_nf4
 from .tiny import tiny_model
@@ -90,6 +90,10 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: to
 
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)  # says so when run_dir is not a run folder
+    found = Path(weights) if weights else weights_dir(run_dir)
+    if not any((found / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+        raise FileNotFoundError(f"{run_dir}: no trained weights yet (the run has not finished): continue it with "
+                                f"tuneforge train --resume {run_dir}, or name one of its checkpoints/*/weights")
     model, _ = load_base(cfg.base, dtype or inference_dtype())
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = attach(model, Path(weights) if weights else weights_dir(run_dir))

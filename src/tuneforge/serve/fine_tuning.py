@@ -10,7 +10,6 @@ both places, "auto" until the worker resolves them.
 from __future__ import annotations
 
 import random
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from ..jobs import queue
 from ..jobs.queue import METHOD_KEY, QUANTIZE_KEY
+from ..jobs.worker import SUFFIX_RE, SUFFIX_RULE
 from ..models.catalogue import available
 from ..models.quantize import check_quantize, require_bitsandbytes
 from ..settings import Settings
@@ -45,7 +45,6 @@ from .protocol import (
     SupervisedMethod,
 )
 
-SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)
 LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 100.0)}
 BETA_LIMITS = (1e-3, 10.0)  # DPO's beta; "auto" is train.config's default (0.1, OpenAI's)
 
@@ -121,8 +120,7 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
         _check_file(db, caller, req.validation_file, "validation_file")
     kind, hp = _hyperparameters(req)
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
-        raise bad_request("suffix must be 1 to 64 letters, digits, '-', '_' or '.'", param="suffix",
-                          code="invalid_suffix")
+        raise bad_request(SUFFIX_RULE, param="suffix", code="invalid_suffix")
     check_metadata(req.metadata)
     method = (req.metadata or {}).get(METHOD_KEY, "lora")
     if method not in ("lora", "full"):

@@ -61,6 +61,40 @@ class TrainConfig:
 
     def __post_init__(self):
         check_quantize(self.quantize, self.method)
+        for problem in self.problems():
+            raise ValueError(problem)
+
+    def problems(self) -> list[str]:
+        """What is out of range, each naming its field (the CLI's --option of the same name): a run
+        must be refused before it loads a model, not crash steps later or quietly learn nothing."""
+        def choice(name, allowed):
+            value = getattr(self, name)
+            return [] if value in allowed else [f"{name} must be one of {', '.join(allowed)}, got {value!r}"]
+
+        def number(name, low, high=None, *, auto=False, low_open=False, high_open=False):
+            value = getattr(self, name)
+            if auto and value == "auto":
+                return []
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return [f"{name} must be a number{' or auto' if auto else ''}, got {value!r}"]
+            if (value <= low if low_open else value < low) or (
+                    high is not None and (value >= high if high_open else value > high)):
+                bounds = f"{'above' if low_open else 'at least'} {low}" + (
+                    f" and {'below' if high_open else 'at most'} {high}" if high is not None else "")
+                return [f"{name} must be {bounds}, got {value}"]
+            return []
+
+        return [
+            *choice("method", ("lora", "full")), *choice("objective", ("supervised", "dpo")),
+            *choice("precision", ("auto", "bf16", "fp32")),
+            *number("n_epochs", 1, auto=True), *number("batch_size", 1, auto=True),
+            *number("learning_rate_multiplier", 0, auto=True, low_open=True),
+            *number("dpo_beta", 0, low_open=True), *number("validation_split", 0, 1, high_open=True),
+            *number("max_length", 16), *number("max_row_tokens", 16),
+            *number("lora_rank", 1), *number("lora_alpha", 0, low_open=True), *number("lora_dropout", 0, 1, high_open=True),
+            *number("warmup_ratio", 0, 1), *number("weight_decay", 0), *number("max_grad_norm", 0, low_open=True),
+            *number("eval_every", 0), *number("early_stopping_patience", 0), *number("threads", 0),
+        ]
 
     @property
     def learning_rate(self) -> float:

@@ -71,6 +71,22 @@ class TrainResult:
     stopped_early: bool
 
 
+# What a run writes besides its config and tokenizer. A fresh run in a folder that held another one
+# removes all of it first: a LoRA run's old adapter/ beside a new full run's model/ would be what
+# eval, chat and export load (they look for adapter/ first).
+OUTPUTS = ("checkpoints", "adapter", "model", RESULT_FILE, BASELINE_FILE, metrics_log.METRICS_FILE,
+           dpo.REFERENCE_FILE, metrics_log.PLOT_FILE)
+
+
+def clear_outputs(run_dir: Path) -> None:
+    for name in OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _split(examples, cfg: TrainConfig, tokenizer):
     """Hold out a seeded random slice for validation when the user gave no validation file."""
     if cfg.validation_data:
@@ -173,8 +189,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
             metrics_log.truncate_after(run_dir, state.global_step)
         emit({"type": "message", "message": f"Resumed from checkpoint at step {state.global_step}"})
     elif main:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / metrics_log.METRICS_FILE).unlink(missing_ok=True)
+        clear_outputs(run_dir)
     pad_id = tokenizer.pad_token_id
     if preference:
         ref_train, ref_valid = _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, dtype, pad_id)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
 
 
 def append(run_dir: Path, row: dict) -> None:
@@ -26,7 +27,7 @@ def truncate_after(run_dir: Path, step: int) -> None:
     (Path(run_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def plot(run_dir: Path, out_name: str = "loss.png") -> Path:
+def plot(run_dir: Path, out_name: str = PLOT_FILE) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
