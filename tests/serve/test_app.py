@@ -123,6 +123,8 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert rl.status_code == 400 and rl.json()["error"]["code"] == "unsupported_method"
     bad = client.post("/v1/fine_tuning/jobs", json=body | {"suffix": "a:b"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
+    bad = client.post("/v1/fine_tuning/jobs", json=body | {"seed": -5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
     # tuneforge's extensions travel in metadata, and are checked there
     qlora = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"tuneforge.quantize": "nf4"}})
     if importlib.util.find_spec("bitsandbytes") is None:  # (an install without the qlora extra)
@@ -149,6 +151,22 @@ def test_chat_and_usage_rows(client):
     assert rows["tiny-llama"]["requests"] == 2
     assert rows["tiny-llama"]["completion_tokens"] == usage["completion_tokens"] + 2
     assert rows["tiny-llama"]["prompt_tokens"] >= usage["prompt_tokens"]
+
+
+def test_a_legacy_prompt_may_be_token_ids(client):
+    """OpenAI's legacy completions take token ids too: the same answer as the text they spell."""
+    ask = {"model": "tiny-llama", "max_tokens": 4, "temperature": 0}
+    by_text = client.post("/v1/completions", json=ask | {"prompt": "abc"}).json()
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    ids = tiny_tokenizer()("abc", add_special_tokens=False)["input_ids"]
+    by_ids = client.post("/v1/completions", json=ask | {"prompt": ids, "echo": True}).json()
+    assert by_ids["choices"][0]["text"] == "abc" + by_text["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == by_text["usage"]["prompt_tokens"] == 3
+    two = client.post("/v1/completions", json=ask | {"prompt": [ids, ids[:2]]}).json()
+    assert [c["text"] for c in two["choices"]][0] == by_text["choices"][0]["text"] and len(two["choices"]) == 2
+    r = client.post("/v1/completions", json=ask | {"prompt": [1, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):

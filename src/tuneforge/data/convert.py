@@ -14,6 +14,7 @@ Rows are numbered as in the CSV file, with the header as row 1, so errors point 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ def from_dataframe(
     return [{"text": row[text_col]} for row in cells]
 
 
+def _csv_problem(message: str) -> str:
+    """pandas' parser message, said with the file's own line numbers (the header is line 1)."""
+    if m := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
+        return f"line {m[2]} has {m[3]} fields where the header has {m[1]} (a comma in a value needs quotes)"
+    if m := re.search(r"EOF inside string starting at row (\d+)", message):
+        return f"a quote opened on line {int(m[1]) + 1} is never closed"
+    return message.strip()
+
+
 def from_csv(path: str | Path, **columns: Any) -> list[dict[str, Any]]:
     """Rows of a UTF-8 CSV (a leading BOM, as Excel writes, is fine); see from_dataframe."""
     try:
@@ -65,7 +75,7 @@ def from_csv(path: str | Path, **columns: Any) -> list[dict[str, Any]]:
     except pd.errors.EmptyDataError:
         raise ConvertError(f"{path} is empty") from None
     except pd.errors.ParserError as err:
-        raise ConvertError(f"{path} is not a valid CSV: {err}") from None
+        raise ConvertError(f"{path} is not a valid CSV: {_csv_problem(str(err))}") from None
     try:
         return from_dataframe(df, **columns)
     except ConvertError as err:

@@ -127,10 +127,13 @@ class _OpenAIAdjustments(LogitsProcessor):
         return scores
 
 
-def input_ids(tokenizer, prompt: list[dict] | str, tools=None) -> list[int]:
-    """Chat messages go through the chat template; a plain string (legacy completions) is used as is."""
+def input_ids(tokenizer, prompt: list[dict] | str | list[int], tools=None) -> list[int]:
+    """Chat messages go through the chat template; a plain string or token ids (legacy completions)
+    are used as they are."""
     if isinstance(prompt, str):
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     return prompt_ids(tokenizer, prompt, tools)
 
 

@@ -282,31 +282,48 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
     engine: Engine = request.app.state.engine
     request.state.model = req.model
     target = resolve_model(db, caller, req.model)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts or any(not p for p in prompts):
-        raise bad_request("prompt must be a non-empty string or list of non-empty strings", param="prompt",
-                          code="invalid_value")
+    prompts = _prompts(req.prompt, engine.vocab_size(target))
     refuse_unsupported(req)
     lengths = [measure_prompt(engine, target, p) for p in prompts]
     prompt_tokens, context = max(n for n, _ in lengths), lengths[0][1]
     per_prompt = samplings(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, prompt_tokens, context,
                            vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(p, s) for p in prompts for s in per_prompt]
+    # what each choice starts with under echo: its prompt's text (token ids decoded)
+    echoes = [p if isinstance(p, str) else engine.decode(target, p) for p, _ in work] if req.echo else None
     total_prompt = sum(n for n, _ in lengths)
     cid, created = "cmpl-" + new_id("", 29), int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(request, _text_chunks(engine, target, work, cid, created, req.model, total_prompt,
-                                          include_usage, bool(req.echo), request))
+                                          include_usage, echoes, request))
     results = engine.complete(target, work)
     usage = _usage(total_prompt, results)
     note_usage(request, req.model, usage)
     return TextCompletion(
         id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage,
-        choices=[CompletionChoice(index=i, text=(p if req.echo else "") + r.text, finish_reason=r.finish_reason,
-                                  logprobs=_completion_logprobs(r.logprobs, len(p) if req.echo else 0))
-                 for i, ((p, _), r) in enumerate(zip(work, results))],
+        choices=[CompletionChoice(index=i, text=(echoes[i] if echoes else "") + r.text, finish_reason=r.finish_reason,
+                                  logprobs=_completion_logprobs(r.logprobs, len(echoes[i]) if echoes else 0))
+                 for i, r in enumerate(results)],
     )
+
+
+def _prompts(prompt, vocab_size: int) -> list[str | list[int]]:
+    """A legacy prompt as OpenAI takes it - a string, strings, token ids, or lists of token ids - as
+    one item per prompt."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts or any(not p for p in prompts):
+        raise bad_request("prompt must be a non-empty string or list of token ids, or a list of them", param="prompt",
+                          code="invalid_value")
+    if any(isinstance(p, list) and not all(0 <= t < vocab_size for t in p) for p in prompts):
+        raise bad_request(f"prompt has token ids outside this model's vocabulary (0 to {vocab_size - 1})",
+                          param="prompt", code="invalid_value")
+    return prompts
 
 
 # --- streaming --------------------------------------------------------------------------------------
@@ -400,7 +417,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
         yield base | {"choices": [], "usage": usage.model_dump()}
 
 
-async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, echo, request):
+async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, echoes, request):
     base = {"id": cid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -414,14 +431,14 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
     try:
         async with aclosing(generated(engine, target, work, request, prompt_tokens)) as pieces:
             async for i, item in pieces:
-                if echo and i not in started:
+                if echoes and i not in started:
                     started.add(i)
-                    yield chunk(i, work[i][0])
+                    yield chunk(i, echoes[i])
                 if isinstance(item, Completion):
                     results.append(item)
                     yield chunk(i, "", item.finish_reason)
                 elif item.text:
-                    at = offsets.get(i, len(work[i][0]) if echo else 0)
+                    at = offsets.get(i, len(echoes[i]) if echoes else 0)
                     offsets[i] = at + len(item.text)
                     yield chunk(i, item.text, logprobs=_completion_logprobs(item.logprobs, at))
     except Exception as err:

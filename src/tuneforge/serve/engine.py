@@ -136,6 +136,11 @@ class Engine:
             n = len(input_ids(tokenizer, prompt))
             return n, int(getattr(model.config, "max_position_embeddings", 2048))
 
+    def decode(self, target: Target, ids: list[int]) -> str:
+        """The text of token ids (a legacy completion's echoed token prompt)."""
+        with self._lock:
+            return self._base(target.base)[1].decode(ids)
+
     def vocab_size(self, target: Target) -> int:
         """How many token ids the model scores (what logit_bias may name)."""
         with self._lock:

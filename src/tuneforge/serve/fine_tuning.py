@@ -119,6 +119,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     if req.validation_file:
         _check_file(db, caller, req.validation_file, "validation_file")
     kind, hp = _hyperparameters(req)
+    if req.seed is not None and not 0 <= req.seed < 2**31:
+        raise bad_request(f"seed must be from 0 to {2**31 - 1}, got {req.seed}", param="seed", code="invalid_value")
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise bad_request(SUFFIX_RULE, param="suffix", code="invalid_suffix")
     check_metadata(req.metadata)

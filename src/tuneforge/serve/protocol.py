@@ -264,7 +264,7 @@ class ChatRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text(s), or token ids (OpenAI takes both)
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
