@@ -9,7 +9,7 @@ bash scripts/bootstrap.sh
 RUN=${RUN:-runs/shakespeare}
 
 tuneforge data validate examples/shakespeare_ml.jsonl
-tuneforge train --data examples/shakespeare_ml.jsonl --out "$RUN" --base smollm2-135m-instruct --method lora
+tuneforge train --data examples/shakespeare_ml.jsonl --out "$RUN" --base smollm2-135m-instruct --method lora --overwrite
 tuneforge eval "$RUN" --data examples/shakespeare_ml_heldout.jsonl
 
 # Serve it: register the run as an ft: model, start the server, ask through the openai SDK.
