@@ -111,7 +111,7 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert job["hyperparameters"] == expected
     assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": expected},
                              "dpo": None, "reinforcement": None}
-    dpo = client.post("/v1/fine_tuning/jobs", json=body | {
+    dpo = client.post("/v1/fine_tuning/jobs", json=body | {"hyperparameters": {"n_epochs": 2}, # the same in both places
         "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}).json()
     assert dpo["method"]["type"] == "dpo" and dpo["method"]["supervised"] is None
     assert dpo["method"]["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto",
@@ -125,6 +125,9 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
     bad = client.post("/v1/fine_tuning/jobs", json=body | {"seed": -5})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+    bad = client.post("/v1/fine_tuning/jobs", json=body | {"hyperparameters": {"n_epochs": 1}, "method": {
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "hyperparameters.n_epochs"
     # tuneforge's extensions travel in metadata, and are checked there
     qlora = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"tuneforge.quantize": "nf4"}})
     if importlib.util.find_spec("bitsandbytes") is None:  # (an install without the qlora extra)

@@ -98,8 +98,14 @@ def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
                               param="method.type", code="unsupported_method")
         inner = getattr(req.method, kind)
         if inner is not None and inner.hyperparameters is not None:
-            hp |= inner.hyperparameters.model_dump(exclude_none=True)  # method's values win over the deprecated ones
             prefix = f"method.{kind}.hyperparameters"
+            given = inner.hyperparameters.model_dump(exclude_none=True)
+            for name in hp.keys() & given.keys():  # the deprecated place and the new one, saying different things
+                if hp[name] != given[name]:
+                    raise bad_request(f"hyperparameters.{name} ({hp[name]}) and {prefix}.{name} ({given[name]}) "
+                                      "disagree; hyperparameters is deprecated: give them in method only",
+                                      param=f"hyperparameters.{name}", code="invalid_hyperparameter")
+            hp |= given
     limits = LIMITS | ({"beta": BETA_LIMITS} if kind == "dpo" else {})
     out = {}
     for name, (lo, hi) in limits.items():
