@@ -371,8 +371,10 @@ def chat(
     from .models.generate import Delta, Sampling, complete, stream
     from .models.load import load_any
 
+    if json_out and prompt is None:
+        raise ValueError("--json needs a PROMPT: the interactive chat prints text as it comes")
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)  # (checked before loading)
     llm, tokenizer = load_any(model)
-    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         answer = complete(llm, tokenizer, history + [{"role": "user", "content": prompt}], sampling)

@@ -20,6 +20,8 @@ from .worker import fine_tuned_name
 def import_run(run_dir: str | Path, project: str = "default", suffix: str | None = None,
                database_url: str | None = None) -> str:
     """Register a finished run folder as a servable model; returns the new `ft:` model name."""
+    if not project:
+        raise ValueError("a model needs a project name (--project)")
     run_dir = Path(run_dir).resolve()
     cfg = TrainConfig.load(run_dir) if (run_dir / "config.json").is_file() else None
     weights = weights_dir(run_dir)
