@@ -179,6 +179,15 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     expect(row).to_contain_text(re.compile(r"\d+(\.\d+)? (B|KB|MB|GB)"))
     expect(row.locator("a[href^='#/jobs/ftjob-']")).to_be_visible()
 
+    # deleted, the model is no longer offered on its job's page (its checkpoints still are)
+    job_link = row.locator("a[href^='#/jobs/ftjob-']").get_attribute("href")
+    row.locator("[data-action=delete]").click()
+    expect(row).to_have_count(0)
+    page.goto(server.url + "/" + job_link)
+    expect(page.locator("[data-test=model-deleted]")).to_contain_text(name)
+    expect(page.locator("text=Open in playground")).to_have_count(0)
+    expect(page.locator("[data-test=checkpoints] tbody tr").first).to_be_visible()
+
 
 def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, pairs_file):
     pairs = server.upload(pairs_file)
@@ -196,6 +205,8 @@ def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, p
     page.wait_for_url(re.compile(r".*#/jobs/ftjob-.*"))
     expect(page.locator(".page[data-page=jobs]")).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
     expect(page.locator("[data-test=method]")).to_have_text("DPO · lora (nf4)")
+    expect(page.locator("[data-test=accuracy-chart] h2")).to_have_text("Preferred answer ranked first")
+    expect(page.locator("[data-test=accuracy-chart] path[data-series=train]")).to_have_count(1)
     job = server.api("GET", f"/v1/fine_tuning/jobs/{page.url.rsplit('/', 1)[-1]}")
     assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["n_epochs"] == 1
     assert job["metadata"]["tuneforge.quantize"] == "nf4"
@@ -233,6 +244,12 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
 
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
+    page.goto(server.url + "/#/jobs")
+    expect(page.locator("h1")).to_have_text("Fine-tuning jobs")
+    other = server.api("POST", "/v1/fine_tuning/jobs",
+                       {"model": "tiny-llama", "training_file": good["id"], "hyperparameters": {"n_epochs": 1}})
+    # a job created elsewhere (here: the API) shows up in the open list without a reload
+    expect(page.locator(f"tr[data-job='{other['id']}']")).to_be_visible(timeout=30_000)
     job = server.api("POST", "/v1/fine_tuning/jobs",
                      {"model": "tiny-llama", "training_file": good["id"], "hyperparameters": {"n_epochs": 50}})
     page.goto(server.url + f"/#/jobs/{job['id']}")
@@ -256,3 +273,12 @@ def test_narrow_window_has_no_horizontal_scroll(browser, server):
         overflow = pg.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 1, f"#/{route} scrolls sideways by {overflow}px at 420px"
     ctx.close()
+    phone = browser.new_context(viewport={"width": 360, "height": 740})
+    phone.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(server.key)})")
+    pg = phone.new_page()
+    pg.goto(f"{server.url}/#/monitor")
+    expect(pg.locator("h1")).to_be_visible()
+    for link in pg.locator("[data-nav]").all():  # every page's link in sight, none scrolled away
+        box = link.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 360, (link.inner_text(), box)
+    phone.close()

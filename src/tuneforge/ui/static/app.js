@@ -245,6 +245,7 @@ function setupKeyDialog() {
     renderKeyButton();
     hideBanner();
     err.hidden = true;
+    route();  // nothing of the project stays on screen behind the dialog
   });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -256,7 +257,7 @@ function setupKeyDialog() {
       const res = await request("/v1/models", { key });
       if (res.status === 401) {
         const body = await res.json().catch(() => null);
-        err.textContent = `Wrong API key: the server rejected it${body && body.error ? ` — ${body.error.message}` : ""}.`;
+        err.textContent = `Wrong API key: the server rejected it${body && body.error ? ` — ${body.error.message.replace(/\.+$/, "")}` : ""}.`;
         err.hidden = false;
         return;
       }
@@ -282,7 +283,8 @@ function setupKeyDialog() {
  * A line chart drawn as SVG: series = [{name, color, points: [[x, y], ...], dots}].
  * Redrawn from scratch on each update (a few hundred points at most).
  */
-function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, xLabel = "step", width = 520 }) {
+function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, xLabel = "step", width = 520,
+                    empty = "Waiting for the first training step…" }) {
   // The viewBox is the drawn size in CSS pixels, so labels keep their size on any window.
   const W = Math.max(240, Math.round(width)), H = W < 420 ? 200 : 240, m = { l: 46, r: 14, t: 12, b: 30 };
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, style: `height:${H}px` });
@@ -290,7 +292,7 @@ function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, x
   const wrap = h("div", { class: "chart", "data-points": pts.length, "data-chart": title });
   wrap.append(svg);
   if (!pts.length) {
-    svg.append(s("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty-chart" }, "Waiting for the first training step…"));
+    svg.append(s("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty-chart" }, empty));
     return wrap;
   }
   let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
@@ -427,9 +429,11 @@ async function viewJobs(root) {
     try {
       const jobs = await listAll("/v1/fine_tuning/jobs", { max: 500 });
       put(card, jobsTable(jobs));
-      if (jobs.some((j) => !FINAL.includes(j.status))) timer = setTimeout(load, 3000);
+      // quick while a job moves; slower otherwise, so jobs created elsewhere (API, another tab) still appear
+      timer = setTimeout(load, jobs.some((j) => !FINAL.includes(j.status)) ? 3000 : 15000);
     } catch (e) {
       put(card, h("div", { class: "empty" }, e.message));
+      if (e.status !== 401) timer = setTimeout(load, 15000);
     }
   };
   await load();
@@ -549,7 +553,8 @@ async function viewCreate(root, params) {
       if (v === "" || v === "auto") continue;
       const n = Number(v);
       if (!Number.isFinite(n) || n <= 0) return fail(`${k} must be "auto" or a positive number.`);
-      hyper[k] = k === "learning_rate_multiplier" ? n : Math.round(n);
+      if (k !== "learning_rate_multiplier" && !Number.isInteger(n)) return fail(`${k} must be "auto" or a whole number.`);
+      hyper[k] = n;
     }
     const method = data.get("method") || "lora";
     const body = {
@@ -819,6 +824,7 @@ async function viewJob(root, params, jobId) {
     const adapter = (meta["tuneforge.method"] || "lora") + (meta["tuneforge.quantize"] ? ` (${meta["tuneforge.quantize"]})` : "");
     const method = job.method && job.method.type === "dpo" ? `DPO · ${adapter}` : adapter;
     const progress = job.status === "succeeded" ? 1 : total ? last.step / total : 0;
+    const dpo = job.method && job.method.type === "dpo";
     put(statusCard, 
       h("div", { class: "card-head" }, h("h2", {}, "Status"),
         job.estimated_finish && !FINAL.includes(job.status) ? h("span", { class: "muted small" }, `estimated finish ${fmt.clock(job.estimated_finish)}`) : null),
@@ -827,14 +833,17 @@ async function viewJob(root, params, jobId) {
         stat("Step", last ? `${last.step} / ${total}` : "—"),
         stat("Train loss", fmt.num(last && last.train_loss)),
         stat("Valid loss", fmt.num(lastValue(rows, "valid_loss"))),
-        stat("Token accuracy", fmt.pct(last && last.train_mean_token_accuracy)),
-        stat("Trained tokens", fmt.int(job.trained_tokens))),
+        dpo ? stat("Preferred ranked first", fmt.pct(lastValue(rows, "valid_reward_accuracy") ?? (last && last.train_reward_accuracy)))
+          : stat("Token accuracy", fmt.pct(last && last.train_mean_token_accuracy)),
+        // (OpenAI reports trained tokens once a job succeeds; a stopped job's come from its last step)
+        stat("Trained tokens", fmt.int(job.trained_tokens ?? (last && last.trained_tokens)))),
       job.error && job.error.message ? h("div", { class: "callout bad", style: "margin-top:14px", "data-test": "job-error" },
         h("div", {}, h("strong", {}, `Failed: ${job.error.code || "error"}`), job.error.message)) : null,
       h("dl", { class: "kv", style: "margin-top:16px" },
         h("dt", {}, "Base model"), h("dd", {}, job.model),
         h("dt", {}, "Method"), h("dd", { "data-test": "method" }, method),
-        h("dt", {}, "Hyperparameters"), h("dd", { class: "mono small" }, `epochs ${hp.n_epochs ?? "auto"} · batch ${hp.batch_size ?? "auto"} · lr × ${hp.learning_rate_multiplier ?? "auto"}`),
+        h("dt", {}, "Hyperparameters"), h("dd", { class: "mono small" }, `epochs ${hp.n_epochs ?? "auto"} · batch ${hp.batch_size ?? "auto"} · lr × ${hp.learning_rate_multiplier ?? "auto"}` +
+          (dpo ? ` · beta ${(job.method.dpo && job.method.dpo.hyperparameters && job.method.dpo.hyperparameters.beta) ?? "auto"}` : "")),
         h("dt", {}, "Training file"), h("dd", {}, h("a", { href: `#/upload/${job.training_file}`, class: "mono small" }, job.training_file)),
         h("dt", {}, "Validation file"), h("dd", {}, job.validation_file ? h("a", { href: `#/upload/${job.validation_file}`, class: "mono small" }, job.validation_file) : "—"),
         h("dt", {}, "Seed"), h("dd", {}, job.seed ?? "—"),
@@ -845,15 +854,20 @@ async function viewJob(root, params, jobId) {
   const renderCharts = () => {
     const rows = metricRows();
     const pick = (key) => rows.filter((r) => r[key] !== undefined && r[key] !== null).map((r) => [r.step, r[key]]);
+    const empty = !FINAL.includes(job.status) ? undefined
+      : `No training step was run (the job ${job.status === "failed" ? "failed" : "was cancelled"} before its first)`;
+    // DPO's second chart: how often the preferred answer is ranked first (token accuracy says little there)
+    const [accTitle, accKey] = job.method && job.method.type === "dpo" ? ["Preferred answer ranked first", "reward_accuracy"]
+      : ["Token accuracy", "mean_token_accuracy"];
     put(chartsCard, 
       h("div", { class: "card", "data-test": "loss-chart" }, h("h2", {}, "Loss"),
-        lineChart({ title: "loss", width: chartWidth, series: [
+        lineChart({ title: "loss", width: chartWidth, empty, series: [
           { name: "train", color: PALETTE.train, points: pick("train_loss") },
           { name: "validation", color: PALETTE.valid, points: pick("valid_loss"), dots: true }] })),
-      h("div", { class: "card", "data-test": "accuracy-chart" }, h("h2", {}, "Token accuracy"),
-        lineChart({ title: "token accuracy", width: chartWidth, yMin: 0, yFormat: (v) => `${Math.round(v * 100)}%`, series: [
-          { name: "train", color: PALETTE.trainAcc, points: pick("train_mean_token_accuracy") },
-          { name: "validation", color: PALETTE.validAcc, points: pick("valid_mean_token_accuracy"), dots: true }] })));
+      h("div", { class: "card", "data-test": "accuracy-chart" }, h("h2", {}, accTitle),
+        lineChart({ title: accTitle.toLowerCase(), width: chartWidth, yMin: 0, empty, yFormat: (v) => `${Math.round(v * 100)}%`, series: [
+          { name: "train", color: PALETTE.trainAcc, points: pick(`train_${accKey}`) },
+          { name: "validation", color: PALETTE.validAcc, points: pick(`valid_${accKey}`), dots: true }] })));
     const measured = chartsCard.querySelector(".chart") ? chartsCard.querySelector(".chart").clientWidth : 0;
     if (measured && Math.abs(measured - chartWidth) > 8) { chartWidth = measured; renderCharts(); }
   };
@@ -861,6 +875,13 @@ async function viewJob(root, params, jobId) {
   const renderModel = () => {
     if (!job.fine_tuned_model) { modelCard.hidden = true; return; }
     modelCard.hidden = false;
+    if (modelGone) {
+      put(modelCard, h("div", { class: "card-head" }, h("h2", {}, "Fine-tuned model")),
+        h("div", { class: "callout", "data-test": "model-deleted" }, h("div", {},
+          h("strong", {}, "Deleted"), h("code", {}, job.fine_tuned_model),
+          " no longer answers. Its checkpoints below still do: try one in the playground.")));
+      return;
+    }
     const base = `${location.origin}/v1`;
     const snippet = `from openai import OpenAI\n\nclient = OpenAI(base_url="${base}", api_key="YOUR_TUNEFORGE_KEY")\n\n` +
       `response = client.chat.completions.create(\n    model="${job.fine_tuned_model}",\n` +
@@ -888,14 +909,18 @@ async function viewJob(root, params, jobId) {
 
   const renderEvents = () => {
     put(eventsCard, h("div", { class: "card-head" }, h("h2", {}, "Events"),
-      !FINAL.includes(job.status) ? h("span", { class: "muted small" }, h("span", { class: "spinner" }), " live") : null),
+      !FINAL.includes(job.status) && job.status !== "paused" ? h("span", { class: "muted small" }, h("span", { class: "spinner" }), " live") : null),
     h("ul", { class: "events", "data-test": "events" }, events.slice(0, 200).map((e) => h("li", { class: e.level },
       h("time", {}, fmt.clock(e.created_at)), h("span", { class: "break" }, e.message)))));
   };
 
+  let modelGone = false;
   const refresh = async () => {
     [job] = await Promise.all([api(`/v1/fine_tuning/jobs/${jobId}`), fetchEvents()]);
     checkpoints = (await api(`/v1/fine_tuning/jobs/${jobId}/checkpoints?limit=100`)).data;
+    if (job.fine_tuned_model) {  // the job keeps the name after the model is deleted (as at OpenAI)
+      modelGone = await api(`/v1/models/${encodeURIComponent(job.fine_tuned_model)}`).then(() => false, (e) => e.status === 404);
+    }
     renderHead(); renderModel(); renderStatus(); renderCharts(); renderCheckpoints(); renderEvents();
     root.dataset.status = job.status;
   };
@@ -1014,7 +1039,13 @@ async function viewPlayground(root, params) {
       h("div", { class: "muted small empty-hint" }, "Messages appear here."));
     const el = h("div", { class: "card chat" }, h("div", { class: "chat-head" }, h("span", {}, "Model"), title), messages);
     const pane = { el, select, title, messages, history: [] };
-    select.addEventListener("change", () => { title.textContent = select.value; });
+    select.addEventListener("change", () => {
+      title.textContent = select.value;
+      if (!pane.history.length) return;
+      // another model starts its own conversation: the earlier answers were not its own
+      pane.history = [];
+      put(messages, h("div", { class: "muted small empty-hint" }, `New conversation with ${select.value}.`));
+    });
     return pane;
   };
   panes.push(makePane(modelA), makePane(modelB));
@@ -1040,7 +1071,8 @@ async function viewPlayground(root, params) {
   const runPane = async (pane, text, signal) => {
     pane.history.push({ role: "user", content: text });
     bubble(pane, "user", text);
-    const out = bubble(pane, "assistant streaming", "");
+    // until the first token: a model asked for the first time is loaded (and a GGUF converted) first
+    const out = bubble(pane, "assistant streaming", h("span", { class: "meta waiting" }, "waiting for the model…"));
     out.dataset.model = pane.select.value;
     const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...pane.history];
     let answer = "";
@@ -1048,9 +1080,11 @@ async function viewPlayground(root, params) {
     try {
       const { finish, usage } = await streamChat({
         model: pane.select.value, messages,
-        temperature: Number(temp.value), max_tokens: Number(maxTokens.value) || 256,
+        temperature: Number(temp.value), max_tokens: Number(maxTokens.value),
         stream_options: { include_usage: true },
       }, (piece) => {
+        const waiting = out.querySelector(".waiting");
+        if (waiting) waiting.remove();
         answer += piece;
         out.firstChild ? (out.firstChild.textContent = answer) : out.append(document.createTextNode(answer));
         pane.messages.scrollTop = pane.messages.scrollHeight;
@@ -1065,12 +1099,16 @@ async function viewPlayground(root, params) {
       if (e.name !== "AbortError") bubble(pane, "error", e.message);
     } finally {
       out.classList.remove("streaming");
+      const waiting = out.querySelector(".waiting");
+      if (waiting) waiting.remove();
     }
   };
   composer.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const text = prompt.value.trim();
     if (!text || send.disabled) return;
+    const n = Number(maxTokens.value);
+    if (!Number.isInteger(n) || n < 1) { toast("Max tokens must be a whole number of at least 1", true); maxTokens.focus(); return; }
     prompt.value = "";
     send.disabled = true;
     controller = new AbortController();
@@ -1116,7 +1154,7 @@ async function viewModels(root) {
           copyButton(m.id, "Copy"),
           h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(m.id)}` }, "Chat"),
           h("button", { type: "button", class: "btn small danger", "data-action": "delete", onclick: async () => {
-            if (!confirm(`Delete ${m.id}? Its weights are removed from disk.`)) return;
+            if (!confirm(`Delete ${m.id}? It stops answering under this name. Its job's checkpoints stay callable, and the run folder stays on the server's disk.`)) return;
             try {
               await api(`/v1/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
               toast("Model deleted");
@@ -1141,7 +1179,13 @@ async function viewMonitor(root) {
     const q = days.value ? `?days=${days.value}` : "";
     const usage = await api(`/v1/tuneforge/usage${q}`);
     const rows = usage.data;
-    if (!rows.length) { put(usageBody, h("p", { class: "muted" }, "No requests in this period.")); return; }
+    // the dashboard's own calls (files, jobs, models) are traffic too, but not what this page is about
+    if (!rows.some((r) => r.model)) {
+      const other = rows.reduce((n, r) => n + r.requests, 0);
+      put(usageBody, h("p", { class: "muted", "data-test": "no-model-traffic" }, "No model was asked in this period",
+        other ? ` (${fmt.int(other)} other API call${other === 1 ? "" : "s"}: files, jobs, models).` : "."));
+      return;
+    }
     const chartSlot = h("div", {});
     put(usageBody, chartSlot, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "usage-table" },
       h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Prompt tokens"),
@@ -1171,12 +1215,13 @@ async function viewMonitor(root) {
     if (model.value.trim()) q.set("model", model.value.trim());
     for (const pair of meta.value.split(",").map((x) => x.trim()).filter(Boolean)) {
       const at = pair.indexOf("=");
-      if (at > 0) q.set(`metadata[${pair.slice(0, at).trim()}]`, pair.slice(at + 1).trim());
+      if (at <= 0) throw new Error(`Metadata filters are key=value pairs; "${pair}" is not one.`);
+      q.set(`metadata[${pair.slice(0, at).trim()}]`, pair.slice(at + 1).trim());
     }
     return q;
   };
-  const loadStored = async () => {
-    const q = query();
+  const loadStored = async (filter = query()) => {
+    const q = new URLSearchParams(filter);
     q.set("limit", "100");
     const rows = (await api(`/v1/chat/completions?${q}`)).data;
     if (!rows.length) { put(storedBody, h("p", { class: "muted" }, "No stored completion matches. Ask with store: true (and metadata) to keep one.")); return; }
@@ -1189,7 +1234,9 @@ async function viewMonitor(root) {
   };
   const makeFile = async () => {
     try {
-      const file = await api(`/v1/tuneforge/stored_completions/training_file?${query()}`, { method: "POST" });
+      const filter = query();
+      await loadStored(filter);  // the list shows what the file is made of
+      const file = await api(`/v1/tuneforge/stored_completions/training_file?${filter}`, { method: "POST" });
       put(made, h("div", { class: "callout ok" }, h("div", {}, h("strong", {}, `Training file ${file.id} created`),
         " from the completions listed. ", h("a", { href: `#/upload/${file.id}` }, "Review it"), " · ",
         h("a", { href: `#/jobs/new?file=${file.id}`, "data-test": "train-on-it" }, "Fine-tune on it →"))));
@@ -1200,10 +1247,12 @@ async function viewMonitor(root) {
       h("label", { class: "field" }, h("span", {}, "Model"), model),
       h("label", { class: "field" }, h("span", {}, "Metadata ", h("span", { class: "hint" }, "key=value, comma-separated")), meta),
       h("div", { class: "row end" },
-        h("button", { type: "button", class: "btn", id: "stored-filter", onclick: () => loadStored().catch((e) => toast(e.message, true)) }, "Filter"),
+        h("button", { type: "button", class: "btn", id: "stored-filter", onclick: () => { put(made); loadStored().catch((e) => toast(e.message, true)); } }, "Filter"),
         h("button", { type: "button", class: "btn primary", id: "stored-make-file", onclick: makeFile }, "Make a training file"))),
     made, storedBody));
   await Promise.all([loadUsage(), loadStored()]);
+  const timer = setInterval(() => loadUsage().catch(() => {}), 30000);  // traffic keeps coming
+  return () => clearInterval(timer);
 }
 
 // -------------------------------------------------------------------------------------------- router
