@@ -210,7 +210,8 @@ class JobRunner:
             report = validate_file(path, min_examples=MIN_EXAMPLES if param == "training_file" else 1)
             name = f"{param.replace('_', ' ').capitalize()} {file_id}"
             if not report.ok:  # the first few problems, each with its line and field, as `data validate` says them
-                shown = "; ".join(str(e).replace(Path(path).name, "the file") for e in report.errors[:SHOWN_ERRORS])
+                shown = "; ".join(str(e).replace(f"{e.code}: ", "", 1).replace(Path(path).name, "the file")
+                                  for e in report.errors[:SHOWN_ERRORS])  # (the error's code is the job's)
                 more = f"; and {len(report.errors) - SHOWN_ERRORS} more error(s)" if len(report.errors) > SHOWN_ERRORS else ""
                 raise JobFailed(report.errors[0].code, f"{name} is invalid: {shown}{more}", param)
             if self.job.method == "dpo" and report.format != "preference":  # a valid file has one format
