@@ -43,6 +43,14 @@ def test_file_report_lists_errors_by_line_and_the_training_plan(client, tmp_path
     assert rep["estimated_local_seconds"] > 0 and rep["tokens_per_second"] > 0
 
 
+def test_file_report_names_the_file_as_uploaded(client, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    rep = client.get(f"/v1/files/{upload(client, empty)['id']}/report", params={"model": "tiny-llama"}).json()
+    (error,) = rep["errors"]
+    assert error["code"] == "empty_file" and error["message"].startswith("empty.jsonl") and "file-" not in error["message"]
+
+
 def test_file_report_errors(client, tmp_path):
     good = upload(client, write_good_file(tmp_path / "good.jsonl"))
     r = client.get(f"/v1/files/{good['id']}/report", params={"model": "gpt-5"})

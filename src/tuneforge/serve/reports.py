@@ -105,7 +105,10 @@ def file_report(
     with _named_like(Path(row.path), row.filename) as path:
         report = validate_file(path, tokenizer=tokenizer, max_length=max_length,
                                tokens_per_second=estimated_tokens_per_second(base, method)).to_dict()
+        stored_name = path.name
     report["path"] = row.filename  # the server's disk layout is none of the caller's business
+    for issue in report["errors"] + report["warnings"]:  # (messages that name the file name it as uploaded)
+        issue["message"] = issue["message"].replace(stored_name, row.filename)
     return {"object": "file.report", "file_id": row.id, "filename": row.filename, "model": base,
             "method": method, **report}
 

@@ -469,7 +469,7 @@ async function viewCreate(root, params) {
   const trainingFiles = files.filter((f) => f.purpose === "fine-tune");
 
   const fileSelect = (name, optional) => h("select", { name, id: `f-${name}` },
-    optional ? h("option", { value: "" }, "None (hold out 10% of the training file)") : h("option", { value: "" }, "Choose a file…"),
+    optional ? h("option", { value: "" }, "None (hold out 10% of a training file of 20+ examples)") : h("option", { value: "" }, "Choose a file…"),
     trainingFiles.map((f) => h("option", { value: f.id }, `${f.filename} · ${f.id} · ${fmt.bytes(f.bytes)}`)),
     h("option", { value: "__upload__" }, "Upload a new file…"));
 
