@@ -41,3 +41,35 @@ def test_prompts_are_answered_in_bf16_where_the_cpu_multiplies_in_it(run, monkey
     with torch.no_grad():
         a, b = exact(input_ids=ids).logits[0].float(), tuned(input_ids=ids).logits[0].float()
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+
+
+def test_a_gguf_is_converted_once_when_two_ask_at_the_same_time(tmp_path, monkeypatch):
+    """The server's first chat and a worker's first job may both need the cached copy: one converts
+    (under a file lock), the other waits and reads it."""
+    import threading
+    import time
+
+    from tuneforge.models import load
+    from tuneforge.models.catalogue import ModelSpec
+
+    gguf = tmp_path / f"m{time.time_ns()}.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def slow_convert(spec, out):  # stands in for the real 20 s conversion: the same rename at the end
+        calls.append(out)
+        time.sleep(0.5)
+        partial = out.with_name(out.name + ".partial")
+        partial.mkdir()
+        (partial / "config.json").write_text("{}")
+        partial.rename(out)
+
+    monkeypatch.setattr(load, "_convert_gguf", slow_convert)
+    spec = ModelSpec(str(gguf), "gguf", gguf)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(load.model_folder(spec))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 2 and got[0] == got[1] and (got[0] / "config.json").is_file()

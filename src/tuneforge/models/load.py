@@ -6,6 +6,8 @@ under the tuneforge home, so every later load reads plain safetensors in a secon
 
 from __future__ import annotations
 
+import fcntl
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ def _convert_gguf(spec: ModelSpec, out) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a conversion killed midway left
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a crash mid-write never leaves a half cache behind
@@ -43,13 +46,17 @@ def _convert_gguf(spec: ModelSpec, out) -> None:
 
 def model_folder(spec: ModelSpec) -> Path:
     """The Hugging Face folder a (non-tiny) catalogue model loads from; a GGUF file is converted
-    into the cache on first use."""
+    into the cache on first use - by one process at a time (the server answering a first chat and a
+    worker starting a first job may both ask): the others wait for it, then read its copy."""
     if spec.source != "gguf":
         return Path(spec.path)
     folder = _gguf_cache_dir(spec)
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(spec, folder)
+        with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            if not folder.exists():
+                _convert_gguf(spec, folder)
     return folder
 
 

@@ -346,10 +346,12 @@ function usageChart({ buckets, bucketSeconds, width = 520 }) {
   const wrap = h("div", { class: "chart", "data-test": "usage-chart", "data-bars": buckets.length }, svg);
   const top = Math.max(1, ...buckets.map((b) => b.prompt_tokens + b.completion_tokens));
   const ticks = niceTicks(0, top, 3, true);
-  const y1 = Math.max(top, ticks[ticks.length - 1] || top);
+  const step = ticks.length > 1 ? ticks[1] - ticks[0] : top;
+  while (ticks[ticks.length - 1] < top) ticks.push(ticks[ticks.length - 1] + step);  // the tallest bar under a labelled line
+  const y1 = ticks[ticks.length - 1];
   const Y = (v) => H - m.b - (v / y1) * (H - m.t - m.b);
   yGrid(svg, ticks, Y, W, m, fmt.int);
-  const slot = (W - m.l - m.r) / Math.max(1, buckets.length), bw = Math.max(1, slot * 0.7);
+  const slot = (W - m.l - m.r) / Math.max(1, buckets.length), bw = Math.max(1, Math.min(slot * 0.7, 48));
   const label = (t) => {
     const d = new Date(t * 1000);
     return bucketSeconds < 86400 ? d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" })
@@ -407,8 +409,8 @@ async function tunedModels() {
 }
 
 function errorCard(err) {
-  return h("div", { class: "card" }, h("div", { class: "callout bad" },
-    h("div", {}, h("strong", {}, err.status === 401 ? "API key needed" : "Something went wrong"), err.message)));
+  const heading = { 400: "The request was refused", 401: "API key needed", 404: "Not found" }[err.status] || "Something went wrong";
+  return h("div", { class: "card" }, h("div", { class: "callout bad" }, h("div", {}, h("strong", {}, heading), err.message)));
 }
 
 function pageHead(title, sub, ...actions) {
