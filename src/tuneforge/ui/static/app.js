@@ -1266,6 +1266,10 @@ async function route() {
   const hash = location.hash.replace(/^#\/?/, "") || "jobs";
   const [pathPart, query] = hash.split("?");
   const parts = pathPart.split("/").map(decodeURIComponent);
+  if (!["jobs", "upload", "playground", "models", "monitor"].includes(parts[0])) {
+    location.replace("#/jobs");  // an unknown page: the jobs list, under its own address
+    return;
+  }
   const params = new URLSearchParams(query || "");
   if (cleanup) { try { cleanup(); } catch { /* ignore */ } cleanup = null; }
   const gen = ++generation;
