@@ -242,6 +242,32 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
         "monitor question 0", "monitor question 2"]
 
 
+def test_playground_chats_kept_and_rated_become_training_data(page, server):
+    """Stage 7's loop from the dashboard alone: keep the chats, rate the answers, make a training file
+    of the good ones on the Monitor page."""
+    page.goto(server.url + "/#/playground?model=tiny-llama")
+    page.check("#pg-store")
+    page.fill("#pg-max-tokens", "4")
+    answers = page.locator(".msg.assistant[data-done=true]")
+    for i, verdict in enumerate(("good", "bad")):
+        page.fill("#pg-prompt", f"kept question {i}")
+        page.click("#pg-send")
+        expect(answers).to_have_count(i + 1, timeout=60_000)
+        answers.nth(i).locator(f"[data-rate={verdict}]").click()
+        expect(answers.nth(i).locator(".rating")).to_have_attribute("data-rating", verdict)
+    page.goto(server.url + "/#/monitor")
+    page.fill("#stored-metadata", "source=playground, rating=good")
+    page.click("#stored-make-file")
+    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(1)
+    page.click("[data-test=train-on-it]")
+    page.wait_for_url(re.compile(r".*#/jobs/new\?file=file-.*"))
+    content = urllib.request.urlopen(urllib.request.Request(
+        f"{server.url}/v1/files/{page.url.rsplit('=', 1)[-1]}/content",
+        headers={"Authorization": f"Bearer {server.key}"})).read().decode()
+    (line,) = content.splitlines()  # the good one only, the whole conversation so far
+    assert [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"] == ["kept question 0"]
+
+
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
     page.goto(server.url + "/#/jobs")

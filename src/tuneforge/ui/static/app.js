@@ -961,7 +961,7 @@ async function streamChat(body, onDelta, signal) {
   }
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
-  let buf = "", finish = null, usage = null;
+  let buf = "", finish = null, usage = null, id = null;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -972,10 +972,11 @@ async function streamChat(body, onDelta, signal) {
       buf = buf.slice(idx + 1);
       if (!line.startsWith("data:")) continue;
       const data = line.slice(5).trim();
-      if (data === "[DONE]") return { finish, usage };
+      if (data === "[DONE]") return { finish, usage, id };
       let chunk;
       try { chunk = JSON.parse(data); } catch { continue; }
       if (chunk.error) throw new ApiError(500, chunk);
+      if (chunk.id) id = chunk.id;
       if (chunk.usage) usage = chunk.usage;
       for (const c of chunk.choices || []) {
         if (c.delta && c.delta.content) onDelta(c.delta.content);
@@ -983,7 +984,7 @@ async function streamChat(body, onDelta, signal) {
       }
     }
   }
-  return { finish, usage };
+  return { finish, usage, id };
 }
 
 async function viewPlayground(root, params) {
@@ -1015,6 +1016,8 @@ async function viewPlayground(root, params) {
   const tempOut = h("span", { class: "muted" }, "0.70");
   temp.addEventListener("input", () => { tempOut.textContent = Number(temp.value).toFixed(2); });
   const maxTokens = h("input", { type: "number", id: "pg-max-tokens", min: 1, max: 4096, value: 256 });
+  // kept chats (store: true) can be rated, and the Monitor turns the good ones into the next training file
+  const keep = h("input", { type: "checkbox", id: "pg-store" });
   const compareField = h("label", { class: "field", hidden: true }, h("span", {}, "Compare with"), modelB);
 
   root.append(pageHead("Playground", "Chat with any model: a base model, a fine-tuned one or one of its checkpoints."));
@@ -1031,7 +1034,9 @@ async function viewPlayground(root, params) {
       compareField,
       h("label", { class: "field" }, h("span", {}, "System prompt"), system),
       h("label", { class: "field" }, h("span", { class: "range-head" }, "Temperature", tempOut), temp),
-      h("label", { class: "field" }, h("span", {}, "Max tokens"), maxTokens)),
+      h("label", { class: "field" }, h("span", {}, "Max tokens"), maxTokens),
+      h("label", { class: "check", style: "margin-top:12px", title: "store: true, with metadata source=playground; rate each answer, then make a training file on the Monitor page" },
+        keep, "Keep chats to rate them (store)")),
     h("div", {}, chats, composer)));
 
   const panes = [];
@@ -1070,6 +1075,23 @@ async function viewPlayground(root, params) {
     pane.messages.scrollTop = pane.messages.scrollHeight;
     return el;
   };
+  // a kept answer's rating, as its stored metadata: the Monitor's filter (rating=good) picks the training examples
+  const rating = (id) => {
+    const row = h("span", { class: "rating", "data-completion": id });
+    const rate = async (value, btn) => {
+      try {
+        await api(`/v1/chat/completions/${id}`, { method: "POST", json: { metadata: { source: "playground", rating: value } } });
+        for (const b of row.querySelectorAll("button")) b.classList.toggle("active", b === btn);
+        row.dataset.rating = value;
+      } catch (e) { toast(e.message, true); }
+    };
+    for (const [value, label] of [["good", "Good"], ["bad", "Needs work"]]) {
+      const btn = h("button", { type: "button", class: "btn small ghost", "data-rate": value }, label);
+      btn.addEventListener("click", () => rate(value, btn));
+      row.append(btn);
+    }
+    return row;
+  };
   const runPane = async (pane, text, signal) => {
     pane.history.push({ role: "user", content: text });
     bubble(pane, "user", text);
@@ -1080,10 +1102,12 @@ async function viewPlayground(root, params) {
     let answer = "";
     const started = performance.now();
     try {
-      const { finish, usage } = await streamChat({
+      const kept = keep.checked;
+      const { finish, usage, id } = await streamChat({
         model: pane.select.value, messages,
         temperature: Number(temp.value), max_tokens: Number(maxTokens.value),
         stream_options: { include_usage: true },
+        ...(kept ? { store: true, metadata: { source: "playground" } } : {}),
       }, (piece) => {
         const waiting = out.querySelector(".waiting");
         if (waiting) waiting.remove();
@@ -1094,6 +1118,7 @@ async function viewPlayground(root, params) {
       pane.history.push({ role: "assistant", content: answer });
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
+      if (kept && id) out.append(rating(id));
       out.dataset.done = "true";
     } catch (e) {
       pane.history.pop();
