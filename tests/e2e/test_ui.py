@@ -189,15 +189,21 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     expect(page.locator("[data-test=checkpoints] tbody tr").first).to_be_visible()
 
 
-def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, pairs_file):
-    pairs = server.upload(pairs_file)
+def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, pairs_file, data):
+    pairs, chats = server.upload(pairs_file), server.upload(data["good"])
     page.goto(server.url + f"/#/upload/{pairs['id']}")
     expect(page.locator("[data-test=report-stats]")).to_contain_text("Local time as DPO", timeout=60_000)
     page.goto(server.url + "/#/jobs")
     page.click("[data-test=create-job]")
     page.select_option("#f-model", "tiny-llama")
-    page.select_option("#f-training_file", pairs["id"])
+    # the chosen file's report shows under it: a chat file is flagged for DPO before any job is made
+    page.select_option("#f-training_file", chats["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to train")
     page.click(".seg label:has(input[value=dpo])")  # the radio itself is hidden under its label
+    expect(page.locator("[data-test=dpo-mismatch]")).to_contain_text("this file holds chat examples")
+    page.select_option("#f-training_file", pairs["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to train")
+    expect(page.locator("[data-test=dpo-mismatch]")).to_have_count(0)
     page.check("input[name=quantize]")  # on a 4-bit base (QLoRA)
     page.fill("input[name=n_epochs]", "1")
     page.click("#create-submit")

@@ -51,6 +51,16 @@ def test_file_report_names_the_file_as_uploaded(client, tmp_path):
     assert error["code"] == "empty_file" and error["message"].startswith("empty.jsonl") and "file-" not in error["message"]
 
 
+def test_a_validation_file_may_be_small(client, tmp_path):
+    from tests.conftest import write_chat
+
+    small = upload(client, write_chat(tmp_path / "valid.jsonl", 3))
+    as_training = client.get(f"/v1/files/{small['id']}/report", params={"model": "tiny-llama"}).json()
+    assert not as_training["ok"] and as_training["errors"][0]["code"] == "invalid_n_examples"
+    as_validation = client.get(f"/v1/files/{small['id']}/report", params={"model": "tiny-llama", "validation": True}).json()
+    assert as_validation["ok"] and as_validation["n_examples"] == 3
+
+
 def test_file_report_errors(client, tmp_path):
     good = upload(client, write_good_file(tmp_path / "good.jsonl"))
     r = client.get(f"/v1/files/{good['id']}/report", params={"model": "gpt-5"})

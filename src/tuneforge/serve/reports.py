@@ -1,6 +1,6 @@
 """tuneforge's own endpoints, beside OpenAI's API: what the dashboard shows that OpenAI has no call for.
 
-- `GET /v1/files/{file_id}/report?model=&max_length=` — the validation report of an uploaded
+- `GET /v1/files/{file_id}/report?model=&max_length=&validation=` — the validation report of an uploaded
   training file (the same as `tuneforge data validate --json`): errors and warnings by line with
   their codes, token statistics counted with the chosen base model's tokenizer, the resolved epochs,
   the cost of the same job at OpenAI and the estimated local training time.
@@ -83,8 +83,9 @@ def file_report(
     model: Annotated[str | None, Query()] = None,
     max_length: Annotated[int, Query(ge=16, le=65536)] = DEFAULT_MAX_LENGTH,
     method: Annotated[str, Query(pattern="^(lora|full)$")] = "lora",
+    validation: Annotated[bool, Query()] = False,
 ):
-    from ..data.validate import validate_file
+    from ..data.validate import MIN_EXAMPLES, validate_file
     from ..train.speed import estimated_tokens_per_second
 
     row = db.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == caller.project))
@@ -103,8 +104,9 @@ def file_report(
     except ModelNotFound as err:
         raise bad_request(str(err), param="model", code="model_not_available") from err
     with _named_like(Path(row.path), row.filename) as path:
-        report = validate_file(path, tokenizer=tokenizer, max_length=max_length,
-                               tokens_per_second=estimated_tokens_per_second(base, method)).to_dict()
+        report = validate_file(path, tokenizer=tokenizer, max_length=max_length,  # (a validation file may be small)
+                               tokens_per_second=estimated_tokens_per_second(base, method),
+                               min_examples=1 if validation else MIN_EXAMPLES).to_dict()
         stored_name = path.name
     report["path"] = row.filename  # the server's disk layout is none of the caller's business
     for issue in report["errors"] + report["warnings"]:  # (messages that name the file name it as uploaded)

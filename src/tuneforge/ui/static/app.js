@@ -485,10 +485,33 @@ async function viewCreate(root, params) {
   const validSlot = h("div", { class: "upload-slot" });
   if (params.get("file")) trainSelect.value = params.get("file");
 
+  // the chosen file's report under its select, so a file that cannot train (or a chat file for DPO) is
+  // seen before the job is created, not when it fails seconds later
+  const reports = {};
+  const methodNow = () => (form.querySelector("input[name=method]:checked") || {}).value;
+  const mismatch = (select) => {
+    const r = reports[select.name];
+    if (select.name !== "training_file" || !r || methodNow() !== "dpo" || r.format === "preference") return null;
+    return h("div", { class: "callout warn", style: "margin-top:8px", "data-test": "dpo-mismatch" }, h("div", {},
+      h("strong", {}, "Not preference pairs"), `DPO trains on pairs ({"input", "preferred_output", "non_preferred_output"}); this file holds ${r.format} examples.`));
+  };
+  const showReport = async (select, slot) => {
+    const id = select.value;
+    if (!id || id === "__upload__") return;
+    put(slot, h("div", { class: "small muted" }, h("span", { class: "spinner" }), " Checking the file…"));
+    try {
+      const report = await fetchReport(id, modelSelect.value, null, select.name === "validation_file");
+      if (select.value !== id) return;
+      reports[select.name] = report;
+      put(slot, reportSummary(report, id), mismatch(select));
+      slot.dataset.ok = report.ok;
+    } catch (e) { put(slot, h("span", { class: "form-error" }, e.message)); }
+  };
   const uploadInto = (select, slot) => {
     select.addEventListener("change", () => {
       put(slot);
-      if (select.value !== "__upload__") return;
+      delete reports[select.name];
+      if (select.value !== "__upload__") { showReport(select, slot); return; }
       const input = h("input", { type: "file", accept: ".jsonl,.json,.txt,.csv", "data-test": `${select.name}-input` });
       const status = h("div", { class: "small muted" });
       input.addEventListener("change", async () => {
@@ -498,9 +521,8 @@ async function viewCreate(root, params) {
           const file = await uploadFile(input.files[0]);
           select.insertBefore(h("option", { value: file.id }, `${file.filename} · ${file.id} · ${fmt.bytes(file.bytes)}`), select.lastChild);
           select.value = file.id;
-          const report = await fetchReport(file.id, modelSelect.value);
-          put(status, reportSummary(report, file.id));
-          input.remove();
+          put(slot);
+          await showReport(select, slot);
         } catch (e) {
           put(status, h("span", { class: "form-error" }, e.message));
         }
@@ -540,6 +562,11 @@ async function viewCreate(root, params) {
     h("div", { class: "row end", style: "margin-top:16px" },
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
+  methodSeg.addEventListener("change", () => {
+    if (reports.training_file) put(trainSlot, reportSummary(reports.training_file, trainSelect.value), mismatch(trainSelect));
+  });
+  modelSelect.addEventListener("change", () => { showReport(trainSelect, trainSlot); showReport(validSelect, validSlot); });
+  showReport(trainSelect, trainSlot);  // a file chosen by the link that opened the form
   root.append(form);
 
   form.addEventListener("submit", async (ev) => {
@@ -597,9 +624,10 @@ async function uploadFile(file) {
   return api("/v1/files", { method: "POST", form });
 }
 
-async function fetchReport(fileId, model, maxLength) {
+async function fetchReport(fileId, model, maxLength, validation = false) {
   const q = new URLSearchParams({ model: model || "" });
   if (maxLength) q.set("max_length", maxLength);
+  if (validation) q.set("validation", "true");  // a validation file may have fewer than 10 examples
   return api(`/v1/files/${encodeURIComponent(fileId)}/report?${q}`);
 }
 
