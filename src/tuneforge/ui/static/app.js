@@ -1200,7 +1200,8 @@ async function viewModels(root) {
         h("th", { class: "num" }, "On disk"), h("th", { class: "hide-narrow" }, "Created"), h("th", {}, ""))),
       h("tbody", {}, models.map((m) => h("tr", { "data-model": m.id },
         h("td", { class: "mono small break grow" }, m.id,
-          m.checkpoints && m.checkpoints.length ? h("div", { class: "muted small" }, `${m.checkpoints.length} checkpoint${m.checkpoints.length === 1 ? "" : "s"}`) : null),
+          m.checkpoints && m.checkpoints.length ? h("div", { class: "muted small" }, `${m.checkpoints.length} checkpoint${m.checkpoints.length === 1 ? "" : "s"}`
+            + ` · ${fmt.bytes(m.checkpoints.reduce((n, c) => n + (c.size_bytes || 0), 0))} on disk`) : null),
         h("td", { class: "nowrap" }, m.base || "—"),
         h("td", { class: "hide-narrow" }, m.job_id ? h("a", { class: "mono small nowrap", href: `#/jobs/${m.job_id}` }, m.job_id) : "—"),
         h("td", { class: "num nowrap" }, fmt.bytes(m.size_bytes)),
