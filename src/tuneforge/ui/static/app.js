@@ -937,10 +937,18 @@ async function viewJob(root, params, jobId) {
       : h("div", { class: "empty" }, "Checkpoints appear at the end of each epoch."));
   };
 
+  // one event per training step (OpenAI's) would bury the rest: the newest step is shown, the others on request
+  let allSteps = false;
+  const stepsToggle = h("input", { type: "checkbox", "data-test": "all-steps" });
+  stepsToggle.addEventListener("change", () => { allSteps = stepsToggle.checked; renderEvents(); });
   const renderEvents = () => {
+    const newestStep = events.find((e) => e.type === "metrics");
+    const shown = events.filter((e) => allSteps || e.type !== "metrics" || e === newestStep);
     put(eventsCard, h("div", { class: "card-head" }, h("h2", {}, "Events"),
-      !FINAL.includes(job.status) && job.status !== "paused" ? h("span", { class: "muted small" }, h("span", { class: "spinner" }), " live") : null),
-    h("ul", { class: "events", "data-test": "events" }, events.slice(0, 200).map((e) => h("li", { class: e.level },
+      h("span", { class: "row" },
+        !FINAL.includes(job.status) && job.status !== "paused" ? h("span", { class: "muted small" }, h("span", { class: "spinner" }), " live") : null,
+        h("label", { class: "check small" }, stepsToggle, "every step"))),
+    h("ul", { class: "events", "data-test": "events" }, shown.slice(0, 200).map((e) => h("li", { class: e.level },
       h("time", {}, fmt.clock(e.created_at)), h("span", { class: "break" }, e.message)))));
   };
 
