@@ -106,7 +106,7 @@ def data_validate(
     from .data.validate import validate_file
     from .models.load import load_tokenizer
 
-    file = _existing_file(file, "FILE")
+    _existing_file(file, "FILE")
     report = validate_file(file, tokenizer=load_tokenizer(base), max_length=max_length,
                            tokens_per_second=_local_tokens_per_second())
     if json_out:
