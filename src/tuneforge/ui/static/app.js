@@ -1037,6 +1037,8 @@ async function viewPlayground(root, params) {
     const sel = h("select", { id }, groups.filter((g) => g[1].length).map(([label, ids]) =>
       h("optgroup", { label }, ids.map((m) => h("option", { value: m }, m)))));
     if (value) sel.value = value;
+    sel.title = sel.value;  // a long ft: name, whole, where the select cuts it
+    sel.addEventListener("change", () => { sel.title = sel.value; });
     return sel;
   };
   const baseOf = (model) => {
@@ -1058,7 +1060,9 @@ async function viewPlayground(root, params) {
 
   root.append(pageHead("Playground", "Chat with any model: a base model, a fine-tuned one or one of its checkpoints."));
   const chats = h("div", { class: "chats" });
-  const prompt = h("textarea", { id: "pg-prompt", rows: 2, placeholder: "Send a message… (Enter to send, Shift+Enter for a new line)" });
+  const narrow = window.matchMedia("(max-width: 720px)").matches;  // (a phone: the long hint would be cut)
+  const prompt = h("textarea", { id: "pg-prompt", rows: 2,
+    placeholder: narrow ? "Send a message…" : "Send a message… (Enter to send, Shift+Enter for a new line)" });
   const send = h("button", { type: "submit", class: "btn primary", id: "pg-send" }, "Send");
   const clear = h("button", { type: "button", class: "btn ghost", id: "pg-clear" }, "Clear");
   const composer = h("form", { class: "composer" }, prompt, send, clear);
