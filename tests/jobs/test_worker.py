@@ -143,6 +143,39 @@ def test_a_small_validation_file_is_enough():
     assert any("Validating validation file" in e for e in events)
 
 
+@pytest.mark.parametrize("stopped_before,ends", [(2, "succeeded"), (3, "failed")])
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(stopped_before, ends):
+    import socket
+    import subprocess
+    import sys
+
+    from tuneforge.jobs import queue
+    from tuneforge.jobs.worker import WORKER_STOPPED
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    job_id = add_job(add_file(12), n_epochs=1)
+    with session() as s:  # held by a worker that died (its process is gone), after `stopped_before` such deaths
+        row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+        row.status, row.worker_id = "running", f"{socket.gethostname()}:{gone.pid}:dead"
+        for _ in range(stopped_before):
+            queue.add_event(s, job_id, f"{WORKER_STOPPED}; restarting from the beginning", level="warn")
+        for step in (1, 2):  # what the dead worker logged before any checkpoint: made again, listed once
+            queue.add_event(s, job_id, f"Step {step}/3: training loss=9.0", type="metrics", data={"step": step})
+        s.commit()
+    run_worker(poll_interval=0.1, once=True)
+    job, events, *_ = load(job_id)
+    assert job.status == ends, job.error
+    if ends == "failed":
+        assert job.error["code"] == "worker_died" and "stopped 4 times" in job.error["message"]
+    else:
+        assert sum(e.startswith(WORKER_STOPPED) for e in events) == stopped_before + 1
+        with session() as s:
+            steps = [e.data["step"] for e in s.scalars(select(EventRow).where(
+                EventRow.job_id == job_id, EventRow.type == "metrics").order_by(EventRow.seq))]
+        assert steps == list(range(1, len(steps) + 1)) and "loss=9.0" not in " ".join(events)
+
+
 def test_missing_file_fails_instead_of_hanging():
     job_id = add_job("file-gone")
     run_worker(poll_interval=0.1, once=True)

@@ -25,17 +25,31 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..settings import Settings, get_settings
-from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow, new_id, now, resolve_url, session_factory
+from ..store.database import (
+    CheckpointRow,
+    EventRow,
+    FileRow,
+    JobRow,
+    ModelRow,
+    new_id,
+    now,
+    resolve_url,
+    session_factory,
+)
 from . import queue
 from .queue import METHOD_KEY, QUANTIZE_KEY
 
 log = logging.getLogger("tuneforge.worker")
 
 SHOWN_ERRORS = 3  # of an invalid file's errors, in the job's error message (the file report has them all)
+# A worker that dies holding a job (killed, out of memory, a crash) hands it to the next one, which
+# resumes from the last checkpoint; a job that kills its worker every time fails instead of looping.
+MAX_WORKER_STOPS = 3
+WORKER_STOPPED = "The worker running this job stopped"
 CONTROL_POLL_SECONDS = 0.5  # how often should_stop reads the job row (it is called every step)
 PARENT_ENV = "TUNEFORGE_WORKER_PARENT"  # set by `tuneforge serve`: the worker dies with its server
 
@@ -112,6 +126,22 @@ class JobRunner:
                 queue.add_event(s, self.job_id, message)
             s.commit()
 
+    def _forget_steps_after(self, step: int) -> None:
+        """Drop the step events beyond `step` (as metrics_log.truncate_after does for the run folder's
+        file), so the steps replayed from the checkpoint are not listed twice."""
+        with self.sessions() as s:
+            rows = s.scalars(select(EventRow).where(EventRow.job_id == self.job_id, EventRow.type == "metrics")).all()
+            for row in rows:
+                if (row.data or {}).get("step", 0) > step:
+                    s.delete(row)
+            s.commit()
+
+    def _worker_stops(self) -> int:
+        """How often a worker died holding this job before (each reclaim left a WORKER_STOPPED event)."""
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(EventRow).where(
+                EventRow.job_id == self.job_id, EventRow.message.startswith(WORKER_STOPPED)))
+
     def _file_path(self, file_id: str, param: str) -> str:
         with self.sessions() as s:
             row = s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == self.job.project))
@@ -166,9 +196,13 @@ class JobRunner:
 
         ckpts = checkpoint_dirs(self.run_dir)
         at_step = read_meta(ckpts[-1])["state"]["global_step"] if ckpts else 0
+        self._forget_steps_after(at_step)  # a dead worker's steps past its last checkpoint are made again
         if self.previous:
+            if (stops := self._worker_stops() + 1) > MAX_WORKER_STOPS:  # it would only die again
+                raise JobFailed("worker_died", f"The worker running this job stopped {stops} times, the last at step "
+                                f"{at_step}: it may run out of memory, or crash (the server's log says how it ended)")
             where = f"resuming from the checkpoint at step {at_step}" if ckpts else "restarting from the beginning"
-            self.event(f"The worker running this job stopped; {where}", level="warn")
+            self.event(f"{WORKER_STOPPED}; {where}", level="warn")
         elif ckpts:
             self.event(f"Resuming from the checkpoint at step {at_step}")
         if not self._transition(("queued", "running"), status="running"):
