@@ -273,6 +273,8 @@ def test_logprobs_are_the_models_own_and_cover_the_answer(client):
     for extra in [{"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}]:
         bad = client.post("/v1/chat/completions", json=ask | extra)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs", bad.text
+    bad = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "top_logprobs": 21})
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "top_logprobs must be between 0 and 20, got 21"
     # streamed: each chunk carries its own tokens' log-probabilities
     streamed = client.post("/v1/chat/completions", json=ask | {"logprobs": True, "top_logprobs": 3, "stream": True})
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]

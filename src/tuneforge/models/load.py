@@ -103,7 +103,7 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: to
                                 f"tuneforge train --resume {run_dir}, or name one of its checkpoints/*/weights")
     model, _ = load_base(cfg.base, dtype or inference_dtype())
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    model = attach(model, Path(weights) if weights else weights_dir(run_dir))
+    model = attach(model, found)
     model.eval()
     return model, tokenizer
 

@@ -103,6 +103,12 @@ def _logprobs(req: SamplingParams) -> int | None:
         top, limit, name = (req.top_logprobs or 0) if req.logprobs else None, 20, "top_logprobs"
     else:
         top, limit, name = (None if req.logprobs is None else int(req.logprobs)), 5, "logprobs"
+    return checked_top(top, limit, name)
+
+
+def checked_top(top: int | None, limit: int, name: str) -> int | None:
+    """A number of alternatives per answer token within OpenAI's limit for parameter `name` (chat and
+    the Responses API 20, legacy completions 5); a 400 naming it otherwise."""
     if top is not None and not 0 <= top <= limit:
         raise bad_request(f"{name} must be between 0 and {limit}, got {top}", param=name, code="invalid_value")
     return top

@@ -40,6 +40,7 @@ from ..store.keys import Principal
 from .chat import (
     DEFAULT_CHAT_MAX_TOKENS,
     chat_logprobs,
+    checked_top,
     generated,
     in_own_session,
     measure_prompt,
@@ -94,9 +95,7 @@ def _refuse_unsupported(req: ResponseRequest) -> None:
         raise unsupported("text.format other than 'text' (structured output) is", "text.format")
     if set(req.include or []) - {LOGPROBS}:
         raise unsupported(f"include other than {LOGPROBS!r} is", "include")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise bad_request(f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", param="top_logprobs",
-                          code="invalid_value")
+    checked_top(req.top_logprobs, 20, "top_logprobs")
     if req.conversation:
         raise unsupported("conversation (the Conversations API) is", "conversation")  # previous_response_id is
     if req.prompt:
