@@ -61,8 +61,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_quantize(self.quantize, self.method)
-        for problem in self.problems():
-            raise ValueError(problem)
+        if problems := self.problems():
+            raise ValueError(problems[0])  # the first, by field: one line for the CLI
 
     def problems(self) -> list[str]:
         """What is out of range, each naming its field (the CLI's --option of the same name): a run

@@ -503,10 +503,10 @@ async function viewCreate(root, params) {
       const report = await fetchReport(id, modelSelect.value, null, select.name === "validation_file");
       if (select.value !== id) return;
       reports[select.name] = report;
-      put(slot, reportSummary(report, id), mismatch(select));
-      slot.dataset.ok = report.ok;
+      renderReport(select, slot);
     } catch (e) { put(slot, h("span", { class: "form-error" }, e.message)); }
   };
+  const renderReport = (select, slot) => put(slot, reportSummary(reports[select.name], select.value), mismatch(select));
   const uploadInto = (select, slot) => {
     select.addEventListener("change", () => {
       put(slot);
@@ -562,9 +562,7 @@ async function viewCreate(root, params) {
     h("div", { class: "row end", style: "margin-top:16px" },
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
-  methodSeg.addEventListener("change", () => {
-    if (reports.training_file) put(trainSlot, reportSummary(reports.training_file, trainSelect.value), mismatch(trainSelect));
-  });
+  methodSeg.addEventListener("change", () => { if (reports.training_file) renderReport(trainSelect, trainSlot); });
   modelSelect.addEventListener("change", () => { showReport(trainSelect, trainSlot); showReport(validSelect, validSlot); });
   showReport(trainSelect, trainSlot);  // a file chosen by the link that opened the form
   root.append(form);
@@ -842,6 +840,7 @@ async function viewJob(root, params, jobId) {
       !final ? h("button", { class: "btn danger", type: "button", "data-action": "cancel", onclick: () => confirm("Cancel this job? Its checkpoints stay usable.") && act("cancel") }, "Cancel job") : null));
   };
 
+  const isDpo = () => Boolean(job.method && job.method.type === "dpo");
   const metricRows = () => events.filter((e) => e.type === "metrics" && e.data && e.data.step !== undefined)
     .map((e) => e.data).sort((a, b) => a.step - b.step);
 
@@ -852,9 +851,9 @@ async function viewJob(root, params, jobId) {
     const hp = job.hyperparameters || {};
     const meta = job.metadata || {};
     const adapter = (meta["tuneforge.method"] || "lora") + (meta["tuneforge.quantize"] ? ` (${meta["tuneforge.quantize"]})` : "");
-    const method = job.method && job.method.type === "dpo" ? `DPO · ${adapter}` : adapter;
+    const dpo = isDpo();
+    const method = dpo ? `DPO · ${adapter}` : adapter;
     const progress = job.status === "succeeded" ? 1 : total ? last.step / total : 0;
-    const dpo = job.method && job.method.type === "dpo";
     put(statusCard, 
       h("div", { class: "card-head" }, h("h2", {}, "Status"),
         job.estimated_finish && !FINAL.includes(job.status) ? h("span", { class: "muted small" }, `estimated finish ${fmt.clock(job.estimated_finish)}`) : null),
@@ -887,7 +886,7 @@ async function viewJob(root, params, jobId) {
     const empty = !FINAL.includes(job.status) ? undefined
       : `No training step was run (the job ${job.status === "failed" ? "failed" : "was cancelled"} before its first)`;
     // DPO's second chart: how often the preferred answer is ranked first (token accuracy says little there)
-    const [accTitle, accKey] = job.method && job.method.type === "dpo" ? ["Preferred answer ranked first", "reward_accuracy"]
+    const [accTitle, accKey] = isDpo() ? ["Preferred answer ranked first", "reward_accuracy"]
       : ["Token accuracy", "mean_token_accuracy"];
     put(chartsCard, 
       h("div", { class: "card", "data-test": "loss-chart" }, h("h2", {}, "Loss"),
