@@ -170,6 +170,9 @@ def test_a_legacy_prompt_may_be_token_ids(client):
     assert [c["text"] for c in two["choices"]][0] == by_text["choices"][0]["text"] and len(two["choices"]) == 2
     r = client.post("/v1/completions", json=ask | {"prompt": [1, 10**6]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["message"].startswith("prompt[1] is token id 1000000, outside")
+    r = client.post("/v1/completions", json=ask | {"prompt": [ids, [2, -3]]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt[1][1] is token id -3")
 
 
 def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):

@@ -326,9 +326,13 @@ def _prompts(prompt, vocab_size: int) -> list[str | list[int]]:
     if not prompts or any(not p for p in prompts):
         raise bad_request("prompt must be a non-empty string or list of token ids, or a list of them", param="prompt",
                           code="invalid_value")
-    if any(isinstance(p, list) and not all(0 <= t < vocab_size for t in p) for p in prompts):
-        raise bad_request(f"prompt has token ids outside this model's vocabulary (0 to {vocab_size - 1})",
-                          param="prompt", code="invalid_value")
+    nested = not (isinstance(prompt, list) and prompt and isinstance(prompt[0], int))
+    for i, p in enumerate(prompts):
+        for j, t in enumerate(p if isinstance(p, list) else []):
+            if not 0 <= t < vocab_size:
+                where = f"prompt[{i}][{j}]" if nested else f"prompt[{j}]"
+                raise bad_request(f"{where} is token id {t}, outside this model's vocabulary (0 to {vocab_size - 1})",
+                                  param="prompt", code="invalid_value")
     return prompts
 
 
