@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import io
 import statistics
 import subprocess
@@ -58,7 +59,11 @@ def prepare(pkg, method: str):
     mod = lambda name: importlib.import_module(f"{pkg.__name__}.{name}")  # noqa: E731
     config, loop, validate, device = mod("train.config"), mod("train.loop"), mod("data.validate"), mod("train.device")
     device.configure_cpu(0)
-    model, tokenizer = mod("models.load").load_base("smollm2-135m-instruct")
+    native = importlib.util.find_spec(f"{pkg.__name__}.train.model") is not None  # its own decoder (2026-12-06 on)
+    if native:
+        model, tokenizer = mod("train.model").load_for_training("smollm2-135m-instruct")
+    else:
+        model, tokenizer = mod("models.load").load_base("smollm2-135m-instruct")
     cfg = config.TrainConfig(data=str(DATA), out="-", method=method)
     train_ex, _ = loop._split(validate.load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     rendered = loop._render(train_ex, tokenizer, cfg.max_length)
@@ -69,7 +74,10 @@ def prepare(pkg, method: str):
     model.train()
     dtype = device.autocast_dtype(cfg.precision, torch.device("cpu"))
     device.prepare_for_autocast(model, dtype)
-    mod("train.fused").fuse_for_training(model)
+    if native:
+        mod("train.lora").group_layers(model)
+    else:
+        mod("train.fused").fuse_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)
     pack, batch_loss = mod("data.pack").pack, mod("train.loss").batch_loss

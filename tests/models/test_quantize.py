@@ -14,9 +14,10 @@ from tuneforge.models.adapters import prepare_for_training
 from tuneforge.models.load import load_base, load_tuned
 from tuneforge.train.config import TrainConfig
 from tuneforge.train.device import prepare_for_autocast
-from tuneforge.train.fused import fuse_for_training
 from tuneforge.train.loop import _split, train
+from tuneforge.train.lora import group_layers
 from tuneforge.train.loss import batch_loss
+from tuneforge.train.model import load_for_training
 
 bnb = pytest.importorskip("bitsandbytes")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,21 +29,30 @@ def _lora_grads(model, batch) -> list[torch.Tensor]:
     return [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
 
 
+def _batch(tmp_path, tok):
+    examples = load_examples(str(write_chat(tmp_path / "t.jsonl", 10)), tok, 256)[:4]
+    rendered = [render_example(e, tok, 256) for e in examples]
+    return rendered, pack(rendered, 1024, tok.pad_token_id)
+
+
+def _randomise_b(model):
+    with torch.no_grad():  # B starts at zero, so only A's gradients depend on what flows through the base
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+
+
 def test_the_base_is_stored_in_four_bits_and_gradients_survive_a_validation_pass(tmp_path):
-    model, tok = load_base("tiny-llama", quantize="nf4", compute_dtype=torch.float32)
+    model, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype_=torch.float32)
     linears = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) and m.weight.dtype == torch.uint8 for m in linears)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the output layer keeps its precision
     model = prepare_for_training(model, "lora", rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
     model.train()
     prepare_for_autocast(model, None)
-    fuse_for_training(model)
-    rendered = [render_example(e, tok, 256) for e in load_examples(str(write_chat(tmp_path / "t.jsonl", 10)), tok, 256)][:4]
-    batch = pack(rendered, 1024, tok.pad_token_id)
-    with torch.no_grad():  # B starts at zero, so only A's gradients depend on what flows through the base
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    group_layers(model)
+    rendered, batch = _batch(tmp_path, tok)
+    _randomise_b(model)
     before = _lora_grads(model, batch)
     # A validation pass (eval mode, no gradients) must not change how the frozen layers are multiplied:
     # bitsandbytes would re-pack their weights on a CPU for a kernel without a backward pass.
@@ -54,27 +64,31 @@ def test_the_base_is_stored_in_four_bits_and_gradients_survive_a_validation_pass
         torch.testing.assert_close(a, b)
 
 
-def test_fused_layers_over_a_four_bit_base_give_peft_bitsandbytes_loss_and_gradients(tmp_path):
-    """train.fused / train.lora run 4-bit layers as they run plain ones: the same arithmetic as PEFT's
-    bitsandbytes LoRA layers (de-quantise, multiply), in fewer nodes, keeping no de-quantised weight."""
+def test_lora_over_a_four_bit_base_gives_peft_bitsandbytes_loss_and_gradients(tmp_path):
+    """train.lora runs 4-bit layers as it runs plain ones: the same arithmetic as PEFT's bitsandbytes
+    LoRA layers (de-quantise, multiply), in fewer nodes, keeping no de-quantised weight."""
+    from peft import LoraConfig, get_peft_model
+
+    ours, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype_=torch.float32)
+    torch.manual_seed(0)
+    ours = prepare_for_training(ours, "lora", rank=4, alpha=8, dropout=0.0, targets=TARGETS)
+    _randomise_b(ours)
+    assert group_layers(ours) == 4  # q/k/v and gate/up of both layers
+    peft_model, _ = load_base("tiny-llama", quantize="nf4", compute_dtype=torch.float32)
+    peft_model = get_peft_model(peft_model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    adapters = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(adapters[n.replace("base_model.model.", "").replace(".default", "")])
+    _, batch = _batch(tmp_path, tok)
     runs = []
-    for fuse in (False, True):
-        model, tok = load_base("tiny-llama", quantize="nf4", compute_dtype=torch.float32)
-        torch.manual_seed(0)
-        model = prepare_for_training(model, "lora", rank=4, alpha=8, dropout=0.0, targets=TARGETS)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.1)
-        if fuse:
-            counts = fuse_for_training(model)
-            assert counts["groups"] == 4 and counts["lora"] == 2 * len(TARGETS)  # every layer of both blocks
-        examples = load_examples(str(write_chat(tmp_path / "t.jsonl", 10)), tok, 256)[:4]
-        batch = pack([render_example(e, tok, 256) for e in examples], 1024, tok.pad_token_id)
+    for model in (peft_model, ours):
         model.zero_grad(set_to_none=True)
         out = batch_loss(model, batch)
         out.loss.backward()
-        runs.append((out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        runs.append((out.loss.item(), {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                                       for n, p in model.named_parameters() if p.grad is not None}))
     (ref_loss, ref_grads), (loss, grads) = runs
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * len(TARGETS)

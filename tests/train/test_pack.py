@@ -16,6 +16,7 @@ from tuneforge.data.render import IGNORE, render_example
 from tuneforge.models.tiny import tiny_model
 from tuneforge.train import attention
 from tuneforge.train import loss as loss_mod
+from tuneforge.train import model as native
 from tuneforge.train.attention import packed, segments
 from tuneforge.train.loss import batch_loss
 
@@ -95,14 +96,20 @@ def test_segments_cover_each_example_and_padding():
     assert torch.equal(seg.gather[seg.scatter], flat)
 
 
+def _decoder(model, kind):
+    """A copy of the transformers model, or tuneforge's decoder (train.model) with the same weights."""
+    return copy.deepcopy(model) if kind == "transformers" else native.from_transformers(copy.deepcopy(model))
+
+
 @pytest.mark.parametrize("kernel", ["short", "blocked", "sdpa"])
 @pytest.mark.parametrize("rows", ["one", "several"])  # several: row ends and padding in between
-def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, monkeypatch):
+@pytest.mark.parametrize("decoder", ["tuneforge", "transformers"])  # training's, and evaluation's of a tuned model
+def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, decoder, monkeypatch):
     model, tok, rendered = tiny
     monkeypatch.setattr(attention, "_kernel", lambda width, device_type, dropout: kernel)
     monkeypatch.setattr(attention, "BLOCK", 5)  # the blocked kernel: several blocks, the last one partial
     row_tokens = 4096 if rows == "one" else max(len(r.input_ids) for r in rendered) + 10
-    reference, ours = copy.deepcopy(model), copy.deepcopy(model)
+    reference, ours = copy.deepcopy(model), _decoder(model, decoder)
     ref_loss = _reference(reference, rendered)
     ref_loss.backward()
     out = batch_loss(ours, pack(rendered, row_tokens, tok.pad_token_id))
@@ -134,29 +141,36 @@ def test_fused_cross_entropy_matches_autograd(tiny, monkeypatch):
         assert batch_loss(model, batch).loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-6)
 
 
-def test_no_attention_crosses_an_example_boundary(tiny):
+@pytest.mark.parametrize("decoder", ["tuneforge", "transformers"])
+def test_no_attention_crosses_an_example_boundary(tiny, decoder):
     model, tok, rendered = tiny
     a, b = rendered[0], rendered[1]
     changed = copy.deepcopy(a)
     changed.input_ids = [(t + 7) % 200 + 3 for t in a.input_ids]
-    decoder = model.get_decoder()
+    ours = _decoder(model, decoder)
+
+    def run(ids, positions):
+        if decoder == "tuneforge":
+            return ours.hidden(ids, positions)
+        with packed(ours, positions):
+            return ours.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
 
     def hidden(first):
         batch = pack([first, b], 4096, tok.pad_token_id)
         assert batch.input_ids.shape[0] == 1  # both in one row
-        with torch.no_grad(), packed(model, batch.position_ids):
-            h = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        with torch.no_grad():
+            h = run(batch.input_ids, batch.position_ids)
         starts = (batch.position_ids[0] == 0).nonzero().squeeze(1).tolist()
         # pack orders longest first: find b by its length
         for s in starts:
             if batch.input_ids[0, s : s + len(b.input_ids)].tolist() == b.input_ids:
-                return h.last_hidden_state[0, s : s + len(b.input_ids)]
+                return h[0, s : s + len(b.input_ids)]
         raise AssertionError("example b not found in the row")
 
     before, after = hidden(a), hidden(changed)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
-    with torch.no_grad():  # and it equals b run on its own
-        alone = decoder(input_ids=torch.tensor([b.input_ids]), use_cache=False).last_hidden_state[0]
+    with torch.no_grad():  # and it equals b run on its own, unpacked, by transformers
+        alone = model.get_decoder()(input_ids=torch.tensor([b.input_ids]), use_cache=False).last_hidden_state[0]
     torch.testing.assert_close(before, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -203,13 +217,14 @@ def test_prepare_for_autocast_gives_the_autocast_numbers(tiny, tied):
     results = []
     for store in (False, True):
         torch.manual_seed(0)
-        m = prepare_for_training(copy.deepcopy(model), "lora", rank=4, alpha=8, dropout=0.0, targets=["q_proj", "down_proj"])
+        m = prepare_for_training(native.from_transformers(copy.deepcopy(model)), "lora", rank=4, alpha=8, dropout=0.0,
+                                 targets=["q_proj", "down_proj"])
         for name, p in m.named_parameters():  # LoRA B starts at zero: make the adapters matter
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02)
         if store:
             prepare_for_autocast(m, torch.bfloat16)
-            assert m.get_base_model().model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            assert m.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
             assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
             assert m.get_output_embeddings().weight.dtype == torch.bfloat16
             with torch.no_grad():  # the residual stream starts in fp32 whatever the embedding is stored in

@@ -18,7 +18,6 @@ from ..train.device import inference_dtype, pick_device
 from .adapters import ADAPTER_FILE, FULL_FILE, attach, merged
 from .catalogue import ModelSpec, resolve
 from .quantize import Quantize, to_nf4
-from .tiny import tiny_model
 
 
 def _gguf_cache_dir(spec: ModelSpec):
@@ -68,17 +67,25 @@ def load_base(name: str | ModelSpec, dtype: torch.dtype = torch.float32, quantiz
     models.quantize) and multiplied in `compute_dtype`; everything else is in `dtype`."""
     spec = name if isinstance(name, ModelSpec) else resolve(name)
     if spec.source == "tiny":
+        from .tiny import tiny_model
+
         model, tokenizer = tiny_model()
         model = model.to(dtype)
     else:
         folder = model_folder(spec)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = tokenizer_from(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        with_pad(tokenizer)
     if quantize is not None:
         to_nf4(model, compute_dtype or dtype)
     return model, tokenizer
+
+
+def with_pad(tokenizer):
+    """Packing pads rows with the pad token; a tokenizer without one pads with its end-of-text token."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def weights_dir(run_or_weights: str | Path) -> Path:
@@ -102,7 +109,7 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: to
         raise FileNotFoundError(f"{run_dir}: no trained weights yet (the run has not finished): continue it with "
                                 f"tuneforge train --resume {run_dir}, or name one of its checkpoints/*/weights")
     model, _ = load_base(cfg.base, dtype or inference_dtype())
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = tokenizer_from(run_dir / "tokenizer")
     model = attach(model, found)
     model.eval()
     return model, tokenizer
@@ -112,13 +119,26 @@ def load_tokenizer(name: str):
     """Just the tokenizer of a base model (for token counts), without loading weights when possible."""
     spec = resolve(name)
     if spec.source == "tiny":
-        return tiny_model()[1]
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
     if spec.source == "gguf":
         cached = _gguf_cache_dir(spec)
         if cached.exists():
-            return AutoTokenizer.from_pretrained(cached)
+            return tokenizer_from(cached)
         return AutoTokenizer.from_pretrained(spec.path.parent, gguf_file=spec.path.name)
-    return AutoTokenizer.from_pretrained(spec.path)
+    return tokenizer_from(spec.path)
+
+
+def tokenizer_from(folder: Path):
+    """AutoTokenizer.from_pretrained(folder), but by the class its tokenizer_config.json names when it
+    names one: AutoTokenizer reads the model's config first, with transformers' config classes, which
+    import its modeling utilities (~90 MB a training process has no other use for: train.model)."""
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config, tokenizer_class_from_name
+
+    name = get_tokenizer_config(str(folder)).get("tokenizer_class")
+    found = tokenizer_class_from_name(name) if name else None
+    return (found or AutoTokenizer).from_pretrained(folder)
 
 
 def load_any(name_or_run: str):

@@ -56,7 +56,7 @@ def to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     mapped = weights_file_maps()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child is head:
+            if not isinstance(child, torch.nn.Linear) or isinstance(child, bnb.nn.Linear4bit) or child is head:
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -61,7 +61,10 @@ def tiny_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2) -> L
     )
 
 
-def tiny_model(seed: int = 0, **config_kwargs) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def tiny_model(seed: int = 0, **config_kwargs):
+    """(transformers LlamaForCausalLM, tokenizer)."""
+    from transformers import LlamaForCausalLM  # modeling code: imported only when a tiny model is made
+
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(len(tok), **config_kwargs))

@@ -2,8 +2,8 @@
 
 Left to itself, transformers reads packed rows (position ids restarting per example) as a dense
 block-diagonal [rows, 1, L, L] mask and SDPA then does L² work per row, nearly all of it masked out.
-During our own forward passes (`packed(model, position_ids)`), the model's attention implementation
-is swapped for `packed_attention`: it regroups each example's queries, keys and values into its own
+`attend` (train.model's attention; for a transformers model, `packed_attention` within
+`packed(model, position_ids)`) regroups each example's queries, keys and values into its own
 slot of a [examples, heads, longest, head_dim] tensor, runs causal attention on that (a slot's
 padding sits after all its real tokens, so no real query sees it) and puts the outputs back in packed
 order. No mask is built, nothing crosses an example boundary, and attention costs Σ len² instead of
@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from .device import compute_dtype
 
@@ -250,16 +248,10 @@ def _kernel(width: int, device_type: str, dropout: float) -> str:
     return "blocked" if device_type == "cpu" else "sdpa"
 
 
-_current: ContextVar[Segments | None] = ContextVar("tuneforge_segments", default=None)
-
-
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: [rows, heads, L, dim] in, [rows, L, heads, dim] out."""
-    seg = _current.get()
-    if seg is None:
-        raise RuntimeError("packed_attention runs only inside tuneforge.train.attention.packed()")
+def attend(query, key, value, seg: Segments, scaling: float, dropout: float = 0.0):
+    """Causal attention within each example of a packed batch: [rows, heads, L, dim] in (k and v with
+    their own, fewer heads), [rows, L, heads, dim] out."""
     rows, _, length, dim = query.shape
-
     dtype = compute_dtype(query)
 
     def regroup(x):  # [rows, h, L, dim] -> [n, h, width, dim], cast to the compute dtype on the way
@@ -270,48 +262,55 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     q, k, v = regroup(query), regroup(key), regroup(value)
     kind = q.device.type
-    scale = scaling if scaling is not None else dim**-0.5
     kernel = _kernel(seg.width, kind, dropout)
     if kernel != "sdpa":
         function = _ShortCausalAttention if kernel == "short" else _BlockedCausalAttention
         with torch.autocast(kind, enabled=False):
-            out = function.apply(q, k, v, scale)
+            out = function.apply(q, k, v, scaling)
     else:
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1]
+            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1]
         )
     out = out.transpose(1, 2).reshape(seg.n * seg.width, q.shape[1], dim)
     out = _Regroup.apply(out, seg.scatter, seg.scatter, seg.n * seg.width)
-    return out.view(rows, length, q.shape[1], dim), None
+    return out.view(rows, length, q.shape[1], dim)
 
 
-AttentionInterface.register(NAME, packed_attention)
-AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # no mask: segments say it all
+# transformers' models (a tuned model evaluated by `tuneforge eval`, the server's loss checks) take the
+# same attention through transformers' attention interface, registered on first use: importing
+# transformers' masking code costs ~90 MB that a training process (train.model) has no use for.
+_current: ContextVar[Segments | None] = ContextVar("tuneforge_segments", default=None)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: [rows, heads, L, dim] in, [rows, L, heads, dim] out."""
+    seg = _current.get()
+    if seg is None:
+        raise RuntimeError("packed_attention runs only inside tuneforge.train.attention.packed()")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend(query, key, value, seg, scale, dropout), None
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_attention)
+    AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)  # no mask: segments say it all
 
 
 @contextlib.contextmanager
 def packed(model, position_ids: torch.Tensor, real: torch.Tensor | None = None):
-    """Within this block, `model` attends only within the examples that `position_ids` delimit
-    (`real`: False for padding, see `segments`)."""
-    with _within(model, segments(position_ids, real)):
-        yield
-
-
-@contextlib.contextmanager
-def _within(model, seg: Segments):
+    """Within this block, the transformers `model` attends only within the examples that
+    `position_ids` delimit (`real`: False for padding, see `segments`)."""
+    _register()
     config = model.config
     previous = config._attn_implementation
-    token = _current.set(seg)
+    token = _current.set(segments(position_ids, real))
     config._attn_implementation = NAME
     try:
         yield
     finally:
         config._attn_implementation = previous
         _current.reset(token)
-
-
-def replay(model):
-    """A context that re-enters the current `packed` block later: for a layer recomputed in the
-    backward pass (train.recompute), after the forward pass has left the block."""
-    seg = _current.get()
-    return _within(model, seg) if seg is not None else contextlib.nullcontext()

@@ -151,8 +151,6 @@ def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> N
       When it is tied to the input embeddings, as in SmolLM2, their rows are then bf16-rounded as
       well - the one change of numbers here - and the embedding output is widened back to fp32 so
       the residual stream stays fp32. Half the memory of the largest tensor, and no second copy.
-    - PEFT casts each adapter's input to the adapter's fp32 dtype, and autocast casts it straight back
-      (lossless either way, so it is skipped).
     - The other frozen tensors are copied out of the memory-mapped weights file: otherwise the whole
       fp32 file, read once by the casts above, stays mapped and resident (~4 bytes per parameter).
     After this the model expects to run under autocast.
@@ -173,8 +171,6 @@ def prepare_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> N
                 for p in own:
                     if p.is_floating_point():  # not a 4-bit weight (models.quantize): that stays as it is
                         replace(p, p.data.to(dtype))
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
     if head is not None and not head.weight.requires_grad:
         replace(head.weight, head.weight.data.to(dtype))
         embed = model.get_input_embeddings()

@@ -1,4 +1,4 @@
-"""Llama-family layers as single autograd nodes, for training speed and memory.
+"""Llama-family layers as single autograd nodes, for training speed and memory (train.model uses them).
 
 Under bf16 autocast, transformers' eager layers spend a step mostly outside the matmuls: RMSNorm is six
 elementwise passes in fp32 whose output every projection then casts to bf16 again (q, k and v each
@@ -12,33 +12,17 @@ make their own copy), and SwiGLU keeps three [tokens, 3 x width] tensors for its
 - `_SwiGLU` keeps just its two bf16 inputs and recomputes silu(gate) in the backward pass.
 - `_Rotary` applies rotary embeddings in two passes each way (transformers: five), in the layout packed
   attention gathers from.
-- Plain LoRA q/k/v (in LlamaAttention) and gate/up run as one `train.lora._LoraGroup` each: the
-  rank-16 products are latency-bound on a CPU, so fewer and wider ones pay (~9% a LoRA step).
-
-The replacements are made on one model instance (the one being trained), only for modules of the
-exact shape they were written against; anything else keeps its own forward. Parameters, state dicts
-and saved weights are unchanged.
+- Plain LoRA q/k/v and gate/up run as one `train.lora._LoraGroup` each: the rank-16 products are
+  latency-bound on a CPU, so fewer and wider ones pay (~9% a LoRA step).
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
-from transformers.models.llama import modeling_llama as llama
 
 from .device import compute_dtype
-from .lora import (
-    fuse_lora,
-    keep_weight,
-    kept_weight,
-    lora_gradients,
-    lora_group,
-    lora_parts,
-    lora_product,
-    run_group,
-)
+from .lora import keep_weight, kept_weight, lora_gradients, lora_parts, lora_product, run_group
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -86,14 +70,24 @@ def normalized(xhat, weight, dtype):
     return torch.mul(xhat, weight, out=torch.empty(xhat.shape, dtype=dtype, device=xhat.device))  # in fp32, one pass
 
 
-def _norm_forward(self, hidden_states):
-    y, xhat = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, compute_dtype(hidden_states))
-    # What it was made from: a LoRA group reading y keeps these instead of y itself, and makes y again
-    # when its backward pass needs it (train.lora._LoraGroup) - when the norm keeps xhat anyway, i.e.
-    # it is in the autograd graph (not the first layer's, whose input and weight are frozen in LoRA).
-    if y.requires_grad:
-        y._tuneforge_norm = (normalized, xhat, self.weight)
-    return y
+class RMSNorm(torch.nn.Module):
+    """weight * x / rms(x) as one `_RMSNorm` node (transformers' LlamaRMSNorm: same parameter, same
+    arithmetic in fp32)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        y, xhat = _RMSNorm.apply(x, self.weight, self.variance_epsilon, compute_dtype(x))
+        # What it was made from: a LoRA group reading y keeps these instead of y itself, and makes y
+        # again when its backward pass needs it (train.lora._LoraGroup) - when the norm keeps xhat
+        # anyway, i.e. it is in the autograd graph (not the first layer's, whose input and weight are
+        # frozen in LoRA).
+        if y.requires_grad:
+            y._tuneforge_norm = (normalized, xhat, self.weight)
+        return y
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -174,14 +168,17 @@ def _swiglu_backward(grad, gate, up, grad_gate, grad_up, silu=None) -> None:
     torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
 
 
-def _mlp_forward(self, x):
-    if getattr(self, "_tuneforge_group", None):
-        both, widths = run_group(self._tuneforge_group, x)
-        down = lora_parts(self.down_proj)
-        if down is not None:
-            return _SwiGLUDown.apply(both, widths[0], *down, compute_dtype(both))
-        return self.down_proj(_StackedSwiGLU.apply(both, widths[0]))
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+def swiglu_mlp(gate, up, down, x):
+    """down(silu(gate(x)) * up(x)): gate and up as one LoRA group when they are one (train.lora), then
+    the down projection fused with SwiGLU when it is a plain LoRA layer."""
+    grouped = run_group([gate, up], x)
+    if grouped is None:
+        return down(_SwiGLU.apply(gate(x), up(x)))
+    both, widths = grouped
+    parts = lora_parts(down)
+    if parts is not None:
+        return _SwiGLUDown.apply(both, widths[0], *parts, compute_dtype(both))
+    return down(_StackedSwiGLU.apply(both, widths[0]))
 
 
 class _Rotary(torch.autograd.Function):
@@ -219,59 +216,6 @@ class _Rotary(torch.autograd.Function):
         return g.to(ctx.x_dtype), None, None
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
-    """transformers' LlamaAttention.forward for training (no cache): q, k and v as one LoRA group, rotary
-    embeddings as one node."""
-    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    qkv, widths = run_group(self._tuneforge_group, hidden_states)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(widths, dim=-1))
-    cos, sin = position_embeddings
-    q, k = _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
-    interface = llama.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, llama.eager_attention_forward)
-    dropout = 0.0 if not self.training else self.attention_dropout
-    out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-    return self.o_proj(out.reshape(*shape[:-2], -1).contiguous()), weights
-
-
-def _is_rms_norm(module) -> bool:
-    return (
-        type(module).__name__ in _NORMS
-        and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
-        and hasattr(module, "variance_epsilon")
-    )
-
-
-def _is_swiglu_mlp(module) -> bool:
-    return (
-        type(module).__name__ in _MLPS
-        and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and getattr(module, "config", None) is not None
-        and module.config.hidden_act == "silu"
-    )
-
-
-# Families whose RMSNorm is `weight * normalised(x)` and whose MLP is down(silu(gate(x)) * up(x)) - read
-# from their transformers source; Gemma (1 + weight) and others with a different norm are not here.
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-
-
-def fuse_for_training(model: torch.nn.Module) -> dict:
-    """Give the norms, MLPs and plain LoRA linears of `model` their one-node forward; says how many."""
-    counts = {"norm": 0, "mlp": 0, "groups": 0}
-    for module in model.modules():
-        if _is_rms_norm(module):
-            module.forward = types.MethodType(_norm_forward, module)
-            counts["norm"] += 1
-        elif _is_swiglu_mlp(module):
-            if lora_group([module.gate_proj, module.up_proj]):
-                module._tuneforge_group = [module.gate_proj, module.up_proj]
-                counts["groups"] += 1
-            module.forward = types.MethodType(_mlp_forward, module)
-            counts["mlp"] += 1
-        elif type(module) is llama.LlamaAttention and lora_group([module.q_proj, module.k_proj, module.v_proj]):
-            module._tuneforge_group = [module.q_proj, module.k_proj, module.v_proj]
-            module.forward = types.MethodType(_attention_forward, module)
-            counts["groups"] += 1
-    counts["lora"] = fuse_lora(model)  # every plain LoRA linear; o_proj and down_proj run this way
-    return counts
+def rotary(x, cos, sin):
+    """x rotated by the positions' angles (`_Rotary`)."""
+    return _Rotary.apply(x, cos, sin)

@@ -27,7 +27,6 @@ from ..data.render import render_example
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
-from ..models.load import load_base
 from . import distributed, dpo, speed
 from . import metrics as metrics_log
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
@@ -41,9 +40,9 @@ from .device import (
     prepare_for_autocast,
     release_free_memory,
 )
-from .fused import fuse_for_training
+from .lora import group_layers
 from .loss import batch_loss
-from .recompute import recompute_layers
+from .model import load_for_training
 
 Event = dict
 RESULT_FILE = "result.json"
@@ -141,7 +140,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
 
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
-        model, tokenizer = load_base(cfg.base, quantize=cfg.quantize, compute_dtype=dtype)
+        model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype_=dtype, max_length=cfg.max_length)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     preference = cfg.objective == "dpo"
     if preference:  # items are dpo.Pair: both answers of each preference pair
@@ -166,9 +165,8 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     ).to(device)
     model.train()
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
-    fuse_for_training(model)  # norms, MLPs and LoRA linears as one autograd node each (train.fused)
-    if cfg.activation_checkpointing:
-        recompute_layers(model)
+    group_layers(model)  # q/k/v and gate/up LoRA layers as one autograd node each (train.lora)
+    model.model.recompute = cfg.activation_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     if group.world > 1:
         distributed.broadcast_parameters(params, group)

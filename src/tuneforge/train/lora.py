@@ -1,4 +1,4 @@
-"""LoRA linear layers as one autograd node each, for training speed.
+"""LoRA layers (PEFT's arithmetic, parameters and saved form, not its code), as one autograd node each.
 
 PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` out of separate modules: under autocast
 that is a cast of each adapter matrix and of the input, three matmuls, a multiply and an add in the
@@ -7,17 +7,18 @@ on a 135M model about a quarter of the step time, for 4% of its FLOPs. `_LoraLin
 arithmetic with the low-rank update accumulated into the base product (addmm) and a hand-written
 backward pass: two small matmuls for the adapter gradients, one accumulated into the input gradient.
 
-Only plain LoRA is taken over (one active adapter, no dropout, no DoRA or other variant, not merged);
-anything else keeps PEFT's forward. Parameters, state dicts and saved adapters are PEFT's, unchanged.
+LoRA layers that read the same input (q/k/v, gate/up) run as one `_LoraGroup`. A layer with dropout
+takes the plain three products. The parameter names are PEFT's, so an adapter saved from these layers
+(models.adapters) is a PEFT adapter that PEFT, the server and export load as they are.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-import types
 
 import torch
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
 
 from ..models.quantize import Nf4Weights
 from .device import compute_dtype
@@ -57,7 +58,7 @@ def lora_product(x2, weight, bias, a, b, scale, dtype):
     w, a_, b_ = frozen(weight, dtype), a.to(dtype), b.to(dtype)
     xa = x2 @ a_.T  # [tokens, rank]
     if bias is not None:
-        y = torch.addmm(bias.to(dtype), x2, w.T)  # (4-bit layers with a bias are not fused: _plain)
+        y = torch.addmm(bias.to(dtype), x2, w.T)  # (4-bit layers with a bias are not fused: lora_parts)
     else:
         y = times_t(x2, w)
     y.addmm_(xa, b_.T, alpha=scale)
@@ -112,60 +113,75 @@ def b_gradient(g, xa, scale):
     return torch.mm(xa.T, g).mul_(scale).T
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    parts = None if args or kwargs else lora_parts(self)
-    if parts is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    return _LoraLinear.apply(x, *parts, compute_dtype(x))
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trained low-rank update: base(x) + scale * B(A(dropout(x))).
+
+    PEFT's LoRA layer, with PEFT's initialisation (A Kaiming-uniform, B zero: training starts from the
+    base model) and parameter names (`base_layer`, `lora_A`, `lora_B`), so the adapter saved from it
+    (models.adapters) is a PEFT adapter. Without dropout, over a plain frozen layer, it runs as one
+    `_LoraLinear` node; with dropout, as the three products autograd differentiates itself."""
+
+    def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = base.weight.device if base.weight.device.type != "meta" else None
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.stacked = None  # the frozen weights of its group, on a group's first layer (lora_group)
+
+    def forward(self, x):
+        parts = lora_parts(self)
+        if parts is None:
+            return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return _LoraLinear.apply(x, *parts, compute_dtype(x))
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets) -> list[str]:
+    """Freeze `model` and put a LoRA layer over every linear layer named in `targets` (by its attribute
+    name, as PEFT's target_modules match: "q_proj" is every layer's q_proj); the names adapted."""
+    model.requires_grad_(False)
+    targets, adapted = set(targets), []
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):  # a 4-bit layer is one too
+                setattr(parent, name, LoraLinear(child, rank, alpha, dropout))
+                adapted.append(f"{path}.{name}" if path else name)
+    if not adapted:
+        raise ValueError(f"lora_targets {sorted(targets)}: no linear layer of the model has any of these names")
+    return adapted
+
+
+def lora_config(model: nn.Module) -> dict | None:
+    """PEFT's adapter_config.json fields for the LoRA layers of `model` (None without any)."""
+    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    rank = first.lora_A.weight.shape[0]
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    alpha = first.scaling * rank
+    alpha = int(alpha) if alpha == int(alpha) else alpha
+    return {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(layers)}
 
 
 def lora_parts(module):
-    """(weight, bias, A, B, scale) of a LoRA linear that fuse_lora took over, while its adapter is on
-    and not merged into the weight; None otherwise (then PEFT's own forward is the one to run)."""
-    taken = getattr(getattr(module, "forward", None), "__func__", None) is _fused_forward
-    if not taken or module.disable_adapters or module.merged:
+    """(weight, bias, A, B, scale) of a LoRA layer that runs as one `_LoraLinear` node - no dropout,
+    over a plain frozen layer, or a 4-bit one without bias -, None for any other module."""
+    if not isinstance(module, LoraLinear) or not isinstance(module.lora_dropout, nn.Identity):
         return None
-    (name,) = module.active_adapters
     base = module.base_layer
-    weight = Nf4Weights([base.weight]) if _is_nf4(base) else base.weight
-    return weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
-
-
-def _plain(module) -> bool:
-    adapters = list(module.active_adapters)
-    if len(adapters) != 1 or adapters[0] in module.lora_variant:
-        return False
-    name = adapters[0]
-    base = module.base_layer
-    return (
-        isinstance(module.lora_dropout[name], torch.nn.Identity)
-        and ((type(base) is torch.nn.Linear and not base.weight.requires_grad) or (_is_nf4(base) and base.bias is None))
-        and module.lora_A[name].bias is None
-        and module.lora_B[name].bias is None
-    )
-
-
-def _is_nf4(layer) -> bool:
-    """A bitsandbytes 4-bit layer (models.quantize.to_nf4 makes them); none unless it is imported."""
-    bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and isinstance(layer, bnb.nn.Linear4bit) and layer.weight.bnb_quantized
-
-
-def _is_lora_linear(module) -> bool:
-    """PEFT's LoRA linear layer, over a plain linear or (peft.tuners.lora.bnb, loaded by PEFT when
-    bitsandbytes is installed) over a 4-bit one."""
-    bnb_lora = sys.modules.get("peft.tuners.lora.bnb")
-    return type(module) is PeftLoraLinear or type(module) is getattr(bnb_lora, "Linear4bit", None)
-
-
-def fuse_lora(model: torch.nn.Module) -> int:
-    """Give every plain PEFT LoRA linear of `model` the one-node forward; returns how many."""
-    n = 0
-    for module in model.modules():
-        if _is_lora_linear(module) and _plain(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            n += 1
-    return n
+    if _is_nf4(base) and base.bias is None:
+        weight = Nf4Weights([base.weight])
+    elif isinstance(base, nn.Linear) and not base.weight.requires_grad:
+        weight = base.weight
+    else:
+        return None
+    return weight, base.bias, module.lora_A.weight, module.lora_B.weight, module.scaling
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -233,24 +249,33 @@ class _LoraGroup(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grads)
 
 
+def _is_nf4(layer) -> bool:
+    """A bitsandbytes 4-bit layer (models.quantize.to_nf4 makes them); none unless it is imported."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(layer, bnb.nn.Linear4bit) and layer.weight.bnb_quantized
+
+
 def lora_group(modules) -> bool:
-    """Prepare plain LoRA linears that share their input to run as one `_LoraGroup`: their frozen
-    weights become row blocks of one stacked matrix (views, no copy left behind). False if they can't."""
-    if not all(_is_lora_linear(m) and _plain(m) and m.base_layer.bias is None for m in modules):
+    """Prepare LoRA layers that share their input (q/k/v, gate/up) to run as one `_LoraGroup`: their
+    frozen weights become row blocks of one stacked matrix (views, no copy left behind), kept on the
+    first. False, and nothing changed, if they can't (other modules, biases, different ranks) or
+    already are one."""
+    if getattr(modules[0], "stacked", None) is not None:
         return False
-    names = [m.active_adapters[0] for m in modules]
-    ranks = {m.lora_A[n].weight.shape[0] for m, n in zip(modules, names)}
-    scales = {m.scaling[n] for m, n in zip(modules, names)}
-    dtypes = {m.base_layer.weight.dtype for m in modules}
-    if len(set(names)) != 1 or len(ranks) != 1 or len(scales) != 1 or len(dtypes) != 1:
+    parts = [lora_parts(m) for m in modules]
+    if any(p is None or p[1] is not None for p in parts):
+        return False
+    if len({m.lora_A.weight.shape[0] for m in modules}) != 1 or len({m.scaling for m in modules}) != 1:
         return False
     if any(_is_nf4(m.base_layer) for m in modules):  # 4-bit: each layer de-quantised in turn (Nf4Weights)
         if not all(_is_nf4(m.base_layer) for m in modules):
             return False
-        modules[0]._tuneforge_stacked = Nf4Weights([m.base_layer.weight for m in modules])
+        modules[0].stacked = Nf4Weights([m.base_layer.weight for m in modules])
         return True
+    if len({m.base_layer.weight.dtype for m in modules}) != 1:
+        return False
     stacked = torch.cat([m.base_layer.weight.detach() for m in modules])
-    modules[0]._tuneforge_stacked = stacked
+    modules[0].stacked = stacked
     start = 0
     for m in modules:
         width = m.base_layer.weight.shape[0]
@@ -259,10 +284,38 @@ def lora_group(modules) -> bool:
     return True
 
 
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_layers(model: nn.Module) -> int:
+    """Make every q/k/v and gate/up trio or pair of plain LoRA layers one group (`lora_group`); how many.
+    Call it once the frozen weights are where and in the dtype they will stay (after .to(device) and
+    train.device.prepare_for_autocast)."""
+    n = 0
+    for module in model.modules():
+        for names in GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, LoraLinear) for m in layers) and lora_group(layers):
+                n += 1
+    return n
+
+
 def run_group(modules, x):
-    """The outputs of `modules` (prepared by lora_group) for input x, side by side in one tensor."""
-    widths = tuple(m.base_layer.out_features for m in modules)
-    stacked = modules[0]._tuneforge_stacked
-    name = modules[0].active_adapters[0]
-    adapters = [t for m in modules for t in (m.lora_A[name].weight, m.lora_B[name].weight)]
-    return _LoraGroup.apply(x, stacked, widths, modules[0].scaling[name], compute_dtype(x), *adapters), widths
+    """(outputs side by side in one tensor, their widths) of LoRA layers that `lora_group` prepared,
+    for input x; None if they were not."""
+    stacked = getattr(modules[0], "stacked", None)
+    if stacked is None:
+        return None
+    widths = tuple(m.out_features for m in modules)
+    adapters = [t for m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
+    return _LoraGroup.apply(x, stacked, widths, modules[0].scaling, compute_dtype(x), *adapters), widths
+
+
+def project(modules, x):
+    """The outputs of linear layers that read the same input: one group's product when they are one."""
+    grouped = run_group(modules, x)
+    if grouped is None:
+        return [m(x) for m in modules]
+    y, widths = grouped
+    return y.split(widths, dim=-1)
+

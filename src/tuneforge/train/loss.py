@@ -37,7 +37,7 @@ class LossOut:
 
 
 def causal_lm(model):
-    """The *ForCausalLM module under any PEFT wrapper."""
+    """The *ForCausalLM module under any PEFT wrapper (train.model's CausalLM has none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -172,7 +172,7 @@ def _chunk_losses(head, hidden, targets):
 
 def fusable(head, config) -> bool:
     return (
-        type(head) is torch.nn.Linear
+        isinstance(head, torch.nn.Linear)  # train.model.Linear too (a LoRA-wrapped head is not one)
         and head.bias is None
         and not getattr(config, "final_logit_softcapping", None)
         and getattr(config, "logit_scale", None) in (None, 1, 1.0)
@@ -183,12 +183,13 @@ def label_losses(model, batch: Batch, chunk: int = CHUNK, uniform: bool = True):
     """The decoder over a packed batch (attention kept inside each example), then token_losses at the
     label positions only: (cross-entropy of each, whether predicted, the [rows, length] label mask)."""
     lm = causal_lm(model)
-    with packed(lm, batch.position_ids, batch.real):
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-        )
+    if hasattr(lm, "hidden"):  # train.model's decoder
+        last = lm.hidden(batch.input_ids, batch.position_ids, batch.real)
+    else:  # a transformers model (a tuned model under evaluation)
+        with packed(lm, batch.position_ids, batch.real):
+            last = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
     mask = batch.targets != IGNORE
-    hidden, targets = out.last_hidden_state[mask], batch.targets[mask]
+    hidden, targets = last[mask], batch.targets[mask]
     nll, hits = token_losses(lm.get_output_embeddings(), lm.config, hidden, targets, chunk, uniform)
     return nll, hits, mask
 
