@@ -43,7 +43,7 @@ def _randomise_b(model):
 
 
 def test_the_base_is_stored_in_four_bits_and_gradients_survive_a_validation_pass(tmp_path):
-    model, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype_=torch.float32)
+    model, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype=torch.float32)
     linears = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) and m.weight.dtype == torch.uint8 for m in linears)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the output layer keeps its precision
@@ -69,7 +69,7 @@ def test_lora_over_a_four_bit_base_gives_peft_bitsandbytes_loss_and_gradients(tm
     LoRA layers (de-quantise, multiply), in fewer nodes, keeping no de-quantised weight."""
     from peft import LoraConfig, get_peft_model
 
-    ours, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype_=torch.float32)
+    ours, tok = load_for_training("tiny-llama", quantize="nf4", compute_dtype=torch.float32)
     torch.manual_seed(0)
     ours = prepare_for_training(ours, "lora", rank=4, alpha=8, dropout=0.0, targets=TARGETS)
     _randomise_b(ours)

@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
 
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
-        model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype_=dtype, max_length=cfg.max_length)
+        model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype, max_length=cfg.max_length)
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     preference = cfg.objective == "dpo"
     if preference:  # items are dpo.Pair: both answers of each preference pair

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import device
 from .attention import Segments, attend, segments
-from .device import compute_dtype
 from .fused import RMSNorm, rotary, swiglu_mlp
 from .lora import project
 
@@ -253,7 +253,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         h = self.hidden(input_ids, position_ids, real)
-        dtype = compute_dtype(h)
+        dtype = device.compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
             return F.linear(h.to(dtype), self.lm_head.weight.to(dtype)).float()
 
@@ -316,11 +316,11 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=None,
-                      compute_dtype_: torch.dtype | None = None, max_length: int | None = None):
+                      compute_dtype: torch.dtype | None = None, max_length: int | None = None):
     """(CausalLM, tokenizer) of a catalogue base model, on the CPU, in `dtype`.
 
     quantize="nf4": the linear layers' weights are stored in 4 bits (QLoRA's frozen base,
-    models.quantize) and multiplied in `compute_dtype_`."""
+    models.quantize) and multiplied in `compute_dtype`."""
     from ..models.catalogue import resolve
     from ..models.load import load_tokenizer, model_folder, with_pad
     from ..models.quantize import to_nf4
@@ -342,5 +342,5 @@ def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=No
         model = from_state_dict(config, state, dtype)
     config.check(max_length)
     if quantize is not None:
-        to_nf4(model, compute_dtype_ or dtype)
+        to_nf4(model, compute_dtype or dtype)
     return model, tokenizer
