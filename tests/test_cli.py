@@ -128,6 +128,23 @@ def test_out_of_range_options_are_refused_before_anything_runs(tmp_path, chat_fi
     assert not (tmp_path / "r").exists()
 
 
+def test_lora_targets_choose_the_adapted_layers_and_a_base_it_cannot_train_is_refused(tmp_path, chat_file):
+    tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "tiny-llama", "--n-epochs", "1",
+       "--lora-targets", "q_proj, v_proj", "--quiet")
+    config = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "s", "--base", "tiny-llama", "--lora-targets", "attn_q",
+              check=False)
+    assert proc.returncode == 2 and "lora_targets ['attn_q']: no linear layer" in proc.stderr
+    assert not (tmp_path / "s").exists()  # nothing made for a run that never started
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300)).save_pretrained(tmp_path / "gpt2")
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "g", "--base", tmp_path / "gpt2", check=False)
+    assert proc.returncode == 2 and "base model type 'gpt2' (GPT2LMHeadModel)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "g").exists()
+
+
 def test_key_and_database_mistakes_are_one_line_errors():
     proc = tf("keys", "revoke", "key-nope", check=False)
     assert proc.returncode == 2 and "key-nope" in proc.stderr and "Traceback" not in proc.stderr

@@ -240,13 +240,16 @@ def train(
     objective: Annotated[str, typer.Option(
         help="supervised, or dpo (preference pairs: raise the preferred answer over the other).")] = "supervised",
     dpo_beta: Annotated[float, typer.Option(help="DPO: how far the model may move from the base.")] = 0.1,
-    validation_data: Annotated[Path | None, typer.Option(help="Validation file; default: hold out 10%.")] = None,
+    validation_data: Annotated[Path | None, typer.Option(
+        help="Validation file; default: hold out 10% of --data when it has 20 examples or more (else none).")] = None,
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
     batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
     learning_rate_multiplier: Annotated[str, typer.Option(help="Scales the base learning rate, or auto.")] = "auto",
     lora_rank: Annotated[int, typer.Option()] = 16,
     lora_alpha: Annotated[int, typer.Option()] = 32,
     lora_dropout: Annotated[float, typer.Option()] = 0.0,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated names of the linear layers to adapt; "
+                                              "default: all seven projections, q_proj ... down_proj.")] = "",
     max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 1024,
     seed: Annotated[int, typer.Option()] = 42,
     early_stopping: Annotated[int, typer.Option(help="Stop after N validation passes without improvement (0 = off).")] = 0,
@@ -282,6 +285,7 @@ def train(
             n_epochs=_auto_or(int, "--n-epochs")(n_epochs), batch_size=_auto_or(int, "--batch-size")(batch_size),
             learning_rate_multiplier=_auto_or(float, "--learning-rate-multiplier")(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            **({"lora_targets": targets} if (targets := [t.strip() for t in lora_targets.split(",") if t.strip()]) else {}),
             max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
             precision=precision, activation_checkpointing=activation_checkpointing, quantize=quantize,
         )

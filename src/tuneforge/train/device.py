@@ -80,10 +80,12 @@ def physical_cores() -> int:
 
 
 # oneDNN keeps a compiled kernel, with its own work buffers, for every matmul shape it has seen (1,024
-# by default, ~0.3 MB each). Packed rows are rounded to a multiple of 64 tokens (data.pack), so a run
-# sees a few row lengths of ~40 shapes each: 128 kernels hold the recent ones (measured +5% tokens/s
-# over 32, for ~60 MB), where the default lets a long run of varied lengths grow by hundreds of MB.
-ONEDNN_CACHE = "128"
+# by default, ~0.5 MB each). Packed rows are rounded to a multiple of 64 tokens (data.pack), so a run
+# sees a few row lengths of ~40 shapes each: 64 kernels hold the recent ones. Measured on 2 Zen 4
+# cores, whole LoRA runs of the embedded model (benchmarks/README.md): 32 costs 16% of the speed on
+# 440-755-token conversations (kernels made again within each step); 64 is as fast as 128 on those
+# and on the seed data, at 30-130 MB less peak RSS; the default lets a long run grow by hundreds of MB.
+ONEDNN_CACHE = "64"
 
 
 def configure_cpu(threads: int = 0, quantized: bool = False) -> None:

@@ -131,8 +131,7 @@ def train(
 def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, resume: bool) -> TrainResult:
     main = group.main
     emit = on_event if on_event is not None and main else (lambda event: None)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.out)  # made once the base model and the data are known to be usable
     configure_cpu(cfg.threads or distributed.threads(group, physical_cores()), quantized=cfg.quantize is not None)
     torch.manual_seed(cfg.seed)
     device = pick_device()
@@ -152,17 +151,17 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     if not train_r:
         raise ValueError(f"{cfg.data}: no example has assistant tokens to learn from")
     cfg = cfg.resolve(len(train_r))
+    model = prepare_for_training(
+        model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+    ).to(device)
     if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir)
         tokenizer.save_pretrained(run_dir / "tokenizer")
     emit({"type": "message", "message": (
         f"{len(train_r)} training and {len(valid_r)} validation {'preference pairs' if preference else 'examples'}; "
         f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
-
-    model = prepare_for_training(
-        model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-    ).to(device)
     model.train()
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     group_layers(model)  # q/k/v and gate/up LoRA layers as one autograd node each (train.lora)
