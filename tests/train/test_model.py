@@ -135,6 +135,17 @@ def test_under_bf16_it_is_as_close_to_fp32_as_transformers_and_peft(tiny, method
     assert_no_further_from(truth, reference, _step(m, batch, torch.bfloat16))
 
 
+def test_an_adapted_output_layer_trains_through_the_generic_loss(tiny):
+    hf, batch = tiny
+    m = prepare_for_training(native.from_transformers(copy.deepcopy(hf)), "lora", rank=4, alpha=8, dropout=0.0,
+                             targets=["q_proj", "lm_head"])
+    prepare_for_autocast(m, torch.bfloat16)
+    assert m.lm_head.base_layer.weight.dtype == torch.bfloat16
+    _set_b(m)
+    loss, grads = _step(m, batch, torch.bfloat16)
+    assert math.isfinite(loss) and {"lm_head.lora_A.weight", "lm_head.lora_B.weight"} <= grads.keys()
+
+
 def test_lora_dropout_is_active_in_training_only(tiny):
     hf, batch = tiny
     plain, dropped = _native(hf, "lora"), _native(hf, "lora", dropout=0.5)

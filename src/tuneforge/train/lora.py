@@ -134,6 +134,12 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.stacked = None  # the frozen weights of its group, on a group's first layer (lora_group)
 
+    @property
+    def weight(self):
+        """The frozen base weight (as PEFT's LoRA layers answer): a LoRA-adapted output layer is still
+        the one train.device.prepare_for_autocast stores in bf16."""
+        return self.base_layer.weight
+
     def forward(self, x):
         parts = lora_parts(self)
         if parts is None:
