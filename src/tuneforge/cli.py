@@ -278,6 +278,7 @@ def train(
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
         _check_out(out, overwrite)
+        targets = [t.strip() for t in lora_targets.split(",") if t.strip()]  # none: TrainConfig's default
         cfg = TrainConfig(
             data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=base, method=method,
             objective=objective, dpo_beta=dpo_beta,
@@ -285,7 +286,7 @@ def train(
             n_epochs=_auto_or(int, "--n-epochs")(n_epochs), batch_size=_auto_or(int, "--batch-size")(batch_size),
             learning_rate_multiplier=_auto_or(float, "--learning-rate-multiplier")(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            **({"lora_targets": targets} if (targets := [t.strip() for t in lora_targets.split(",") if t.strip()]) else {}),
+            **({"lora_targets": targets} if targets else {}),
             max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
             precision=precision, activation_checkpointing=activation_checkpointing, quantize=quantize,
         )

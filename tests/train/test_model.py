@@ -37,8 +37,8 @@ def tiny():
     return hf, pack([render_example(e, tok) for e in examples], 4096, tok.pad_token_id)
 
 
-def _b(name: str) -> torch.Tensor:
-    """The value every B matrix of that name gets (B starts at zero: make the adapters matter)."""
+def _b(name: str) -> torch.Generator:
+    """The generator of the B matrix of that name's values (B starts at zero: make the adapters matter)."""
     return torch.Generator().manual_seed(len(name))
 
 

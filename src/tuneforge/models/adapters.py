@@ -45,7 +45,7 @@ def save_weights(model, folder: Path) -> None:
                   "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, **lora}
         (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return
-    state = {k: v for k, v in _trained(model).items()}
+    state = _trained(model)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the embeddings' own tensor, saved once (as transformers does)
     save_file(state, folder / FULL_FILE, metadata={"format": "pt"})

@@ -147,16 +147,16 @@ class LoraLinear(nn.Module):
         return _LoraLinear.apply(x, *parts, compute_dtype(x))
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets) -> None:
     """Freeze `model` and put a LoRA layer over every linear layer named in `targets` (by its attribute
-    name, as PEFT's target_modules match: "q_proj" is every layer's q_proj); the names adapted."""
+    name, as PEFT's target_modules match: "q_proj" is every layer's q_proj)."""
     model.requires_grad_(False)
-    targets, adapted = set(targets), []
-    for path, parent in list(model.named_modules()):
+    targets, adapted = set(targets), 0
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):  # a 4-bit layer is one too
                 setattr(parent, name, LoraLinear(child, rank, alpha, dropout))
-                adapted.append(f"{path}.{name}" if path else name)
+                adapted += 1
     if not adapted:
         raise ValueError(f"lora_targets {sorted(targets)}: no linear layer of the model has any of these names")
     return adapted

@@ -335,11 +335,9 @@ def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=No
         config = model.config
     else:
         folder = model_folder(spec)
-        raw = json.loads((folder / "config.json").read_text())
-        Config.from_hf(raw)  # refused before any weight is read
-        state = read_weights(folder)
+        state = read_weights(folder)  # mapped, not read: a model refused below costs nothing
+        config = Config.from_hf(json.loads((folder / "config.json").read_text()), tied="lm_head.weight" not in state)
         tokenizer = with_pad(load_tokenizer(name))
-        config = Config.from_hf(raw, tied="lm_head.weight" not in state)
         model = from_state_dict(config, state, dtype)
     config.check(max_length)
     if quantize is not None:
