@@ -258,6 +258,18 @@ def test_weights_are_read_as_views_of_the_mapped_file(tiny, tmp_path):
     assert str(tmp_path / "model.safetensors") in maps
 
 
+def test_older_pickled_weights_are_read_too_and_none_is_a_clear_error(tiny, tmp_path):
+    hf, _ = tiny
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # what transformers wrote before safetensors
+    state = native.read_weights(tmp_path)
+    assert state.keys() == hf.state_dict().keys()
+    for k, v in state.items():
+        assert torch.equal(v, hf.state_dict()[k]), k
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        native.read_weights(tmp_path)
+
+
 def test_unsupported_models_are_refused_by_name():
     with pytest.raises(native.UnsupportedModel, match="'gpt2'.*GPT2LMHeadModel.*llama, mistral, qwen2"):
         native.Config.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})

@@ -282,7 +282,8 @@ def from_transformers(hf_model, dtype: torch.dtype = torch.float32) -> CausalLM:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face folder's safetensors file(s), as views of the memory-mapped files.
+    """Every tensor of a Hugging Face folder's safetensors file(s) (or, without any, its
+    pytorch_model.bin file(s)), as views of the memory-mapped files.
 
     safetensors' own loader copies each tensor into the process's memory; mapped views let
     prepare_for_autocast hand each fp32 page back once its bf16 copy is made (as transformers'
@@ -290,8 +291,15 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     length, a JSON header of {name: dtype, shape, data_offsets} and the raw bytes.
     """
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = _weight_files(folder, "model.safetensors")
+    if not files:  # older checkpoints: PyTorch's pickles, memory-mapped by torch.load as well
+        state = {}
+        for name in _weight_files(folder, "pytorch_model.bin"):
+            state |= torch.load(folder / name, map_location="cpu", mmap=True, weights_only=True)
+        if not state:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (nor their sharded "
+                                    "index) - the base model's weights")
+        return state
     state = {}
     for name in files:
         with open(folder / name, "rb") as f:
@@ -309,6 +317,14 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raw = raw.clone()  # not aligned for its dtype in the file: a copy of its own
             state[key] = raw.view(dtype).view(entry["shape"])
     return state
+
+
+def _weight_files(folder: Path, single: str) -> list[str]:
+    """The files of a Hugging Face folder's weights in one format: the sharded index's, or the single file."""
+    index = folder / f"{single}.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [single] if (folder / single).is_file() else []
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
