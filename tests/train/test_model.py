@@ -281,6 +281,16 @@ def test_unsupported_models_are_refused_by_name():
         config.check(1024)
     with pytest.raises(native.UnsupportedModel, match="'yarn'"):
         native.Config.from_hf(base | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="a mistral config needs hidden_size, intermediate_size"):
+        native.Config.from_hf({k: v for k, v in base.items() if k not in ("hidden_size", "intermediate_size")})
+
+
+def test_a_broken_config_file_is_named(tiny, tmp_path):
+    hf, _ = tiny
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        native.load_for_training(str(tmp_path))
 
 
 @pytest.mark.parametrize("rope", [

@@ -42,6 +42,9 @@ class UnsupportedModel(ValueError):
     pass
 
 
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 @dataclass(frozen=True)
 class Config:
     """What the decoder needs of a Hugging Face config.json, read as JSON: transformers' config classes
@@ -77,6 +80,8 @@ class Config:
                                    f"tuneforge trains {', '.join(SUPPORTED)} models")
         if raw.get("hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"base model activation {raw['hidden_act']!r}: tuneforge trains SwiGLU (silu) models")
+        if missing := [k for k in REQUIRED if k not in raw]:
+            raise ValueError(f"a {kind} config needs {', '.join(missing)}")
         heads = raw["num_attention_heads"]
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
@@ -332,6 +337,18 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "BOOL": torch.bool}
 
 
+def _read_config(path: Path, tied: bool) -> Config:
+    """Config.from_hf of a config.json, its mistakes named with the file."""
+    try:
+        return Config.from_hf(json.loads(path.read_text()), tied)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except UnsupportedModel as err:
+        raise UnsupportedModel(f"{path}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=None,
                       compute_dtype: torch.dtype | None = None, max_length: int | None = None):
     """(CausalLM, tokenizer) of a catalogue base model, on the CPU, in `dtype`.
@@ -352,7 +369,7 @@ def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=No
     else:
         folder = model_folder(spec)
         state = read_weights(folder)  # mapped, not read: a model refused below costs nothing
-        config = Config.from_hf(json.loads((folder / "config.json").read_text()), tied="lm_head.weight" not in state)
+        config = _read_config(folder / "config.json", tied="lm_head.weight" not in state)
         tokenizer = with_pad(load_tokenizer(name))
         model = from_state_dict(config, state, dtype)
     config.check(max_length)
