@@ -63,13 +63,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _peak_worker(args) -> dict:
     import torch
 
-    from tuneforge.train.device import configure_cpu
+    from tuneforge.train.device import configure_cpu, cpu_has_bf16
 
     configure_cpu(args.threads)
     if torch.cuda.is_available():
         return _cuda_peak()
     best = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # bf16 only where the CPU multiplies in it: elsewhere PyTorch's fallback takes minutes a product,
+    # and neither trainer runs in it (both train in fp32 there)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[: 2 if cpu_has_bf16() else 1]:
         rates = []
         for n in (1024, 2048, 3072):
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -403,8 +405,10 @@ def _table(runs, methods, trainers, peak, args) -> None:
             tps = med(r["tokens"] / r["train_seconds"] for r in rs)
             fps = med(r["flops"] / r["train_seconds"] for r in rs)
             other = peak.get("datasheet_bf16") if gpu else peak["fp32"]
+            of_bf16 = f"{100 * fps / peak['bf16']:.0f}%" if "bf16" in peak else "-"  # no native bf16: no such peak
             print(f"| {method} | {trainer} | {rs[0]['batch_size']} | {tps:.0f} | {fps / 1e9:.0f} "
-                  f"| {100 * fps / peak['bf16']:.0f}% | {f'{100 * fps / other:.0f}%' if other else '-'} "
+                  f"| {of_bf16} "
+                  f"| {f'{100 * fps / other:.0f}%' if other else '-'} "
                   f"| {med(r['peak_gpu_mb' if gpu else 'peak_rss_mb'] for r in rs):.0f} "
                   f"| {med(r['wall'] for r in rs):.1f} | {med(r['valid_loss'] for r in rs):.4f} |")
     if "trl" not in trainers:

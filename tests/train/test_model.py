@@ -343,9 +343,10 @@ def test_rotary_is_transformers_rotary(dtype):
     assert (out_grad.float() - truth).norm() <= (ref_grad.float() - truth).norm()
 
 
-def test_a_training_process_imports_no_modeling_code(tmp_path):
-    """What the decoder is for: the training loop loads a model without transformers' modeling code
-    (torch._dynamo, sympy) or PEFT in the process."""
+def test_a_training_process_imports_no_modeling_code(tmp_path, chat_file):
+    """What the decoder and train.optim are for: a whole training run (model load, steps, checkpoints,
+    saved adapter) without transformers' modeling code, PEFT, or torch._dynamo and sympy (which
+    torch.optim's optimizers import) in the process."""
     import subprocess
     import sys
 
@@ -354,8 +355,11 @@ def test_a_training_process_imports_no_modeling_code(tmp_path):
     from tuneforge.models.tiny import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(tmp_path / "base")
-    code = ("import sys; from tuneforge.train.loop import train; from tuneforge.train.model import load_for_training; "
-            f"load_for_training({str(tmp_path / 'base')!r}); "
+    cfg = f"TrainConfig(data={str(chat_file)!r}, out={str(tmp_path / 'run')!r}, base={str(tmp_path / 'base')!r}, n_epochs=1)"
+    code = ("import sys; from tuneforge.train.loop import train; from tuneforge.train.config import TrainConfig; "
+            f"train({cfg}); "
             "print(sorted(m for m in ('sympy', 'torch._dynamo', 'peft', 'transformers.modeling_utils') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

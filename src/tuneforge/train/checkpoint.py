@@ -1,8 +1,9 @@
 """Save and restore everything needed to continue a run exactly where it stopped.
 
 A checkpoint folder holds the trained weights in their standard form (servable on its own), the
-optimizer and scheduler state, the RNG state and the loop position. Folders are written under a
-temporary name and renamed, so a kill mid-save never leaves a checkpoint that looks complete.
+optimizer state (the learning-rate schedule's position included), the RNG state and the loop
+position. Folders are written under a temporary name and renamed, so a kill mid-save never leaves a
+checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..models.adapters import load_weights_into, save_weights
+from .optim import AdamW
 
 CHECKPOINTS = "checkpoints"
 
@@ -36,7 +38,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / "state.json").exists())
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, state: LoopState, kind: str, metrics: dict):
+def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: str, metrics: dict):
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{state.global_step:06d}"
     tmp = root / f".{final.name}.partial"
@@ -46,7 +48,6 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: LoopState, kind
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         },
         tmp / "trainer.pt",
@@ -74,10 +75,9 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> LoopState:
+def restore_checkpoint(ckpt: Path, model, optimizer: AdamW) -> LoopState:
     load_weights_into(model, ckpt / "weights")
     trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
+    optimizer.load_state_dict(trainer["optimizer"], trainer.get("scheduler"))  # torch.optim's, before train.optim
     torch.set_rng_state(trainer["rng"])
     return LoopState(**read_meta(ckpt)["state"])

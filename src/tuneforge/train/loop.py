@@ -43,6 +43,7 @@ from .device import (
 from .lora import group_layers
 from .loss import batch_loss
 from .model import load_for_training
+from .optim import AdamW, warmup_then_decay
 
 Event = dict
 RESULT_FILE = "result.json"
@@ -104,17 +105,6 @@ def _render(examples, tokenizer, max_length):
     return [r for r in rendered if r.n_loss_tokens > 0]
 
 
-def _schedule(warmup: int, total: int):
-    """Linear warm-up, then linear decay to zero (what OpenAI-style short fine-tunes use)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def train(
     cfg: TrainConfig,
     on_event: Callable[[Event], None] | None = None,
@@ -170,18 +160,16 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     if group.world > 1:
         distributed.broadcast_parameters(params, group)
         torch.manual_seed(cfg.seed + group.rank)  # dropout masks of their own in each process
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
-    )
     steps_per_epoch = math.ceil(len(train_r) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.n_epochs
     warmup = max(1, round(total_steps * cfg.warmup_ratio))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, total_steps))
+    schedule = warmup_then_decay(warmup, total_steps)
+    optimizer = AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, schedule=schedule)
 
     state = LoopState()
     if resume and checkpoint_dirs(run_dir):
         last = checkpoint_dirs(run_dir)[-1]
-        state = restore_checkpoint(last, model, optimizer, scheduler)
+        state = restore_checkpoint(last, model, optimizer)
         if main:
             metrics_log.truncate_after(run_dir, state.global_step)
         emit({"type": "message", "message": f"Resumed from checkpoint at step {state.global_step}"})
@@ -217,7 +205,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     def checkpoint(kind: str) -> Path:
         if not main:
             return run_dir / "checkpoints"
-        return save_checkpoint(run_dir, model, optimizer, scheduler, state, kind, last_row)
+        return save_checkpoint(run_dir, model, optimizer, state, kind, last_row)
 
     if valid_r and state.global_step == 0:
         # The untrained model's validation loss: the baseline every later pass is compared with.
@@ -244,10 +232,9 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
                     out = _step(model, step_ex, cfg, pad_id, device, dtype, group)
                 distributed.sum_gradients(params, group)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
+                lr = optimizer.lr
                 optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 state.global_step += 1
                 state.step_in_epoch = s + 1
                 state.trained_tokens += out.n_tokens
