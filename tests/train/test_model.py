@@ -258,6 +258,36 @@ def test_weights_are_read_as_views_of_the_mapped_file(tiny, tmp_path):
     assert str(tmp_path / "model.safetensors") in maps
 
 
+def _mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_fp32_weights_stacked_for_a_lora_group_leave_the_mapped_file(tiny, tmp_path):
+    """In fp32 the frozen weights stay views of the mapped file; q/k/v and gate/up are copied into one
+    stacked matrix each, and the file pages just read for that go back instead of staying resident."""
+    hf, _ = tiny
+    hf.save_pretrained(tmp_path)
+    m = native.from_state_dict(native._read_config(tmp_path / "config.json", tied=True), native.read_weights(tmp_path))
+    m = prepare_for_training(m, "lora", rank=4, alpha=8, dropout=0.0, targets=TARGETS)
+    file = tmp_path / "model.safetensors"
+    sum(float(p.detach().sum()) for p in m.parameters())  # every page of the file read once
+    before = _mapped_kb(file)
+    group_layers(m)
+    stacked = sum(p.numel() * 4 for n, p in m.named_parameters() if any(f"{k}.base_layer" in n for k in
+                                                                         ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")))
+    # (most, not all: the tiny model's tensors share pages with neighbours that are read again later)
+    assert before - _mapped_kb(file) >= 0.5 * stacked / 1024
+    for name, p in m.named_parameters():
+        assert torch.equal(p, hf.state_dict()[name.replace(".base_layer", "")]) if "base_layer" in name else True, name
+
+
 def test_older_pickled_weights_are_read_too_and_none_is_a_clear_error(tiny, tmp_path):
     hf, _ = tiny
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # what transformers wrote before safetensors

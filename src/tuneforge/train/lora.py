@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..models.quantize import Nf4Weights
-from .device import compute_dtype
+from .device import compute_dtype, drop_file_pages, weights_file_maps
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -282,10 +282,11 @@ def lora_group(modules) -> bool:
         return False
     stacked = torch.cat([m.base_layer.weight.detach() for m in modules])
     modules[0].stacked = stacked
-    start = 0
+    start, mapped = 0, weights_file_maps()
     for m in modules:
         width = m.base_layer.weight.shape[0]
-        m.base_layer.weight.data = stacked[start : start + width]
+        old, m.base_layer.weight.data = m.base_layer.weight.data, stacked[start : start + width]
+        drop_file_pages(old, mapped)  # fp32 weights are views of the weights file: its pages just read go back
         start += width
     return True
 
