@@ -79,7 +79,10 @@ def prepare(pkg, method: str):
     else:
         mod("train.fused").fuse_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)
+    if importlib.util.find_spec(f"{pkg.__name__}.train.optim") is not None:  # its own AdamW (2026-12-06 on)
+        optimizer = mod("train.optim").AdamW(params, lr=cfg.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)
     pack, batch_loss = mod("data.pack").pack, mod("train.loss").batch_loss
     size = cfg.batch_size
     batches = [pack(rendered[i : i + size], cfg.max_row_tokens, tokenizer.pad_token_id) for i in range(0, len(rendered), size)]
@@ -91,7 +94,7 @@ def prepare(pkg, method: str):
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         out.loss.item()
         return time.perf_counter() - started
 
