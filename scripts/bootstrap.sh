@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# No copy of every downloaded wheel in ~/.cache/pip: a fresh machine installs once, and a CI run once
+# failed with "No space left on device" while installing (the venv alone is ~1.9 GB).
+export PIP_NO_CACHE_DIR=1
 # pip here warns about every package missing from the machine's local mirrors; only real errors matter.
 pip_install() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 # torch first and pinned: this machine's CPU build. Everything installed later that needs torch finds
