@@ -114,6 +114,46 @@ def test_loss_and_gradients_are_transformers_and_peft(tiny, method):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _other_architecture(kind: str, vocab_size: int):
+    """A tiny transformers model of another supported type: Qwen2's q/k/v biases, Mistral's window,
+    Qwen3's per-head query/key norms (set away from one, so that they matter) and its own head_dim."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"qwen2": {}, "mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 24, "attention_bias": True}}[kind]
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                  pad_token_id=2, **extra)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2 + ("norm" in name))
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3"])
+def test_other_architectures_are_transformers_and_peft(tiny, tmp_path, kind):
+    llama, batch = tiny
+    hf = _other_architecture(kind, llama.config.vocab_size)
+    hf.save_pretrained(tmp_path)  # read back as a training run reads a base model: config.json as JSON
+    config = native._read_config(tmp_path / "config.json", tied=True)
+    assert config.model_type == kind and config.qk_norm == (kind == "qwen3")
+    assert config.head_dim == (24 if kind == "qwen3" else 16)
+    loaded = native.from_state_dict(config, native.read_weights(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch.input_ids[:, :40]), hf(batch.input_ids[:, :40]).logits, rtol=1e-5, atol=1e-5)
+    m = _native(hf, "lora")
+    ref_loss, ref_grads = _step(_peft(hf, m, "lora"), batch, None)
+    loss, grads = _step(m, batch, None)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * len(TARGETS)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    bf16_loss, _ = _step(_native(hf, "lora", bf16=True), batch, torch.bfloat16)  # the bf16 path runs too
+    assert bf16_loss == pytest.approx(loss, rel=2e-2)
+
+
 def test_lora_layers_run_fused_and_grouped(tiny):
     hf, _ = tiny
     m = native.from_transformers(copy.deepcopy(hf))

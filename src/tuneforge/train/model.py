@@ -13,8 +13,9 @@ everything tuneforge trains):
   context variable the attention has to find.
 
 Module names are transformers' (model.layers.N.self_attn.q_proj, ...), so the state dict is a Hugging
-Face checkpoint's and weights are read from and written to the same folders. Llama, Mistral and Qwen2
-share this architecture (Qwen2 adds biases to q/k/v); anything else is refused by name.
+Face checkpoint's and weights are read from and written to the same folders. Llama, Mistral, Qwen2
+and Qwen3 share this architecture (Qwen2 adds biases to q/k/v, Qwen3 an RMSNorm of each query and key
+head); anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .attention import Segments, attend, segments
 from .fused import RMSNorm, rotary, swiglu_mlp
 from .lora import project
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedModel(ValueError):
@@ -64,6 +65,7 @@ class Config:
     tie_word_embeddings: bool
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: each query and key head RMS-normalised before the rotary embedding
     mlp_bias: bool = False
     attention_dropout: float = 0.0
     sliding_window: int | None = None
@@ -94,10 +96,13 @@ class Config:
             model_type=kind, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            # (transformers' Qwen3 default head_dim is 128, not hidden_size / heads)
+            head_dim=raw.get("head_dim") or (128 if kind == "qwen3" else raw["hidden_size"] // heads),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope=rope, tie_word_embeddings=raw.get("tie_word_embeddings", tied),
             qkv_bias=kind == "qwen2" or raw.get("attention_bias", False),
-            o_bias=kind == "llama" and raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
+            o_bias=kind in ("llama", "qwen3") and raw.get("attention_bias", False), qk_norm=kind == "qwen3",
+            mlp_bias=raw.get("mlp_bias", False),
             attention_dropout=raw.get("attention_dropout", 0.0), sliding_window=window,
             pad_token_id=raw.get("pad_token_id"), raw=raw,
         )
@@ -168,10 +173,15 @@ class Attention(nn.Module):
         self.k_proj = Linear(width, kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = Linear(width, kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = Linear(heads * self.head_dim, width, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, rope, seg: Segments):
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in project([self.q_proj, self.k_proj, self.v_proj], x))
+        q, k, v = (t.view(shape) for t in project([self.q_proj, self.k_proj, self.v_proj], x))
+        if self.q_norm is not None:  # over each head's dimensions, before the rotary embedding
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         out = attend(q, k, v, seg, self.scaling, self.dropout if self.training else 0.0)
