@@ -110,3 +110,20 @@ def test_validation_file_replaces_the_held_out_split(tmp_path, chat_file):
     result = train(config(tmp_path, chat_file, validation_data=str(valid), n_epochs=1))
     assert result.steps == 6  # all 24 training examples, batch 4
     assert result.baseline["n_tokens"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_log_says_where_and_in_what_it_trains(tmp_path, chat_file, precision):
+    events = []
+    train(config(tmp_path, chat_file, n_epochs=1, precision=precision), on_event=events.append)
+    first = events[0]["message"]
+    assert first.startswith("Training on the CPU (") and ("bf16 autocast" in first) == (precision == "bf16")
+    assert "no native bf16" not in first  # asked for by name: no reason to give
+
+
+def test_an_automatic_fp32_says_why():
+    import torch
+
+    from tuneforge.train.device import describe
+
+    assert describe(torch.device("cpu"), None, "auto").endswith("in fp32 (no native bf16 here)")

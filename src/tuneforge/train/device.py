@@ -42,6 +42,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+def describe(device: torch.device, dtype: torch.dtype | None, precision: str) -> str:
+    """Where and in what a run trains, for its log: on a CPU without native bf16 a run is about half
+    as fast as on one with it, and the user should see why."""
+    where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if dtype is not None:
+        return f"Training on the {where} in bf16 autocast, fp32 master weights"
+    return f"Training on the {where} in fp32" + (" (no native bf16 here)" if precision == "auto" else "")
+
+
 CPU = torch.device("cpu")
 
 

@@ -35,6 +35,7 @@ from .device import (
     autocast,
     autocast_dtype,
     configure_cpu,
+    describe,
     physical_cores,
     pick_device,
     prepare_for_autocast,
@@ -127,6 +128,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     device = pick_device()
     dtype = autocast_dtype(cfg.precision, device)
 
+    emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
         model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype, max_length=cfg.max_length)
