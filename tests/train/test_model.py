@@ -248,6 +248,19 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(tiny, method):
     assert _saved_bytes(recomputed, batch) < _saved_bytes(_native(hf, method), batch) / 4
 
 
+def test_recomputed_layers_draw_the_same_dropout_masks(tiny):
+    hf, batch = tiny
+    plain, recomputed = _native(hf, "lora", dropout=0.3), _native(hf, "lora", dropout=0.3)
+    recomputed.model.recompute = True
+    torch.manual_seed(5)
+    loss, grads = _step(plain, batch, None)
+    torch.manual_seed(5)
+    re_loss, re_grads = _step(recomputed, batch, None)
+    assert re_loss == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(re_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_a_saved_adapter_is_a_peft_adapter(tiny, tmp_path):
     hf, batch = tiny
     m = _native(hf, "lora")
@@ -413,10 +426,11 @@ def test_rotary_is_transformers_rotary(dtype):
     assert (out_grad.float() - truth).norm() <= (ref_grad.float() - truth).norm()
 
 
-def test_a_training_process_imports_no_modeling_code(tmp_path, chat_file):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_training_process_imports_no_modeling_code(tmp_path, chat_file, recompute):
     """What the decoder and train.optim are for: a whole training run (model load, steps, checkpoints,
     saved adapter) without transformers' modeling code, PEFT, or torch._dynamo and sympy (which
-    torch.optim's optimizers import) in the process."""
+    torch.optim's optimizers and torch.utils.checkpoint import) in the process."""
     import subprocess
     import sys
 
@@ -425,7 +439,8 @@ def test_a_training_process_imports_no_modeling_code(tmp_path, chat_file):
     from tuneforge.models.tiny import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(tmp_path / "base")
-    cfg = f"TrainConfig(data={str(chat_file)!r}, out={str(tmp_path / 'run')!r}, base={str(tmp_path / 'base')!r}, n_epochs=1)"
+    cfg = (f"TrainConfig(data={str(chat_file)!r}, out={str(tmp_path / 'run')!r}, base={str(tmp_path / 'base')!r}, "
+           f"n_epochs=1, activation_checkpointing={recompute})")
     code = ("import sys; from tuneforge.train.loop import train; from tuneforge.train.config import TrainConfig; "
             f"train({cfg}); "
             "print(sorted(m for m in ('sympy', 'torch._dynamo', 'peft', 'transformers.modeling_utils') if m in sys.modules))")

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import device
 from .attention import Segments, attend, segments
@@ -213,6 +212,45 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class _Recompute(torch.autograd.Function):
+    """A decoder layer that keeps only its input: run without a graph in the forward pass, and again
+    with one just before its backward pass. torch.utils.checkpoint does the same, but its first call
+    imports torch._dynamo and sympy (~70 MB resident, in the mode that is there to save memory).
+    The layer's trained parameters are inputs, so that the first layer (whose input, the frozen
+    embedding's output, needs no gradient in LoRA) is in the graph; their gradients are returned."""
+
+    @staticmethod
+    def forward(ctx, layer, h, rope, seg, *params):
+        kind = h.device.type
+        ctx.layer, ctx.rope, ctx.seg, ctx.params = layer, rope, seg, params
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        # LoRA dropout must draw the same masks the second time
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(h.device) if kind == "cuda" else None
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return layer(h, rope, seg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        h = h.detach().requires_grad_(ctx.needs_input_grad[1])
+        kind, dtype, enabled = ctx.autocast
+        with torch.random.fork_rng(devices=[h.device] if kind == "cuda" else [], device_type=kind):
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], h.device)
+            with torch.enable_grad():
+                with torch.autocast(kind, dtype=dtype, enabled=enabled):
+                    out = ctx.layer(h, ctx.rope, ctx.seg)
+                # sum(out * grad) has `grad` as its gradient with respect to out: passing grad itself
+                # as grad_outputs would import sympy (autograd's shape check of grad_outputs)
+                total = (out * grad).sum()
+        inputs = ([h] if h.requires_grad else []) + list(ctx.params)
+        grads = list(torch.autograd.grad(total, inputs, allow_unused=True))
+        grad_h = grads.pop(0) if h.requires_grad else None
+        return None, grad_h, None, None, *grads
+
+
 class Body(nn.Module):
     """transformers' `model`: embeddings, decoder layers, final norm."""
 
@@ -232,7 +270,7 @@ class Body(nn.Module):
         rope = self.rotary_emb(position_ids)
         for layer in self.layers:
             if self.recompute and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, seg, use_reentrant=False, preserve_rng_state=False)
+                h = _Recompute.apply(layer, h, rope, seg, *(p for p in layer.parameters() if p.requires_grad))
             else:
                 h = layer(h, rope, seg)
         return self.norm(h)
