@@ -78,6 +78,20 @@ def test_resume_after_stop_gives_the_same_run(tmp_path, chat_file):
     assert [read_meta(c)["kind"] for c in checkpoint_dirs(tmp_path / "split")] == ["epoch", "epoch"]
 
 
+@pytest.mark.parametrize("damage", [b"", b"\0" * 3000, b"not a checkpoint"])
+def test_a_damaged_optimizer_state_is_named_and_nothing_is_lost(tmp_path, chat_file, damage):
+    cfg = config(tmp_path, chat_file, n_epochs=3)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, should_stop=lambda: "paused" if len(metrics_log.read(tmp_path / "run")) == 7 else None)
+    state = stopped.value.checkpoint / "trainer.pt"
+    state.write_bytes(damage)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=f"{state}: the optimizer state of the newest checkpoint cannot be read"):
+        train(cfg, resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    assert (stopped.value.checkpoint / "weights" / "adapter_model.safetensors").exists()
+
+
 def test_full_fine_tuning_and_reload(tmp_path, chat_file):
     result = train(config(tmp_path, chat_file, method="full", n_epochs=1))
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
@@ -118,12 +132,16 @@ def test_the_log_says_where_and_in_what_it_trains(tmp_path, chat_file, precision
     train(config(tmp_path, chat_file, n_epochs=1, precision=precision), on_event=events.append)
     first = events[0]["message"]
     assert first.startswith("Training on the CPU (") and ("bf16 autocast" in first) == (precision == "bf16")
-    assert "no native bf16" not in first  # asked for by name: no reason to give
+    assert "no native bf16 here" not in first  # asked for by name: no reason to give
 
 
-def test_an_automatic_fp32_says_why():
+def test_an_automatic_fp32_says_why_and_bf16_without_native_support_says_it_is_slow(monkeypatch):
     import torch
 
-    from tuneforge.train.device import describe
+    from tuneforge.train import device
 
-    assert describe(torch.device("cpu"), None, "auto").endswith("in fp32 (no native bf16 here)")
+    assert device.describe(torch.device("cpu"), None, "auto").endswith("in fp32 (no native bf16 here)")
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert device.describe(torch.device("cpu"), torch.bfloat16, "bf16").endswith("(no native bf16 on this CPU: slower than fp32)")
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert device.describe(torch.device("cpu"), torch.bfloat16, "bf16").endswith("fp32 master weights")

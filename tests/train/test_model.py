@@ -376,6 +376,20 @@ def test_a_broken_config_file_is_named(tiny, tmp_path):
         native.load_for_training(str(tmp_path))
 
 
+def test_weights_that_do_not_fit_the_config_are_named(tiny, tmp_path):
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    hf, _ = tiny
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: weights do not match the llama config: "
+                                         r"model.layers.0.mlp.down_proj.weight is \[64, 128\], "
+                                         r"the config makes it \[64, 96\] \(6 tensors differ\)"):
+        native.load_for_training(str(tmp_path))
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

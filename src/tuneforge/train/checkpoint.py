@@ -77,7 +77,12 @@ def read_meta(ckpt: Path) -> dict:
 
 def restore_checkpoint(ckpt: Path, model, optimizer: AdamW) -> LoopState:
     load_weights_into(model, ckpt / "weights")
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    try:
+        trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    except Exception as e:  # missing, truncated or overwritten: whatever torch.load says, the file is named
+        raise ValueError(f"{ckpt / 'trainer.pt'}: the optimizer state of the newest checkpoint cannot be read "
+                         f"({type(e).__name__}: {e}), so the run cannot be resumed exactly; its weights are in "
+                         f"{ckpt / 'weights'}. Train again from the start (the command line: --overwrite)") from None
     optimizer.load_state_dict(trainer["optimizer"], trainer.get("scheduler"))  # torch.optim's, before train.optim
     torch.set_rng_state(trainer["rng"])
     return LoopState(**read_meta(ckpt)["state"])

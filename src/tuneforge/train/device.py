@@ -47,7 +47,8 @@ def describe(device: torch.device, dtype: torch.dtype | None, precision: str) ->
     as fast as on one with it, and the user should see why."""
     where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if dtype is not None:
-        return f"Training on the {where} in bf16 autocast, fp32 master weights"
+        slow = " (no native bf16 on this CPU: slower than fp32)" if device.type == "cpu" and not cpu_has_bf16() else ""
+        return f"Training on the {where} in bf16 autocast, fp32 master weights{slow}"
     return f"Training on the {where} in fp32" + (" (no native bf16 here)" if precision == "auto" else "")
 
 

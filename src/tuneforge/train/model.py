@@ -318,6 +318,11 @@ def from_state_dict(config: Config, state: dict[str, torch.Tensor], dtype: torch
     with torch.device("meta"):
         model = CausalLM(config)
     state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
+    expected = model.state_dict()
+    if wrong := [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]:
+        k = wrong[0]
+        raise ValueError(f"weights do not match the {config.model_type} config: {k} is {list(state[k].shape)}, "
+                         f"the config makes it {list(expected[k].shape)} ({len(wrong)} tensors differ)")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie()
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -419,7 +424,10 @@ def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=No
         state = read_weights(folder)  # mapped, not read: a model refused below costs nothing
         config = _read_config(folder / "config.json", tied="lm_head.weight" not in state)
         tokenizer = with_pad(load_tokenizer(name))
-        model = from_state_dict(config, state, dtype)
+        try:
+            model = from_state_dict(config, state, dtype)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
     config.check(max_length)
     if quantize is not None:
         to_nf4(model, compute_dtype or dtype)
