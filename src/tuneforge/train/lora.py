@@ -159,7 +159,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets)
                 adapted += 1
     if not adapted:
         raise ValueError(f"lora_targets {sorted(targets)}: no linear layer of the model has any of these names")
-    return adapted
 
 
 def lora_config(model: nn.Module) -> dict | None:
@@ -261,11 +260,11 @@ def _is_nf4(layer) -> bool:
     return bnb is not None and isinstance(layer, bnb.nn.Linear4bit) and layer.weight.bnb_quantized
 
 
-def lora_group(modules) -> bool:
+def lora_group(modules, mapped: list[tuple[int, int]]) -> bool:
     """Prepare LoRA layers that share their input (q/k/v, gate/up) to run as one `_LoraGroup`: their
     frozen weights become row blocks of one stacked matrix (views, no copy left behind), kept on the
     first. False, and nothing changed, if they can't (other modules, biases, different ranks) or
-    already are one."""
+    already are one. `mapped`: the weights files' address ranges (train.device.weights_file_maps)."""
     if getattr(modules[0], "stacked", None) is not None:
         return False
     parts = [lora_parts(m) for m in modules]
@@ -282,7 +281,7 @@ def lora_group(modules) -> bool:
         return False
     stacked = torch.cat([m.base_layer.weight.detach() for m in modules])
     modules[0].stacked = stacked
-    start, mapped = 0, weights_file_maps()
+    start = 0
     for m in modules:
         width = m.base_layer.weight.shape[0]
         old, m.base_layer.weight.data = m.base_layer.weight.data, stacked[start : start + width]
@@ -298,11 +297,11 @@ def group_layers(model: nn.Module) -> int:
     """Make every q/k/v and gate/up trio or pair of plain LoRA layers one group (`lora_group`); how many.
     Call it once the frozen weights are where and in the dtype they will stay (after .to(device) and
     train.device.prepare_for_autocast)."""
-    n = 0
+    n, mapped = 0, weights_file_maps()  # read once: /proc/self/maps takes ~1 ms, and there are 2 groups a layer
     for module in model.modules():
         for names in GROUPS:
             layers = [getattr(module, name, None) for name in names]
-            if all(isinstance(m, LoraLinear) for m in layers) and lora_group(layers):
+            if all(isinstance(m, LoraLinear) for m in layers) and lora_group(layers, mapped):
                 n += 1
     return n
 
