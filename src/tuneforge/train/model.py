@@ -317,12 +317,12 @@ def from_state_dict(config: Config, state: dict[str, torch.Tensor], dtype: torch
     already in `dtype` (views of a memory-mapped file stay views: train.device.prepare_for_autocast)."""
     with torch.device("meta"):
         model = CausalLM(config)
-    state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
     expected = model.state_dict()
-    if wrong := [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]:
+    if wrong := [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]:  # before any copy
         k = wrong[0]
         raise ValueError(f"weights do not match the {config.model_type} config: {k} is {list(state[k].shape)}, "
                          f"the config makes it {list(expected[k].shape)} ({len(wrong)} tensors differ)")
+    state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie()
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
