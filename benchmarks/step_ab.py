@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import io
 import statistics
 import subprocess
@@ -61,7 +62,10 @@ def prepare(pkg, method: str):
     device.configure_cpu(0)
     native = importlib.util.find_spec(f"{pkg.__name__}.train.model") is not None  # its own decoder (2026-12-06 on)
     if native:
-        model, tokenizer = mod("train.model").load_for_training("smollm2-135m-instruct")
+        load = mod("train.model").load_for_training
+        # a LoRA run's frozen base in the GGUF file's own blocks (models.gguf, 2026-12-07 on), as the loop loads it
+        kept = {"frozen_base": method == "lora"} if "frozen_base" in inspect.signature(load).parameters else {}
+        model, tokenizer = load("smollm2-135m-instruct", **kept)
     else:
         model, tokenizer = mod("models.load").load_base("smollm2-135m-instruct")
     cfg = config.TrainConfig(data=str(DATA), out="-", method=method)

@@ -27,6 +27,7 @@ from ..data.render import render_example
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
+from ..models.gguf import kept_blocks
 from . import distributed, dpo, speed
 from . import metrics as metrics_log
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
@@ -131,7 +132,10 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
-        model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype, max_length=cfg.max_length)
+        model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype,
+                                             max_length=cfg.max_length, frozen_base=cfg.method == "lora")
+    if kept := kept_blocks(model):
+        emit({"type": "message", "message": kept})
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)
     preference = cfg.objective == "dpo"
     if preference:  # items are dpo.Pair: both answers of each preference pair

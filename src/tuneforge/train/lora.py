@@ -20,8 +20,12 @@ import sys
 import torch
 from torch import nn
 
+from ..models.gguf import GgufLinear, GgufWeights
 from ..models.quantize import Nf4Weights
 from .device import compute_dtype, drop_file_pages, weights_file_maps
+
+# Frozen weights kept packed (4-bit NF4, a GGUF file's blocks), de-quantised inside each product
+PACKED = (Nf4Weights, GgufWeights)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -54,13 +58,15 @@ class _LoraLinear(torch.autograd.Function):
 def lora_product(x2, weight, bias, a, b, scale, dtype):
     """x2 @ W.T (+ bias) + scale * (x2 @ A.T) @ B.T with every product in `dtype` (x2: [tokens, in],
     already in `dtype`); returns it and what `lora_gradients` needs: (xa, W, A, B) in `dtype`. The
-    frozen W is a tensor or 4-bit weights (models.quantize.Nf4Weights): see `frozen`."""
+    frozen W is a tensor or packed weights (`PACKED`): see `frozen`."""
     w, a_, b_ = frozen(weight, dtype), a.to(dtype), b.to(dtype)
     xa = x2 @ a_.T  # [tokens, rank]
-    if bias is not None:
-        y = torch.addmm(bias.to(dtype), x2, w.T)  # (4-bit layers with a bias are not fused: lora_parts)
-    else:
+    if bias is None:
         y = times_t(x2, w)
+    elif isinstance(w, PACKED):
+        y = times_t(x2, w).add_(bias.to(dtype))
+    else:
+        y = torch.addmm(bias.to(dtype), x2, w.T)
     y.addmm_(xa, b_.T, alpha=scale)
     return y, (xa, w, a_, b_)
 
@@ -79,30 +85,30 @@ def lora_gradients(grad_y, saved, scale, input_grad: bool):
 
 def frozen(weight, dtype):
     """A frozen weight as `times_t` and `times` multiply by it: a tensor in `dtype` (the parameter
-    itself, no copy, when it is stored in that dtype), or 4-bit weights as they are (Nf4Weights
-    de-quantises them a layer at a time, within each product)."""
-    return weight if isinstance(weight, Nf4Weights) else weight.to(dtype)
+    itself, no copy, when it is stored in that dtype), or packed weights as they are (`PACKED`: they
+    are de-quantised a layer or a stack at a time, within each product)."""
+    return weight if isinstance(weight, PACKED) else weight.to(dtype)
 
 
 def times_t(x, w):
     """x @ W.T for a frozen weight (`frozen`)."""
-    return w.mm_t(x) if isinstance(w, Nf4Weights) else x @ w.T
+    return w.mm_t(x) if isinstance(w, PACKED) else x @ w.T
 
 
 def times(g, w):
     """g @ W for a frozen weight (`frozen`)."""
-    return w.mm(g) if isinstance(w, Nf4Weights) else g @ w
+    return w.mm(g) if isinstance(w, PACKED) else g @ w
 
 
 def keep_weight(ctx, w):
-    """A frozen weight (`frozen`) for save_for_backward: 4-bit weights are not a tensor, so ctx holds
+    """A frozen weight (`frozen`) for save_for_backward: packed weights are not a tensor, so ctx holds
     them; `kept_weight` gives either back."""
-    ctx.nf4 = w if isinstance(w, Nf4Weights) else None
-    return None if ctx.nf4 is not None else w
+    ctx.packed = w if isinstance(w, PACKED) else None
+    return None if ctx.packed is not None else w
 
 
 def kept_weight(ctx, w):
-    return ctx.nf4 if ctx.nf4 is not None else w
+    return ctx.packed if ctx.packed is not None else w
 
 
 def b_gradient(g, xa, scale):
@@ -154,7 +160,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets)
     targets, adapted = set(targets), 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and isinstance(child, nn.Linear):  # a 4-bit layer is one too
+            if name in targets and isinstance(child, (nn.Linear, GgufLinear)):  # a 4-bit layer is an nn.Linear
                 setattr(parent, name, LoraLinear(child, rank, alpha, dropout))
                 adapted += 1
     if not adapted:
@@ -176,11 +182,13 @@ def lora_config(model: nn.Module) -> dict | None:
 
 def lora_parts(module):
     """(weight, bias, A, B, scale) of a LoRA layer that runs as one `_LoraLinear` node - no dropout,
-    over a plain frozen layer, or a 4-bit one without bias -, None for any other module."""
+    over a plain frozen layer, a GGUF one, or a 4-bit one without bias -, None for any other module."""
     if not isinstance(module, LoraLinear) or not isinstance(module.lora_dropout, nn.Identity):
         return None
     base = module.base_layer
-    if _is_nf4(base) and base.bias is None:
+    if isinstance(base, GgufLinear):
+        weight = base.weight
+    elif _is_nf4(base) and base.bias is None:
         weight = Nf4Weights([base.weight])
     elif isinstance(base, nn.Linear) and not base.weight.requires_grad:
         weight = base.weight
@@ -276,6 +284,15 @@ def lora_group(modules, mapped: list[tuple[int, int]]) -> bool:
         if not all(_is_nf4(m.base_layer) for m in modules):
             return False
         modules[0].stacked = Nf4Weights([m.base_layer.weight for m in modules])
+        return True
+    if any(isinstance(m.base_layer, GgufLinear) for m in modules):  # GGUF blocks: stacked as blocks
+        if len({getattr(m.base_layer, "kind", None) for m in modules}) != 1:
+            return False
+        stacked = GgufWeights.stack([m.base_layer.weight for m in modules])
+        modules[0].stacked, start = stacked, 0
+        for m in modules:  # each layer's blocks become views of the stack: no copy left behind
+            m.base_layer.use(stacked.rows(start, start + m.out_features))
+            start += m.out_features
         return True
     if len({m.base_layer.weight.dtype for m in modules}) != 1:
         return False

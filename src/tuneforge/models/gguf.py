@@ -1,0 +1,267 @@
+"""A GGUF base model's frozen linear layers kept in the file's own blocks, for LoRA.
+
+The embedded SmolLM2 ships as a Q4_1 GGUF file: 4 bits per weight plus an fp16 scale and offset per
+block of 32. models.load de-quantises it once into an fp32 safetensors cache (4 bytes a weight), which
+is what full fine-tuning trains and what the server loads. A LoRA run never changes the base weights,
+so its frozen linear layers keep the file's blocks instead, and each product de-quantises one weight
+matrix (or one q/k/v or gate/up stack) into a temporary, as QLoRA does with NF4 (models.quantize).
+Unlike NF4 this changes no number: the blocks *are* the model, and the arithmetic is the gguf
+package's (d * q + m in fp32, as transformers de-quantised the cache), so every weight is the
+cache's, bit for bit - and layer 0 is checked against the cache before the file is trusted.
+
+The 4-bit values are widened to a byte each and the block scales to fp32 once, at load: 1.25 bytes a
+weight instead of 4 (~290 MB less for the embedded model, a sixth of a LoRA run's peak), and
+de-quantising is three contiguous passes, ~0.3 ms per million weights: ~3% of a step (splitting the
+nibbles at every product would save another ~50 MB for three times that).
+
+Q4_0, Q4_1 and Q8_0 layers of llama, qwen2 and qwen3 files are kept so; anything else (k-quants, f16,
+other architectures) trains on the cache's weights as before.
+
+The file is read by a small parser of its header: gguf's GGUFReader turns every metadata array (the
+tokenizer's 49k tokens and merges) into numpy objects first, ~3 s and ~160 MB for the embedded model.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..train.device import compute_dtype, drop_file_pages, weights_file_maps
+
+# ggml type id -> (name, bytes per block of 32 weights)
+BLOCK_TYPES = {2: ("Q4_0", 18), 3: ("Q4_1", 20), 8: ("Q8_0", 34)}
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+LINEAR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+
+
+class GgufWeights:
+    """A frozen weight matrix [out, in] as GGUF blocks, as train.lora's products take it in place of a
+    tensor: `mm_t`, `mm`, `shape`. `qs`: the blocks' values, a byte each [out, in / 32, 32] (Q8_0's
+    int8 stored as uint8); `scale` (and Q4_1's `low`): their fp32 scales (offsets) [out, in / 32, 1]."""
+
+    def __init__(self, kind: str, qs: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None):
+        self.kind, self.qs, self.scale, self.low = kind, qs, scale, low
+        self.shape = (qs.shape[0], qs.shape[1] * 32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights in `dtype`: gguf's fp32 arithmetic (the same operations in the same order, so the
+        same roundings), then one cast - the one the cache's fp32 weights would get."""
+        w = (self.qs.view(torch.int8) if self.kind == "Q8_0" else self.qs).to(torch.float32)
+        if self.kind == "Q4_0":
+            w.sub_(8)
+        w.mul_(self.scale)
+        if self.low is not None:
+            w.add_(self.low)
+        w = w.view(self.shape)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def mm_t(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T ([tokens, in] -> [tokens, out]), in x's dtype."""
+        return x @ self.dequantize(x.dtype).T
+
+    def mm(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W ([tokens, out] -> [tokens, in]), in g's dtype."""
+        return g @ self.dequantize(g.dtype)
+
+    def rows(self, start: int, stop: int) -> GgufWeights:
+        return GgufWeights(self.kind, self.qs[start:stop], self.scale[start:stop],
+                           None if self.low is None else self.low[start:stop])
+
+    @staticmethod
+    def stack(parts: list[GgufWeights]) -> GgufWeights:
+        """Several matrices of one kind with the same input, as one (their rows one after another)."""
+        lows = [p.low for p in parts]
+        return GgufWeights(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.scale for p in parts]),
+                           None if lows[0] is None else torch.cat(lows))
+
+
+class _Frozen(torch.autograd.Function):
+    """x @ W.T (+ bias) in `dtype` (autocast's, as a Linear would multiply) for frozen GGUF weights; the
+    backward pass de-quantises W again rather than keep it."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weights, dtype):
+        ctx.weights, ctx.shape, ctx.dtypes = weights, x.shape, (x.dtype, dtype)
+        y = weights.mm_t(x.reshape(-1, x.shape[-1]).to(dtype))
+        if bias is not None:
+            y.add_(bias.to(dtype))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            x_dtype, dtype = ctx.dtypes
+            grad_x = ctx.weights.mm(grad.reshape(-1, grad.shape[-1]).to(dtype)).to(x_dtype).view(ctx.shape)
+        return grad_x, None, None, None
+
+
+class GgufLinear(nn.Module):
+    """A frozen linear layer whose weight stays in GGUF blocks (`GgufWeights`). Its tensors are buffers
+    (not saved: the base model is the file), so .to(device) moves them."""
+
+    def __init__(self, weights: GgufWeights, bias: nn.Parameter | None):
+        super().__init__()
+        self.kind = weights.kind
+        self.out_features, self.in_features = weights.shape
+        self.register_buffer("qs", weights.qs, persistent=False)
+        self.register_buffer("scale", weights.scale, persistent=False)
+        self.register_buffer("low", weights.low, persistent=False)
+        self.bias = bias
+
+    @property
+    def weight(self) -> GgufWeights:
+        return GgufWeights(self.kind, self.qs, self.scale, self.low)
+
+    def use(self, weights: GgufWeights) -> None:
+        """Hold these (equal) blocks instead: views of a stack (train.lora.lora_group)."""
+        self.qs, self.scale, self.low = weights.qs, weights.scale, weights.low
+
+    def forward(self, x):
+        return _Frozen.apply(x, self.bias, self.weight, compute_dtype(x))
+
+
+def keep_blocks(model: nn.Module, path: Path, heads: int, kv_heads: int) -> str | None:
+    """Replace each linear layer of `model` that the file holds in a kept block type by a `GgufLinear` of
+    its blocks; the kind(s) kept ("Q4_1"), or None if none. `model`: a train.model.CausalLM with the fp32
+    weights of the file's cache, whose base will stay frozen (LoRA). Layer 0's blocks are checked against
+    its cached weights first (names, row order, arithmetic); on any difference nothing is replaced."""
+    blocks = read_linear_blocks(path)
+    if not blocks:
+        return None
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and name in blocks}
+    if not layers or any(blocks[n].shape != tuple(m.weight.shape) for n, m in layers.items()):
+        return None
+    # llama.cpp stores llama's q and k rows interleaved for its rotary kernel and transformers puts them
+    # back (Qwen files were never permuted): which order the cache holds, layer 0's q_proj says.
+    q = layers.get("model.layers.0.self_attn.q_proj")
+    permute = q is not None and not torch.equal(blocks["model.layers.0.self_attn.q_proj"].dequantize(), q.weight)
+    mapped = weights_file_maps()
+    for name, module in layers.items():
+        if name.startswith("model.layers.0."):
+            heads_of = kv_heads if name.endswith("k_proj") else heads
+            weights = _rows(blocks[name], heads_of, permute and name.endswith(("q_proj", "k_proj")))
+            if not torch.equal(weights.dequantize(), module.weight):
+                return None
+            drop_file_pages(module.weight, mapped)  # the cache's pages just read go back
+    for name, module in layers.items():
+        n = kv_heads if name.endswith("k_proj") else heads
+        weights = _rows(blocks[name], n, permute and name.endswith(("q_proj", "k_proj")))
+        parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(parent, attr, GgufLinear(weights, module.bias))
+    return "/".join(sorted({b.kind for b in blocks.values()}))
+
+
+def kept_blocks(model: nn.Module) -> str | None:
+    """What `keep_blocks` did to `model`, for the run log; None if nothing."""
+    layers = [m for m in model.modules() if isinstance(m, GgufLinear)]
+    if not layers:
+        return None
+    kinds = "/".join(sorted({m.kind for m in layers}))
+    kept = sum(t.nbytes for m in layers for t in (m.qs, m.scale, m.low) if t is not None)
+    fp32 = sum(4 * m.in_features * m.out_features for m in layers)
+    return (f"The frozen base's {len(layers)} linear layers stay in the GGUF file's {kinds} blocks "
+            f"({kept / 2**20:,.0f} MB instead of {fp32 / 2**20:,.0f} MB in fp32; the same weights)")
+
+
+def _rows(weights: GgufWeights, heads: int, permute: bool) -> GgufWeights:
+    """transformers' reverse of llama.cpp's q/k row permutation (each head's rows, in pairs, swapped
+    back), on whole rows of blocks."""
+    if not permute:
+        return weights
+
+    def back(t):
+        return t.reshape(heads, -1, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+    return GgufWeights(weights.kind, back(weights.qs), back(weights.scale),
+                       None if weights.low is None else back(weights.low))
+
+
+def read_linear_blocks(path: Path) -> dict[str, GgufWeights]:
+    """{Hugging Face module name: blocks} of the linear layers a GGUF file holds in a kept block type (copies,
+    the file is not kept mapped); {} for an architecture or file version this does not read."""
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # (private: torch wants a writable buffer)
+    try:
+        arch, tensors, start = _header(data)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return {}
+    if arch not in ARCHITECTURES:
+        return {}
+    raw = torch.frombuffer(data, dtype=torch.uint8)
+    out = {}
+    for name, (dims, kind, offset) in tensors.items():
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LINEAR or parts[3] != "weight":
+            continue
+        if kind not in BLOCK_TYPES or len(dims) != 2 or dims[0] % 32:
+            continue
+        label, size = BLOCK_TYPES[kind]
+        cols, rows = dims
+        n = rows * cols // 32 * size
+        b = raw[start + offset : start + offset + n].view(rows, cols // 32, size)
+        scale = b[..., 0:2].contiguous().view(torch.float16).float()
+        low = b[..., 2:4].contiguous().view(torch.float16).float() if label == "Q4_1" else None
+        qs = b[..., 4:] if label == "Q4_1" else b[..., 2:]
+        if label != "Q8_0":  # byte j of a block: weight j in its low nibble, weight j + 16 in its high one
+            qs = torch.cat([qs & 15, qs >> 4], dim=-1)
+        qs = qs.contiguous()
+        out[f"model.layers.{parts[1]}.{LINEAR[parts[2]]}"] = GgufWeights(label, qs, scale, low)
+    return out
+
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _header(data) -> tuple[str, dict[str, tuple[list[int], int, int]], int]:
+    """(architecture, {tensor name: (dims, ggml type, offset)}, where tensor data starts) of a GGUF
+    v2/v3 file: magic, version, tensor count, metadata count, the metadata key/values, the tensor
+    infos, then the data, aligned to general.alignment (32 by default)."""
+    if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
+        raise ValueError("not a GGUF v2/v3 file")
+    n_tensors, n_meta = struct.unpack_from("<QQ", data, 8)
+    pos, meta = 24, {}
+
+    def string(pos):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        return data[pos + 8 : pos + 8 + length].decode(), pos + 8 + length
+
+    def value(kind, pos):  # (the value, or None for an array, which nothing here needs), next position
+        if kind == 8:
+            return string(pos)
+        if kind == 9:
+            item, count = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if item in _SCALARS:
+                return None, pos + count * struct.calcsize(_SCALARS[item])
+            for _ in range(count):
+                pos = value(item, pos)[1]
+            return None, pos
+        fmt = "<" + _SCALARS[kind]
+        return struct.unpack_from(fmt, data, pos)[0], pos + struct.calcsize(fmt)
+
+    for _ in range(n_meta):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", data, pos)
+        meta[key], pos = value(kind, pos + 4)
+    tensors = {}
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", data, pos)
+        dims = list(struct.unpack_from(f"<{n_dims}Q", data, pos + 4))
+        kind, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        tensors[name] = (dims, kind, offset)
+    align = meta.get("general.alignment") or 32
+    return meta.get("general.architecture"), tensors, pos + (-pos % align)
