@@ -170,7 +170,7 @@ def test_the_embedded_models_lora_base_is_its_q4_1_blocks_and_the_same_weights()
     from tuneforge.models.load import model_folder
     from tuneforge.train.model import load_for_training, read_weights
 
-    model, _ = load_for_training(EMBEDDED, frozen_base=True)
+    model, _ = load_for_training(EMBEDDED, gguf_blocks=True)
     kept = {name: m for name, m in model.named_modules() if isinstance(m, GgufLinear)}
     assert len(kept) == 30 * 7 and {m.kind for m in kept.values()} == {"Q4_1"}
     cached = read_weights(model_folder(resolve(EMBEDDED)))  # what transformers de-quantised on first use

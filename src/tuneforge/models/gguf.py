@@ -12,7 +12,10 @@ cache's, bit for bit - and layer 0 is checked against the cache before the file 
 The 4-bit values are widened to a byte each and the block scales to fp32 once, at load: 1.25 bytes a
 weight instead of 4 (~290 MB less for the embedded model, a sixth of a LoRA run's peak), and
 de-quantising is three contiguous passes, ~0.3 ms per million weights: ~3% of a step (splitting the
-nibbles at every product would save another ~50 MB for three times that).
+nibbles at every product would save another ~50 MB for three times that). That is for fp32 training
+(a CPU without native bf16, or --precision fp32). Under bf16 autocast the frozen base is stored in
+bf16, 2 bytes a weight, and a step is twice as fast: the blocks would save less for twice the share
+of a step, so there it stays as it was; `--quantize nf4` is the choice when memory is what is short.
 
 Q4_0, Q4_1 and Q8_0 layers of llama, qwen2 and qwen3 files are kept so; anything else (k-quants, f16,
 other architectures) trains on the cache's weights as before.

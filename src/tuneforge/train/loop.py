@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
         model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype,
-                                             max_length=cfg.max_length, frozen_base=cfg.method == "lora")
+                                             max_length=cfg.max_length, gguf_blocks=cfg.method == "lora" and dtype is None)
     if kept := kept_blocks(model):
         emit({"type": "message", "message": kept})
     train_ex, valid_ex = _split(load_examples(cfg.data, tokenizer, cfg.max_length), cfg, tokenizer)

@@ -404,13 +404,13 @@ def _read_config(path: Path, tied: bool) -> Config:
 
 def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=None,
                       compute_dtype: torch.dtype | None = None, max_length: int | None = None,
-                      frozen_base: bool = False):
+                      gguf_blocks: bool = False):
     """(CausalLM, tokenizer) of a catalogue base model, on the CPU, in `dtype`.
 
     quantize="nf4": the linear layers' weights are stored in 4 bits (QLoRA's frozen base,
-    models.quantize) and multiplied in `compute_dtype`. Otherwise, with `frozen_base` (LoRA), a GGUF
-    base's linear layers keep the file's own blocks where it has them in a kept type (models.gguf):
-    the same weights, a fifth of the memory."""
+    models.quantize) and multiplied in `compute_dtype`. Otherwise, with `gguf_blocks` (for a base that
+    stays frozen, LoRA), a GGUF base's linear layers keep the file's own blocks where it has them in a
+    kept type (models.gguf): the same weights in a third of fp32's memory."""
     from ..models.catalogue import resolve
     from ..models.load import load_tokenizer, model_folder, with_pad
     from ..models.quantize import to_nf4
@@ -434,7 +434,7 @@ def load_for_training(name: str, dtype: torch.dtype = torch.float32, quantize=No
     config.check(max_length)
     if quantize is not None:
         to_nf4(model, compute_dtype or dtype)
-    elif frozen_base and spec.source == "gguf" and dtype == torch.float32:
+    elif gguf_blocks and spec.source == "gguf" and dtype == torch.float32:
         from ..models.gguf import keep_blocks
 
         keep_blocks(model, spec.path, config.num_attention_heads, config.num_key_value_heads)
