@@ -170,7 +170,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + signal.SIGTERM  # 143, as for any process a kill stops (Ctrl-C: 130)
     assert f"tuneforge train --resume {run}" in err
     state = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())
     assert state["kind"] == "interrupt" and state["state"]["global_step"] >= 3

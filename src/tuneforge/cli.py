@@ -221,10 +221,15 @@ class _Progress:
             self.bar.close()
 
 
+_stopped_by = [signal.SIGINT]  # the signal that stopped training: the exit status is 128 + its number
+
+
 def _sigterm_as_interrupt():
-    """A kill (SIGTERM) stops training the way Ctrl-C does: checkpoint first, then exit."""
+    """A kill (SIGTERM) stops training the way Ctrl-C does: checkpoint first, then exit - with 143 (a
+    kill's status, as a shell reports it), where Ctrl-C exits with 130."""
 
     def handler(signum, frame):
+        _stopped_by[0] = signal.SIGTERM
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -298,7 +303,7 @@ def train(
         progress.close()
         if _rank() == 0:
             _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + _stopped_by[0]) from None
     progress.close()
     if _rank() != 0:
         return  # under torchrun, rank 0 speaks for the run
