@@ -73,3 +73,32 @@ def test_a_gguf_is_converted_once_when_two_ask_at_the_same_time(tmp_path, monkey
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(got) == 2 and got[0] == got[1] and (got[0] / "config.json").is_file()
+
+
+def test_the_cache_of_a_gguf_is_named_by_its_content(tmp_path):
+    """Two fine-tunes of one architecture in one quantisation have the same file name and size: each
+    must get its own converted copy (a LoRA run multiplies by the file's blocks, the server by the
+    copy). The hash is read once per version of a file."""
+    import json
+    import os
+
+    from tuneforge.models import load
+    from tuneforge.models.catalogue import ModelSpec
+
+    a, b = tmp_path / "a" / "model.Q4_1.gguf", tmp_path / "b" / "model.Q4_1.gguf"
+    for path, byte in ((a, b"\x01"), (b, b"\x02")):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + byte * 1000)
+    dirs = [load._gguf_cache_dir(ModelSpec(str(p), "gguf", p)) for p in (a, b)]
+    assert dirs[0] != dirs[1] and dirs[0].parent == dirs[1].parent
+    assert dirs[0].name.startswith("model.q4_1-")
+    (tmp_path / "c").mkdir()
+    copy = tmp_path / "c" / "other-name.gguf"
+    copy.write_bytes(a.read_bytes())
+    assert load._gguf_cache_dir(ModelSpec(str(copy), "gguf", copy)).name.split("-")[-1] == dirs[0].name.split("-")[-1]
+    memo = json.loads((dirs[0].parent / load.FINGERPRINTS).read_text())  # (the session's shared models folder)
+    assert len([k for k in memo if k.startswith(str(tmp_path))]) == 3
+    # rewritten in place with the same size: a new modification time, so read again
+    a.write_bytes(b"GGUF" + b"\x03" * 1000)
+    os.utime(a, ns=(0, 10**9))
+    assert load._gguf_cache_dir(ModelSpec(str(a), "gguf", a)) != dirs[0]

@@ -1,12 +1,18 @@
 """Load a base model and its tokenizer, as fp32 weights ready to train.
 
 GGUF files are de-quantised once by transformers (with the `gguf` package) and cached as safetensors
-under the tuneforge home, so every later load reads plain safetensors in a second or two.
+under the tuneforge home, so every later load reads plain safetensors in a second or two. The cache
+of a file is named by its content (a SHA-256), not its name: two fine-tunes of one architecture in
+the same quantisation, each "model.Q4_1.gguf", are the same size, and a LoRA run multiplies by the
+file's own blocks (models.gguf) while the server answers with the cache - they must be one model.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,14 +27,44 @@ from .quantize import Quantize, to_nf4
 
 
 def _gguf_cache_dir(spec: ModelSpec):
-    stat = spec.path.stat()
-    return get_settings().models_dir / f"{spec.slug}-{stat.st_size}"
+    return get_settings().models_dir / f"{spec.slug}-{content_hash(spec.path)[:16]}"
+
+
+FINGERPRINTS = "fingerprints.json"  # {"path|size|mtime_ns": sha256} in the models folder
+
+
+def content_hash(path: Path) -> str:
+    """The SHA-256 of a file, read once per version of it: remembered by path, size and modification
+    time in the models folder (~0.2 s for the embedded model's 98 MB, seconds for a large model)."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_file = get_settings().models_dir / FINGERPRINTS
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    memo[key] = digest.hexdigest()
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_name(f"{FINGERPRINTS}.{os.getpid()}")
+    tmp.write_text(json.dumps(memo, indent=1))
+    tmp.replace(memo_file)  # atomic; two processes at once: one's entry may be lost, and is made again
+    return memo[key]
 
 
 def _convert_gguf(spec: ModelSpec, out) -> None:
     folder, filename = spec.path.parent, spec.path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except ValueError as err:  # transformers' and numpy's words for a file cut short or damaged
+        raise ValueError(f"{spec.path}: not a readable GGUF model (damaged, or cut short at "
+                         f"{spec.path.stat().st_size:,} bytes?): {err}") from None
     # transformers marks a GGUF-loaded model as "quantized" and refuses save_pretrained on it. The
     # weights are already de-quantised to fp32, so the marker is stale: clear it deliberately so the
     # cached copy is an ordinary fp32 safetensors model.
