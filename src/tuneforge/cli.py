@@ -18,6 +18,10 @@ from typing import Annotated
 
 import typer
 
+# transformers' own bars ("Loading weights" at every model load) say nothing a user of these commands
+# needs, on the stderr that carries our progress and messages
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(help="Fine-tune language models on your own machine.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Validate and convert training data.", no_args_is_help=True)

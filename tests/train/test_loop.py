@@ -78,6 +78,15 @@ def test_resume_after_stop_gives_the_same_run(tmp_path, chat_file):
     assert [read_meta(c)["kind"] for c in checkpoint_dirs(tmp_path / "split")] == ["epoch", "epoch"]
 
 
+def test_resuming_a_run_killed_before_its_first_checkpoint_says_it_starts_again(tmp_path, chat_file):
+    cfg = config(tmp_path, chat_file, n_epochs=1)
+    (tmp_path / "run").mkdir()  # what a run killed in its first steps leaves: a folder, no checkpoint
+    said = []
+    result = train(cfg, on_event=lambda e: said.append(e.get("message")), resume=True)
+    assert "No checkpoint to resume from yet: training from the start" in said
+    assert result.steps == len(metrics_log.read(tmp_path / "run")) > 0
+
+
 @pytest.mark.parametrize("damage", [b"", b"\0" * 3000, b"not a checkpoint"])
 def test_a_damaged_optimizer_state_is_named_and_nothing_is_lost(tmp_path, chat_file, damage):
     cfg = config(tmp_path, chat_file, n_epochs=3)

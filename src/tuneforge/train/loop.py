@@ -179,8 +179,11 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         if main:
             metrics_log.truncate_after(run_dir, state.global_step)
         emit({"type": "message", "message": f"Resumed from checkpoint at step {state.global_step}"})
-    elif main:
-        clear_outputs(run_dir)
+    else:
+        if resume:  # stopped before its first checkpoint (a kill in the first steps): nothing to go on from
+            emit({"type": "message", "message": "No checkpoint to resume from yet: training from the start"})
+        if main:
+            clear_outputs(run_dir)
     pad_id = tokenizer.pad_token_id
     if preference:
         ref_train, ref_valid = _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, dtype, pad_id)
