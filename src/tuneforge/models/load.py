@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,9 +52,12 @@ def content_hash(path: Path) -> str:
             digest.update(chunk)
     memo[key] = digest.hexdigest()
     memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_name(f"{FINGERPRINTS}.{os.getpid()}")
-    tmp.write_text(json.dumps(memo, indent=1))
-    tmp.replace(memo_file)  # atomic; two processes at once: one's entry may be lost, and is made again
+    # a temporary file of its own per writer (threads of one process too), renamed over the memo:
+    # atomic; when two write at once one's entry may be lost, and is made again next time
+    fd, tmp = tempfile.mkstemp(dir=memo_file.parent, prefix=FINGERPRINTS)
+    with os.fdopen(fd, "w") as f:
+        json.dump(memo, f, indent=1)
+    os.replace(tmp, memo_file)
     return memo[key]
 
 
