@@ -63,7 +63,7 @@ def prepare(pkg, method: str):
     native = importlib.util.find_spec(f"{pkg.__name__}.train.model") is not None  # its own decoder (2026-12-06 on)
     if native:
         load = mod("train.model").load_for_training
-        # an fp32 LoRA run's frozen base in the GGUF file's own blocks (models.gguf, 2026-12-07 on), as the loop has it
+        # an fp32 LoRA run's frozen base in the GGUF file's own blocks (models.gguf, 2026-12-06 on), as the loop has it
         fp32_lora = method == "lora" and device.autocast_dtype("auto", torch.device("cpu")) is None
         kept = {"gguf_blocks": fp32_lora} if "gguf_blocks" in inspect.signature(load).parameters else {}
         model, tokenizer = load("smollm2-135m-instruct", **kept)
