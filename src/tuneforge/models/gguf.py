@@ -150,19 +150,17 @@ def keep_blocks(model: nn.Module, path: Path, heads: int, kv_heads: int) -> str 
     # back (Qwen files were never permuted): which order the cache holds, layer 0's q_proj says.
     q = layers.get("model.layers.0.self_attn.q_proj")
     permute = q is not None and not torch.equal(blocks["model.layers.0.self_attn.q_proj"].dequantize(), q.weight)
+    kept = {name: _rows(blocks[name], kv_heads if name.endswith("k_proj") else heads,
+                        permute and name.endswith(("q_proj", "k_proj"))) for name in layers}
     mapped = weights_file_maps()
     for name, module in layers.items():
         if name.startswith("model.layers.0."):
-            heads_of = kv_heads if name.endswith("k_proj") else heads
-            weights = _rows(blocks[name], heads_of, permute and name.endswith(("q_proj", "k_proj")))
-            if not torch.equal(weights.dequantize(), module.weight):
+            if not torch.equal(kept[name].dequantize(), module.weight):
                 return None
             drop_file_pages(module.weight, mapped)  # the cache's pages just read go back
     for name, module in layers.items():
-        n = kv_heads if name.endswith("k_proj") else heads
-        weights = _rows(blocks[name], n, permute and name.endswith(("q_proj", "k_proj")))
         parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        setattr(parent, attr, GgufLinear(weights, module.bias))
+        setattr(parent, attr, GgufLinear(kept[name], module.bias))
     return "/".join(sorted({b.kind for b in blocks.values()}))
 
 

@@ -262,7 +262,7 @@ class Body(nn.Module):
         self.rotary_emb = Rotary(config)
         # Activation checkpointing (TrainConfig.activation_checkpointing): each layer keeps only its
         # input and is run again just before its backward pass - a third more compute for a fraction
-        # of the activation memory. No dropout runs inside a layer here, so no RNG state is saved.
+        # of the activation memory (`_Recompute`, which replays the RNG state: LoRA dropout runs inside).
         self.recompute = False
 
     def forward(self, input_ids, position_ids, seg: Segments):
