@@ -51,7 +51,7 @@ def _grads(model):
 def test_pack_lays_out_every_example_once_with_per_example_targets(tiny):
     _, tok, rendered = tiny
     longest = max(len(r.input_ids) for r in rendered)
-    batch = pack(rendered, longest + 10, tok.pad_token_id)
+    batch = pack(rendered, longest + 10, tok.pad_token_id, share=False)
     assert batch.input_ids.shape[0] > 1  # several rows, so padding and row ends are exercised
     assert batch.n_tokens == sum(len(r.input_ids) for r in rendered)
     assert batch.n_loss_tokens == sum(sum(1 for x in r.labels[1:] if x != IGNORE) for r in rendered)
@@ -75,14 +75,14 @@ def test_pack_lays_out_every_example_once_with_per_example_targets(tiny):
 
 def test_rows_are_padded_to_a_multiple_that_carries_no_loss(tiny):
     _, tok, rendered = tiny
-    batch = pack(rendered, 4096, tok.pad_token_id, multiple=128)
+    batch = pack(rendered, 4096, tok.pad_token_id, multiple=128, share=False)
     n = sum(len(r.input_ids) for r in rendered)
     assert batch.input_ids.shape == (1, -(-n // 128) * 128) and batch.n_tokens == n
     assert (batch.input_ids[0, n:] == tok.pad_token_id).all()
     assert (batch.targets[0, n:] == IGNORE).all()
     assert batch.position_ids[0, n:].tolist() == list(range(batch.input_ids.shape[1] - n))  # its own "example"
-    assert pack(rendered, n + 1, tok.pad_token_id, multiple=128).input_ids.shape == (1, n + 1)  # never past the row limit
-    assert pack(rendered, 4096, tok.pad_token_id, multiple=1).input_ids.shape == (1, n)
+    assert pack(rendered, n + 1, tok.pad_token_id, multiple=128, share=False).input_ids.shape == (1, n + 1)  # never past the row limit
+    assert pack(rendered, 4096, tok.pad_token_id, multiple=1, share=False).input_ids.shape == (1, n)
 
 
 def test_segments_cover_each_example_and_padding():
@@ -104,7 +104,8 @@ def _decoder(model, kind):
 @pytest.mark.parametrize("kernel", ["short", "blocked", "sdpa"])
 @pytest.mark.parametrize("rows", ["one", "several"])  # several: row ends and padding in between
 @pytest.mark.parametrize("decoder", ["tuneforge", "transformers"])  # training's, and evaluation's of a tuned model
-def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, decoder, monkeypatch):
+@pytest.mark.parametrize("share", [True, False])  # the chat template's system prompt laid out once, or in each
+def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kernel, decoder, share, monkeypatch):
     model, tok, rendered = tiny
     monkeypatch.setattr(attention, "_kernel", lambda width, device_type, dropout: kernel)
     monkeypatch.setattr(attention, "BLOCK", 5)  # the blocked kernel: several blocks, the last one partial
@@ -112,7 +113,9 @@ def test_packed_loss_and_gradients_equal_unpacked_transformers(tiny, rows, kerne
     reference, ours = copy.deepcopy(model), _decoder(model, decoder)
     ref_loss = _reference(reference, rendered)
     ref_loss.backward()
-    out = batch_loss(ours, pack(rendered, row_tokens, tok.pad_token_id))
+    batch = pack(rendered, row_tokens, tok.pad_token_id, share=share)
+    assert (batch.shared > 0) == share and batch.n_tokens == sum(len(r.input_ids) for r in rendered)
+    out = batch_loss(ours, batch)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     ref_grads, our_grads = _grads(reference), _grads(ours)
@@ -263,7 +266,72 @@ def test_padding_takes_free_places_in_the_examples_slots():
 
 def test_batches_mark_their_padding(tiny):
     _, tok, rendered = tiny
-    batch = pack(rendered, 4096, tok.pad_token_id, multiple=128)
-    n = sum(len(r.input_ids) for r in rendered)
-    assert batch.real[0, :n].all() and not batch.real[0, n:].any()
-    assert segments(batch.position_ids, batch.real).n == len(rendered)
+    for share in (False, True):
+        batch = pack(rendered, 4096, tok.pad_token_id, multiple=128, share=share)
+        n = batch.n_computed
+        assert batch.real[0, :n].all() and not batch.real[0, n:].any()
+        assert segments(batch.position_ids, batch.real).n == len(rendered)
+
+
+def test_a_shared_prefix_is_laid_out_once(tiny):
+    _, tok, rendered = tiny
+    whole = pack(rendered, 4096, tok.pad_token_id, multiple=1, share=False)
+    batch = pack(rendered, 4096, tok.pad_token_id, multiple=1)
+    prefix = batch.shared
+    system = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("<|im_start|>user")[0]
+    assert prefix >= len(tok(system)["input_ids"])  # at least the template's default system prompt
+    assert batch.input_ids[0, :prefix].tolist() == rendered[0].input_ids[:prefix]
+    assert batch.n_tokens == whole.n_tokens and batch.n_computed == whole.n_computed - (len(rendered) - 1) * prefix
+    assert batch.n_loss_tokens == whole.n_loss_tokens
+    first = batch.example[0, 0].item()  # the example the prefix is laid out with is there whole
+    for k, r in enumerate(rendered):
+        mine = batch.example == k
+        skip = 0 if k == first else prefix
+        assert batch.input_ids[mine].tolist() == r.input_ids[skip:]
+        assert batch.position_ids[mine].tolist() == list(range(skip, len(r.input_ids)))
+        assert batch.targets[mine].tolist() == whole.targets[whole.example == k].tolist()[skip:]
+    assert (batch.targets[0, :prefix] == IGNORE).all()
+
+
+def test_no_shared_position_carries_a_loss(tiny):
+    _, tok, rendered = tiny
+    same = [rendered[0], copy.deepcopy(rendered[0])]  # identical: everything up to the answer is shared
+    first_label = next(j for j, x in enumerate(same[0].labels) if x != IGNORE)
+    batch = pack(same, 4096, tok.pad_token_id)
+    assert batch.shared == first_label - 1  # its hidden state predicts the answer's first token: not shared
+    assert pack(rendered[:1], 4096, tok.pad_token_id).shared == 0  # nothing to share with
+    short = copy.deepcopy(rendered[1])
+    short.input_ids, short.labels = short.input_ids[:3], short.labels[:3]
+    assert pack([rendered[0], short], 4096, tok.pad_token_id).shared == 2  # each keeps a token of its own
+
+
+def test_segments_give_each_example_the_shared_prefix():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5], [3, 4, 0, 0, 0, 0, 0, 0]])
+    real = torch.tensor([[True] * 8, [True] * 2 + [False] * 6])
+    seg = segments(pos, real)
+    assert (seg.n, seg.width, seg.shared) == (4, 6, True)  # three examples; the padding overflows
+    slots = seg.gather.view(seg.n, seg.width)[:3]
+    assert slots[0].tolist() == [0, 1, 2, 3, 4, slots[0, 5].item()]
+    assert slots[1].tolist() == [0, 1, 2, 5, 6, 7]  # the prefix is row 0's first three tokens
+    assert slots[2, :5].tolist() == [0, 1, 2, 8, 9]
+    assert torch.equal(seg.gather[seg.scatter][real.view(-1)], torch.arange(16)[real.view(-1)])
+
+
+@pytest.mark.parametrize("decoder", ["tuneforge", "transformers"])
+def test_a_shared_prefix_changes_no_example_s_hidden_states(tiny, decoder):
+    """Each example laid out without the prefix attends to it as if it had it, and to nothing else."""
+    model, tok, rendered = tiny
+    ours = _decoder(model, decoder)
+    batch = pack(rendered, 4096, tok.pad_token_id)
+    assert batch.shared > 0
+    with torch.no_grad():
+        if decoder == "tuneforge":
+            h = ours.hidden(batch.input_ids, batch.position_ids, batch.real)
+        else:
+            with packed(ours, batch.position_ids, batch.real):
+                h = ours.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                       use_cache=False).last_hidden_state
+        for k, r in enumerate(rendered):
+            alone = model.get_decoder()(input_ids=torch.tensor([r.input_ids]), use_cache=False).last_hidden_state[0]
+            mine = h[batch.example == k]
+            torch.testing.assert_close(mine, alone[len(r.input_ids) - len(mine):], rtol=1e-5, atol=1e-5)

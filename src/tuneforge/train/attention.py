@@ -33,10 +33,16 @@ class Segments:
     scatter: torch.Tensor  # [rows * length]: slot of each token
     n: int
     width: int
+    shared: bool = False  # gather names the shared prefix's tokens in several slots (data.pack)
 
 
 def segments(position_ids: torch.Tensor, real: torch.Tensor | None = None) -> Segments:
     """Examples of a packed batch: a new one starts wherever the position does not go up by one.
+
+    Each example gets a slot, each token the place of its position in it. An example whose first
+    position is s > 0 was laid out without the prefix it shares with the batch's others
+    (data.pack.shared_prefix): its slot's first s places hold the tokens of the start of row 0,
+    where the prefix is laid out once, so its attention reads the prefix's keys and values.
 
     `real` ([rows, length], False for a row's end padding) keeps padding out of the example count:
     its tokens take the free places at the end of the examples' slots (each slot is as wide as the
@@ -57,36 +63,49 @@ def segments(position_ids: torch.Tensor, real: torch.Tensor | None = None) -> Se
     seg = first.cumsum(0) - 1
     starts = real_tokens[first]
     n = len(starts)
-    width = int(torch.bincount(seg).max()) if n else 1
+    offset = position_ids.reshape(-1)[starts]  # 0, or the length of the prefix laid out elsewhere
+    width = int((torch.bincount(seg, minlength=n) + offset).max()) if n else 1
     scatter = torch.empty(total, dtype=torch.long, device=device)
-    scatter[real_tokens] = seg * width + real_tokens - starts[seg]
+    scatter[real_tokens] = seg * width + offset[seg] + real_tokens - starts[seg]
+    gather = torch.zeros(n * width, dtype=torch.long, device=device)
+    free = torch.ones(n * width, dtype=torch.bool, device=device)
+    prefix = int(offset.max()) if n else 0
+    if prefix:
+        place = torch.arange(prefix, device=device).expand(n, prefix)
+        in_prefix = place < offset[:, None]
+        slot_places = (torch.arange(n, device=device)[:, None] * width + place)[in_prefix]
+        gather[slot_places] = place[in_prefix]  # row 0's first tokens
+        free[slot_places] = False
     if len(pad_tokens):
-        free = torch.ones(n * width, dtype=torch.bool, device=device)
         free[scatter[real_tokens]] = False
         places = free.nonzero().squeeze(1)
         if len(places) < len(pad_tokens):  # no room left in the examples' slots: slots of their own
             extra = -(-(len(pad_tokens) - len(places)) // width)
             places = torch.cat([places, torch.arange(n * width, (n + extra) * width, device=device)])
+            gather = torch.cat([gather, gather.new_zeros(extra * width)])
             n += extra
         scatter[pad_tokens] = places[: len(pad_tokens)]
-    gather = torch.zeros(n * width, dtype=torch.long, device=device)
     gather[scatter] = tokens
-    return Segments(gather, scatter, n, width)
+    return Segments(gather, scatter, n, width, shared=prefix > 0)
 
 
 class _Regroup(torch.autograd.Function):
     """x.index_select(0, forward) whose backward is again an index_select (by `backward`), not the
     scatter-add autograd would use: every used row maps to exactly one source row, and the rows that
-    are not used (slot padding) never receive a gradient."""
+    are not used (slot padding) never receive a gradient. Except a shared prefix's tokens, read into
+    several slots (`backward` is None): their gradients are summed (the unused places' are zero)."""
 
     @staticmethod
     def forward(ctx, x, forward, backward, n_rows):
-        ctx.backward_index, ctx.n_rows = backward, n_rows
+        ctx.backward_index, ctx.n_rows = (forward, x.shape[0]) if backward is None else (backward, n_rows)
+        ctx.summed = backward is None
         return x.index_select(0, forward)
 
     @staticmethod
     def backward(ctx, grad):
         index = ctx.backward_index
+        if ctx.summed:
+            return grad.new_zeros((ctx.n_rows, *grad.shape[1:])).index_add_(0, index, grad), None, None, None
         if ctx.n_rows is None:  # tokens <- slots: each token's gradient sits in its slot
             return grad.index_select(0, index), None, None, None
         out = grad.new_zeros((ctx.n_rows, *grad.shape[1:]))  # slots <- tokens: padding slots get zero
@@ -257,7 +276,7 @@ def attend(query, key, value, seg: Segments, scaling: float, dropout: float = 0.
     def regroup(x):  # [rows, h, L, dim] -> [n, h, width, dim], cast to the compute dtype on the way
         # (rotary embeddings hand over fp32 q and k: one pass casts and lays out, the rest moves bf16)
         flat = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(rows * length, x.shape[1], dim)
-        slots = _Regroup.apply(flat, seg.gather, seg.scatter, None)
+        slots = _Regroup.apply(flat, seg.gather, None if seg.shared else seg.scatter, None)
         return slots.view(seg.n, seg.width, x.shape[1], dim).transpose(1, 2)
 
     q, k, v = regroup(query), regroup(key), regroup(value)
