@@ -142,6 +142,9 @@ def test_the_log_says_where_and_in_what_it_trains(tmp_path, chat_file, precision
     first = events[0]["message"]
     assert first.startswith("Training on the CPU (") and ("bf16 autocast" in first) == (precision == "bf16")
     assert "no native bf16 here" not in first  # asked for by name: no reason to give
+    # the tiny model's chat template opens every example with the same default system prompt
+    said = [e["message"] for e in events if e.get("type") == "message"]
+    assert any(m.startswith("All training examples start with the same ") for m in said)
 
 
 def test_an_automatic_fp32_says_why_and_bf16_without_native_support_says_it_is_slow(monkeypatch):

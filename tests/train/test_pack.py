@@ -81,7 +81,8 @@ def test_rows_are_padded_to_a_multiple_that_carries_no_loss(tiny):
     assert (batch.input_ids[0, n:] == tok.pad_token_id).all()
     assert (batch.targets[0, n:] == IGNORE).all()
     assert batch.position_ids[0, n:].tolist() == list(range(batch.input_ids.shape[1] - n))  # its own "example"
-    assert pack(rendered, n + 1, tok.pad_token_id, multiple=128, share=False).input_ids.shape == (1, n + 1)  # never past the row limit
+    # never past the row limit
+    assert pack(rendered, n + 1, tok.pad_token_id, multiple=128, share=False).input_ids.shape == (1, n + 1)
     assert pack(rendered, 4096, tok.pad_token_id, multiple=1, share=False).input_ids.shape == (1, n)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.pack import pack
+from ..data.pack import pack, shared_prefix
 from ..data.render import render_example
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
@@ -158,6 +158,9 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     emit({"type": "message", "message": (
         f"{len(train_r)} training and {len(valid_r)} validation {'preference pairs' if preference else 'examples'}; "
         f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
+    if not preference and (common := shared_prefix(train_r, cfg.max_row_tokens)):
+        emit({"type": "message", "message": f"All training examples start with the same {common} tokens (system "
+              "prompt, chat template): each step computes them once for all its examples"})
     model.train()
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     group_layers(model)  # q/k/v and gate/up LoRA layers as one autograd node each (train.lora)
