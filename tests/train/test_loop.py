@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -157,3 +158,25 @@ def test_an_automatic_fp32_says_why_and_bf16_without_native_support_says_it_is_s
     assert device.describe(torch.device("cpu"), torch.bfloat16, "bf16").endswith("(no native bf16 on this CPU: slower than fp32)")
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
     assert device.describe(torch.device("cpu"), torch.bfloat16, "bf16").endswith("fp32 master weights")
+
+
+def test_no_prefix_is_shared_where_dropout_draws_masks(tmp_path, chat_file):
+    """A prefix laid out once would get one dropout mask for all examples: runs with dropout (and
+    batches of one) lay it out in each example, and the log does not claim otherwise."""
+
+    from tuneforge.models.adapters import prepare_for_training
+    from tuneforge.models.tiny import tiny_model
+    from tuneforge.train.loss import draws_masks
+    from tuneforge.train.model import from_transformers
+
+    for dropout, batch_size in ((0.1, 4), (0.0, 1)):
+        events = []
+        train(config(tmp_path, chat_file, f"r{dropout}{batch_size}", n_epochs=1, lora_dropout=dropout,
+                     batch_size=batch_size), on_event=events.append)
+        assert not any(str(e.get("message")).startswith("All training examples start with") for e in events)
+    model = prepare_for_training(from_transformers(tiny_model()[0]), "lora", rank=4, alpha=8, dropout=0.1, targets=["q_proj"])
+    assert draws_masks(model.train()) and not draws_masks(model.eval())
+    plain = prepare_for_training(from_transformers(tiny_model()[0]), "lora", rank=4, alpha=8, dropout=0.0, targets=["q_proj"])
+    assert not draws_masks(plain.train())
+    plain.config = dataclasses.replace(plain.config, attention_dropout=0.1)
+    assert draws_masks(plain)

@@ -30,7 +30,7 @@ from ..data.example import Example
 from ..data.pack import Batch, pack
 from ..data.render import Rendered, render_preference
 from .device import autocast
-from .loss import CHUNK, label_losses
+from .loss import CHUNK, draws_masks, label_losses
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -83,10 +83,10 @@ def sequence_logps(model, batch: Batch, chunk: int = CHUNK) -> SequenceOut:
     )
 
 
-def _pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_id: int, device) -> Batch:
+def _pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_id: int, device, share: bool = True) -> Batch:
     """Both answers of every pair in padding-free rows: sequence 2i is pair i's preferred answer,
     2i + 1 its other one."""
-    return pack([r for p in pairs for r in (p.chosen, p.rejected)], max_row_tokens, pad_id).to(device)
+    return pack([r for p in pairs for r in (p.chosen, p.rejected)], max_row_tokens, pad_id, share=share).to(device)
 
 
 @dataclass
@@ -110,7 +110,7 @@ def pair_losses(model, pairs: list[Pair], reference: torch.Tensor, beta: float, 
     """DPO losses of `pairs`, whose reference log-probabilities are reference[:, 0] (preferred) and
     reference[:, 1] (non-preferred)."""
     device = next(model.parameters()).device
-    out = sequence_logps(model, _pack_pairs(pairs, max_row_tokens, pad_id, device))
+    out = sequence_logps(model, _pack_pairs(pairs, max_row_tokens, pad_id, device, share=not draws_masks(model)))
     ratios = out.logps.view(-1, 2) - reference.to(device)
     margins = beta * (ratios[:, 0] - ratios[:, 1])
     return PairsOut(

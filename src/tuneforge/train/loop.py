@@ -43,7 +43,7 @@ from .device import (
     release_free_memory,
 )
 from .lora import group_layers
-from .loss import batch_loss
+from .loss import batch_loss, draws_masks
 from .model import load_for_training
 from .optim import AdamW, warmup_then_decay
 
@@ -158,10 +158,11 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     emit({"type": "message", "message": (
         f"{len(train_r)} training and {len(valid_r)} validation {'preference pairs' if preference else 'examples'}; "
         f"n_epochs={cfg.n_epochs} batch_size={cfg.batch_size} learning_rate={cfg.learning_rate:g}")})
-    if not preference and (common := shared_prefix(train_r, cfg.max_row_tokens)):
+    model.train()
+    shares = not preference and cfg.batch_size > 1 and not draws_masks(model)  # as _step packs
+    if shares and (common := shared_prefix(train_r, cfg.max_row_tokens)):
         emit({"type": "message", "message": f"All training examples start with the same {common} tokens (system "
               "prompt, chat template): each step computes them once for all its examples"})
-    model.train()
     prepare_for_autocast(model, dtype)  # frozen weights stored in bf16: same numbers, fewer copies
     group_layers(model)  # q/k/v and gate/up LoRA layers as one autograd node each (train.lora)
     model.model.recompute = cfg.activation_checkpointing
@@ -311,7 +312,7 @@ def _step(model, examples, cfg: TrainConfig, pad_id: int, device, dtype, group: 
     summed over the processes are those of the step's mean loss; alone, it is the plain mean.
     """
     if examples:
-        batch = pack(examples, cfg.max_row_tokens, pad_id).to(device)
+        batch = pack(examples, cfg.max_row_tokens, pad_id, share=not draws_masks(model)).to(device)
         with autocast(device, dtype):
             out = batch_loss(model, batch)
         local = [out.loss.item() * out.n_tokens, out.n_tokens, out.n_correct, batch.n_tokens]

@@ -194,6 +194,18 @@ def label_losses(model, batch: Batch, chunk: int = CHUNK, uniform: bool = True):
     return nll, hits, mask
 
 
+def draws_masks(model) -> bool:
+    """Whether a forward pass of `model` draws dropout masks now (LoRA or attention dropout, in
+    training). Then a batch does not share its examples' common prefix (data.pack): laid out once,
+    the prefix would get one mask for all of them, where laid out in each it gets one per example -
+    other numbers than the same run without sharing, for no better training."""
+    if not model.training:
+        return False
+    if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def batch_loss(model, batch: Batch, chunk: int = CHUNK) -> LossOut:
     nll, hits, _ = label_losses(model, batch, chunk)
     n = len(nll)
