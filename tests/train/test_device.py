@@ -53,3 +53,13 @@ def test_free_heap_memory_goes_back_to_the_system():
     before = _rss_mb()
     release_free_memory()
     assert _rss_mb() < before - 128
+
+
+def test_rows_round_to_64_only_where_new_lengths_compile_kernels():
+    import torch
+
+    from tuneforge.train.device import row_multiple
+
+    assert row_multiple(torch.device("cpu"), torch.bfloat16) == 64  # oneDNN: a kernel per new shape
+    assert row_multiple(torch.device("cpu"), None) == 8  # fp32 products compile nothing per shape
+    assert row_multiple(torch.device("cuda"), torch.bfloat16) == 8

@@ -30,12 +30,14 @@ import torch
 
 from .render import IGNORE, Rendered
 
-# Row lengths are rounded up to a multiple of this. On a CPU, oneDNN compiles a kernel for every new
-# matmul shape (~3 ms each, ~40 shapes a step whose size is the step's token count), so exact lengths,
-# new every step, pay that compile on nearly every product; rounded ones repeat after a few steps.
-# Measured on the embedded model: ~5% more tokens computed, +13% real tokens/s, and a lower peak RSS
-# (fewer distinct allocation sizes). On a GPU it costs the same 5% and nothing else.
+# Row lengths are rounded up to a multiple of this where the matmuls are oneDNN's bf16 kernels on a
+# CPU (train.device.row_multiple): oneDNN compiles a kernel for every new matmul shape (~3 ms each,
+# ~40 shapes a step whose size is the step's token count), so exact lengths, new every step, pay that
+# compile on nearly every product; rounded ones repeat after a few steps. Measured on the embedded
+# model: ~5% more tokens computed, +13% real tokens/s, and a lower peak RSS (fewer distinct allocation
+# sizes). fp32 products (MKL) compile nothing per shape: there rows round to FP32_ROW_MULTIPLE.
 ROW_MULTIPLE = 64
+FP32_ROW_MULTIPLE = 8  # a vector's worth: +6.7% a fp32 LoRA step against 64 (benchmarks/README.md)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from ..data.pack import pack
 from ..data.render import Rendered
-from ..train.device import autocast
+from ..train.device import autocast, row_multiple
 from ..train.loss import batch_loss
 
 # How evaluation packs examples (no gradients are kept, so wider than training's batches)
@@ -36,7 +36,7 @@ def evaluate_loss(
     model.eval()
     total, n, correct = 0.0, 0, 0
     for i in range(0, len(rendered), batch_size):
-        batch = pack(rendered[i : i + batch_size], max_row_tokens, pad_id)
+        batch = pack(rendered[i : i + batch_size], max_row_tokens, pad_id, row_multiple(device, dtype))
         batch = batch.to(device)
         with autocast(device, dtype):
             out = batch_loss(model, batch)

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ..data.pack import FP32_ROW_MULTIPLE, ROW_MULTIPLE
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +64,12 @@ def inference_dtype(device: torch.device = CPU) -> torch.dtype:
     (the embedded model on 2 Zen 4 cores: 16 -> 23) and half the memory per loaded model. Evaluation
     and export keep fp32."""
     return autocast_dtype("auto", device) or torch.float32
+
+
+def row_multiple(device: torch.device, dtype: torch.dtype | None) -> int:
+    """What packed rows' lengths are rounded to (data.pack): 64 where a new length would cost oneDNN
+    kernel compiles (bf16 on a CPU), 8 where it costs nothing but the padding (fp32, GPUs)."""
+    return ROW_MULTIPLE if device.type == "cpu" and dtype is not None else FP32_ROW_MULTIPLE
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -41,6 +41,7 @@ from .device import (
     pick_device,
     prepare_for_autocast,
     release_free_memory,
+    row_multiple,
 )
 from .lora import group_layers
 from .loss import batch_loss, draws_masks
@@ -312,7 +313,8 @@ def _step(model, examples, cfg: TrainConfig, pad_id: int, device, dtype, group: 
     summed over the processes are those of the step's mean loss; alone, it is the plain mean.
     """
     if examples:
-        batch = pack(examples, cfg.max_row_tokens, pad_id, share=not draws_masks(model)).to(device)
+        batch = pack(examples, cfg.max_row_tokens, pad_id, row_multiple(device, dtype), share=not draws_masks(model))
+        batch = batch.to(device)
         with autocast(device, dtype):
             out = batch_loss(model, batch)
         local = [out.loss.item() * out.n_tokens, out.n_tokens, out.n_correct, batch.n_tokens]
