@@ -19,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.pack import Batch
 from ..data.render import IGNORE
+from ..models.gguf import GgufLinear, GgufWeights
 from .attention import packed
 from .device import compute_dtype
+from .lora import times
 
 CHUNK = 256  # most loss positions per vocabulary-projection chunk (256 x 49,152 logits in bf16 = 25 MB
 # of work buffer). The [chunk, 576] x [576, 49,152] products run faster per row the more rows they have
@@ -42,7 +44,11 @@ def causal_lm(model):
 
 
 def _low_precision(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight.to(dtype); for a frozen weight (a LoRA run's head) cast once and kept while unchanged."""
+    """weight.to(dtype); for a frozen weight (a LoRA run's head) cast once and kept while unchanged.
+    Packed weights (a tied head kept in GGUF blocks, models.gguf) stay packed: each product de-quantises
+    them a block of rows at a time, in its own dtype."""
+    if isinstance(weight, GgufWeights):
+        return weight
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
     cached = getattr(weight, "_tuneforge_cast", None)
@@ -70,7 +76,7 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         # The one-hot part of softmax - one-hot is applied after the projection back, on [chunk, width].
         with torch.autocast(hidden.device.type, enabled=False):
             w = _low_precision(weight, dtype)
-            want_h, want_w = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+            want_h, want_w = grad_enabled and hidden.requires_grad, grad_enabled and _trained(weight)
             grad_h = torch.empty_like(hidden, dtype=torch.float32) if want_h else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
             nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
@@ -92,7 +98,7 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                 h[:n] = hidden[i : i + n]
                 if n < chunk:
                     h[n:].zero_()
-                logits = torch.mm(h, w.T, out=low)[:n]
+                logits = _project(h, w, low)[:n]
                 top, predicted = logits.max(-1)
                 torch.eq(predicted, t, out=hits[i : i + n])
                 top = top.float()[:, None]
@@ -109,12 +115,12 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                     continue
                 low[n:].zero_()  # padding rows: no gradient
                 if grad_h is not None:  # (softmax - onehot) @ w
-                    grad_h[i : i + n] = (low @ w)[:n].float() - w.index_select(0, t).float()
+                    grad_h[i : i + n] = times(low, w)[:n].float() - _rows(w, t).float()
                 if grad_w is not None:  # (softmax - onehot).T @ h, accumulated in fp32 without an fp32 temporary
                     grad_w.add_(low.T @ h)
                     grad_w.index_add_(0, t, h[:n].float(), alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype)
+        ctx.has, ctx.dtypes = (want_h, want_w), (hidden.dtype, weight.dtype if want_w else None)
         ctx.mark_non_differentiable(hits)
         return nll, hits
 
@@ -131,6 +137,20 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
             scale = grad_nll[0] if len(grad_nll) else 0.0
             grad_w = next(saved).mul_(scale).to(ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None
+
+
+def _trained(weight) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.requires_grad
+
+
+def _project(h, w, out):
+    """h @ w.T into `out` (w: a tensor or packed weights, `train.lora.frozen`)."""
+    return w.mm_t(h, out=out) if isinstance(w, GgufWeights) else torch.mm(h, w.T, out=out)
+
+
+def _rows(w, index):
+    """The rows of w at `index` (w: a tensor or packed weights)."""
+    return w.take(index) if isinstance(w, GgufWeights) else w.index_select(0, index)
 
 
 def _chunk_rows(n: int, most: int) -> int:
@@ -150,7 +170,7 @@ def token_losses(head, config, hidden, targets, chunk: int = CHUNK, uniform: boo
     kernel's weight gradient cannot follow; everything else goes through autograd a chunk at a time,
     each chunk checkpointed (recomputed in the backward pass).
     """
-    if fusable(head, config) and (uniform or not head.weight.requires_grad):
+    if fusable(head, config) and (uniform or not _trained(head.weight)):
         grad = torch.is_grad_enabled()
         return _ProjectedCrossEntropy.apply(hidden, head.weight, targets, compute_dtype(hidden), chunk, grad)
     losses, hits = [hidden.new_zeros(0, dtype=torch.float32)], [torch.zeros(0, dtype=torch.bool, device=hidden.device)]
@@ -172,7 +192,8 @@ def _chunk_losses(head, hidden, targets):
 
 def fusable(head, config) -> bool:
     return (
-        isinstance(head, torch.nn.Linear)  # train.model.Linear too (a LoRA-wrapped head is not one)
+        # train.model.Linear too, and a tied head kept in GGUF blocks (a LoRA-wrapped head is neither)
+        isinstance(head, (torch.nn.Linear, GgufLinear))
         and head.bias is None
         and not getattr(config, "final_logit_softcapping", None)
         and getattr(config, "logit_scale", None) in (None, 1, 1.0)

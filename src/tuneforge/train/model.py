@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.gguf import GgufLinear
 from . import device
 from .attention import Segments, attend, segments
 from .fused import RMSNorm, rotary, swiglu_mlp
@@ -309,6 +310,8 @@ class CausalLM(nn.Module):
         h = self.hidden(input_ids, position_ids, real)
         dtype = device.compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
+            if isinstance(self.lm_head, GgufLinear):  # a tied head kept in GGUF blocks (models.gguf)
+                return self.lm_head(h.to(dtype)).float()
             return F.linear(h.to(dtype), self.lm_head.weight.to(dtype)).float()
 
 
