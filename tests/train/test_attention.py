@@ -61,3 +61,15 @@ def test_no_query_sees_a_later_key(kernel):
     out2 = KERNELS[kernel](q, k2, v2, 0.3)
     torch.testing.assert_close(out2[:, :, :5], out[:, :, :5], rtol=0, atol=0)
     assert not torch.allclose(out2[:, :, 5:], out[:, :, 5:])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_keeps_no_scores_for_the_backward_pass(kernel):
+    """Both kernels make the [w, w] probabilities again in the backward pass: what they keep is q, k
+    and v (in their own layouts), linear in the slot width."""
+    (q, k, v), _ = _inputs(torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        KERNELS[kernel](q, k, v, 0.3)
+    assert sum(kept) == q.numel() + k.numel() + v.numel()
