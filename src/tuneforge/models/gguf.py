@@ -158,22 +158,29 @@ class _Frozen(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def _hold(module: nn.Module, weights: GgufWeights) -> None:
+    """Blocks as a module's buffers (not saved: the base model is the file), so .to(device) moves them."""
+    module.kind = weights.kind
+    for name in ("qs", "scale", "low"):
+        module.register_buffer(name, getattr(weights, name), persistent=False)
+
+
+def _held(module: nn.Module) -> GgufWeights:
+    return GgufWeights(module.kind, module.qs, module.scale, module.low)
+
+
 class GgufLinear(nn.Module):
-    """A frozen linear layer whose weight stays in GGUF blocks (`GgufWeights`). Its tensors are buffers
-    (not saved: the base model is the file), so .to(device) moves them."""
+    """A frozen linear layer whose weight stays in GGUF blocks (`GgufWeights`), held as buffers (`_hold`)."""
 
     def __init__(self, weights: GgufWeights, bias: nn.Parameter | None):
         super().__init__()
-        self.kind = weights.kind
+        _hold(self, weights)
         self.out_features, self.in_features = weights.shape
-        self.register_buffer("qs", weights.qs, persistent=False)
-        self.register_buffer("scale", weights.scale, persistent=False)
-        self.register_buffer("low", weights.low, persistent=False)
         self.bias = bias
 
     @property
     def weight(self) -> GgufWeights:
-        return GgufWeights(self.kind, self.qs, self.scale, self.low)
+        return _held(self)
 
     def use(self, weights: GgufWeights) -> None:
         """Hold these (equal) blocks instead: views of a stack (train.lora.lora_group)."""
@@ -188,15 +195,12 @@ class GgufEmbedding(nn.Module):
 
     def __init__(self, weights: GgufWeights):
         super().__init__()
-        self.kind = weights.kind
+        _hold(self, weights)
         self.num_embeddings, self.embedding_dim = weights.shape
-        self.register_buffer("qs", weights.qs, persistent=False)
-        self.register_buffer("scale", weights.scale, persistent=False)
-        self.register_buffer("low", weights.low, persistent=False)
 
     @property
     def weight(self) -> GgufWeights:
-        return GgufWeights(self.kind, self.qs, self.scale, self.low)
+        return _held(self)
 
     def forward(self, ids):
         return self.weight.take(ids)
