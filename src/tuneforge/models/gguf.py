@@ -121,11 +121,10 @@ class GgufWeights:
 
 # Every product de-quantises its weights into the same buffer, one per thread (a CPU training step runs
 # its forward and backward passes in the thread that calls them; concurrent jobs' threads do not
-# share it). A fresh
-# temporary per product - 1-9 MB, four a layer, forward and backward - is freed between tensors the
-# step keeps for its backward pass, and glibc cannot put those holes together again: measured on the
-# embedded model, the heap of an fp32 LoRA step grew to 1,219 MB around 680 MB of live tensors with
-# fresh temporaries, to 987 MB with this buffer.
+# share it). A fresh temporary per product - 1-9 MB, four a layer, forward and backward - is freed
+# between tensors the step keeps for its backward pass, and glibc cannot put those holes together
+# again: measured on the embedded model, the heap of an fp32 LoRA step grew to 1,219 MB around ~680 MB
+# of live tensors with fresh temporaries, to 956 MB with this buffer.
 _thread = threading.local()
 
 
