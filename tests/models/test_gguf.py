@@ -245,3 +245,21 @@ def test_products_de_quantise_into_one_buffer_per_thread(tiny_gguf):
     thread.start()
     thread.join()
     assert other[0] != first.data_ptr()
+
+
+def test_the_logits_of_a_lora_wrapped_head_include_its_update(tiny_gguf):
+    """CausalLM.forward (all logits) through a LoRA layer over the output layer: over the fp32 head and
+    over the tied head in blocks, the base logits plus scale * (h A^T) B^T."""
+    ids = torch.tensor([[5, 9, 200, 31, 7, 7, 2, 0]])
+    logits = []
+    for blocks in (False, True):
+        torch.manual_seed(0)  # the same A in both
+        model = prepare_for_training(_model(tiny_gguf, blocks), "lora", rank=4, alpha=8, dropout=0.0, targets=["lm_head"])
+        head = model.lm_head
+        with torch.no_grad():
+            head.lora_B.weight.copy_(torch.randn(head.lora_B.weight.shape, generator=torch.Generator().manual_seed(0)))
+            hidden = model.hidden(ids, torch.arange(8)[None])
+            expected = _model(tiny_gguf, False)(ids) + head.scaling * (hidden @ head.lora_A.weight.T) @ head.lora_B.weight.T
+            logits.append(model(ids))
+        torch.testing.assert_close(logits[-1], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-6, atol=1e-6)

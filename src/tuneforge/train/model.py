@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.gguf import GgufLinear
 from . import device
 from .attention import Segments, attend, segments
 from .fused import RMSNorm, rotary, swiglu_mlp
@@ -310,9 +309,10 @@ class CausalLM(nn.Module):
         h = self.hidden(input_ids, position_ids, real)
         dtype = device.compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
-            if isinstance(self.lm_head, GgufLinear):  # a tied head kept in GGUF blocks (models.gguf)
-                return self.lm_head(h.to(dtype)).float()
-            return F.linear(h.to(dtype), self.lm_head.weight.to(dtype)).float()
+            if isinstance(self.lm_head, nn.Linear):
+                return F.linear(h.to(dtype), self.lm_head.weight.to(dtype)).float()
+            # a tied head kept in GGUF blocks (models.gguf), a LoRA-wrapped head (its update included)
+            return self.lm_head(h.to(dtype)).float()
 
 
 def from_state_dict(config: Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> CausalLM:
