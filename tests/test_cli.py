@@ -248,3 +248,14 @@ def test_prune_deletes_old_kept_traffic_and_says_how_much():
     assert tf("prune", "--days", "1").stdout.strip() == "1 stored completions deleted, 1 responses deleted"
     bad = tf("prune", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: say what to delete")
+
+
+def test_quiet_training_shows_no_progress_bar_not_even_while_converting_a_gguf_base(tmp_path, chat_file, monkeypatch):
+    from tests.models.test_gguf import write_gguf
+    from tuneforge.models.tiny import tiny_model
+
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))  # no converted models: the first use converts
+    base = tmp_path / "tiny.gguf"
+    write_gguf(base, *tiny_model())
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "run", "--base", base, "--n-epochs", "1", "--quiet")
+    assert "Converting" not in proc.stderr and "%|" not in proc.stderr, proc.stderr

@@ -273,6 +273,8 @@ def train(
     json_out: JsonOpt = False,
 ):
     """Fine-tune a base model; writes weights, metrics, checkpoints and a loss curve to --out."""
+    if quiet:  # transformers' bars too (converting a GGUF base on first use): tqdm reads it on import
+        os.environ["TQDM_DISABLE"] = "1"
     from .train.config import TrainConfig
     from .train.loop import RESULT_FILE, TrainingStopped
     from .train.loop import train as run_training

@@ -37,11 +37,12 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf_model) -> None:
+def write_gguf(path, hf_model, tokenizer=None) -> None:
     """The tiny llama as llama.cpp writes a llama GGUF file: q/k rows permuted, norms f32, the (tied)
     token embedding Q8_0 as in SmolLM2's file, the linear layers in Q4_0, Q4_1 and Q8_0 - one kind per
     group of layers that read the same input (q/k/v, o, gate/up, down), in turn, so that each kind
-    meets several of train.lora's products."""
+    meets several of train.lora's products. With `tokenizer` (the tiny byte-level one), the file holds
+    it too, as a "gpt2" tokenizer: a base model transformers can load from the file alone."""
     cfg = hf_model.config
     writer = GGUFWriter(str(path), "llama")
     writer.add_name("tiny")
@@ -54,7 +55,19 @@ def write_gguf(path, hf_model) -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 10000.0)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(cfg.vocab_size)])  # an array to skip
+    if tokenizer is None:
+        writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(cfg.vocab_size)])  # an array to skip
+    else:
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([t for t, _ in vocab])
+        writer.add_token_scores([0.0] * len(vocab))
+        writer.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t, _ in vocab])  # control / normal
+        writer.add_token_merges([])  # every byte a token of its own
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+        writer.add_chat_template(tokenizer.chat_template)
     groups = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
               "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 3}
     for name, tensor in hf_model.state_dict().items():

@@ -102,3 +102,19 @@ def test_the_cache_of_a_gguf_is_named_by_its_content(tmp_path):
     a.write_bytes(b"GGUF" + b"\x03" * 1000)
     os.utime(a, ns=(0, 10**9))
     assert load._gguf_cache_dir(ModelSpec(str(a), "gguf", a)) != dirs[0]
+
+
+def test_a_gguf_without_a_field_transformers_needs_is_refused_by_name(tmp_path, monkeypatch):
+    """transformers reads a GGUF tokenizer's fields by name: one missing was a bare KeyError ('scores')."""
+    from gguf import GGUFWriter
+
+    from tests.models.test_gguf import write_gguf
+    from tuneforge.models import load
+    from tuneforge.models.catalogue import ModelSpec
+    from tuneforge.models.tiny import tiny_model
+
+    path = tmp_path / "no-scores.gguf"
+    monkeypatch.setattr(GGUFWriter, "add_token_scores", lambda self, scores: None)
+    write_gguf(path, *tiny_model())
+    with pytest.raises(ValueError, match=r"no-scores\.gguf: the GGUF file lacks .*'scores'"):
+        load.model_folder(ModelSpec(str(path), "gguf", path))

@@ -69,6 +69,9 @@ def _convert_gguf(spec: ModelSpec, out) -> None:
     except ValueError as err:  # transformers' and numpy's words for a file cut short or damaged
         raise ValueError(f"{spec.path}: not a readable GGUF model (damaged, or cut short at "
                          f"{spec.path.stat().st_size:,} bytes?): {err}") from None
+    except KeyError as err:  # a metadata field transformers needs, absent (a KeyError says only its name)
+        raise ValueError(f"{spec.path}: the GGUF file lacks a field transformers needs to load it: "
+                         f"{err.args[0]!r} (tokenizer.ggml.{err.args[0]} or similar)") from None
     # transformers marks a GGUF-loaded model as "quantized" and refuses save_pretrained on it. The
     # weights are already de-quantised to fp32, so the marker is stale: clear it deliberately so the
     # cached copy is an ordinary fp32 safetensors model.
