@@ -204,7 +204,7 @@ def _trl_worker(args) -> dict:
         warmup_steps=max(1, round(steps * 0.05)),
         weight_decay=0.0,
         max_grad_norm=1.0,
-        seed=42,
+        seed=args.trl_seed,
         bf16=bf16,
         use_cpu=device.type == "cpu",
         save_strategy="no",
@@ -250,7 +250,7 @@ def _trl_worker(args) -> dict:
 def _run(worker: str, args, extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--method", args.method if extra is None else extra["method"],
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--threads", str(args.threads), "--base", args.base, "--data", args.data]
+           "--threads", str(args.threads), "--base", args.base, "--data", args.data, "--trl-seed", str(args.trl_seed)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -306,6 +306,9 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true",
                    help="also tuneforge with activation checkpointing (TRL's default is gradient checkpointing)")
     p.add_argument("--json", help="also write all runs to this file")
+    p.add_argument("--trl-seed", type=int, default=42,
+                   help="TRL's seed (its adapter initialisation, data order). tuneforge's seed stays: it also draws "
+                        "the validation split both trainers share")
     p.add_argument("--worker", choices=["peak", "tuneforge", "tuneforge-ckpt", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--method", default="lora", help=argparse.SUPPRESS)
     args = p.parse_args()

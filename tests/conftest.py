@@ -68,6 +68,18 @@ def chat_file(tmp_path) -> Path:
     return write_chat(tmp_path / "train.jsonl", 24)
 
 
+def tiny_ends_by_itself() -> dict:
+    """Chat request fields that make the random tiny model end its answer by itself (finish_reason
+    "stop"), which it never does unaided: greedy, "A" biased above every token and its end-of-turn
+    token just below; once "A" is said, the penalties take it under the end. Its own logits lie within
+    about 1.3 of each other, inside both margins of 2. (Only answers that end are training data.)"""
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bias = {str(tok.convert_tokens_to_ids("A")): 12, str(tok.eos_token_id): 10}
+    return {"temperature": 0, "frequency_penalty": 2, "presence_penalty": 2, "logit_bias": bias}
+
+
 def write_pairs(path: Path, n: int) -> Path:
     """n preference pairs: greet person i (preferred) rather than say goodbye to them."""
     with open(path, "w") as f:

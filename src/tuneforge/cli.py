@@ -151,8 +151,8 @@ def data_stored(
     with session(database_url) as s:
         examples = (response_examples if responses else training_examples)(s, project, model, wanted)
     if not examples:
-        what = "completed kept responses" if responses else "stored completions"
-        raise ValueError(f"no {what} in project {project!r} match (model={model}, metadata={wanted})")
+        what = "completed kept responses" if responses else "stored completions that ended by themselves"
+        raise ValueError(f"no {what} match in project {project!r} (model={model}, metadata={wanted})")
     write_jsonl(examples, out)
     if json_out:
         _print_json({"out": str(out), "n_examples": len(examples)})

@@ -187,6 +187,19 @@ def test_record_issues(record, expected):
     assert all(i.line == 4 and i.severity == "error" for i in issues)
 
 
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('{"text": "cut', "not valid JSON: Unterminated string starting at column 10"),
+        ('{"text": "a\tb"}', "not valid JSON: Invalid control character at column 12"),
+        ("{not json", "not valid JSON: Expecting property name enclosed in double quotes at column 2"),
+    ],
+)
+def test_invalid_json_says_where_once(record, message):
+    (issue,) = parse_record(record, 3)[2]
+    assert (issue.code, issue.message) == ("invalid_json", message)
+
+
 def test_assistant_with_only_tool_calls_needs_no_content():
     record = {"messages": [
         {"role": "user", "content": "weather?"},

@@ -65,7 +65,7 @@ def test_good_fixtures_validate(name, tok):
     report = validate_file(FIXTURES / name, tokenizer=tok)
     assert report.errors == [] and report.warnings == []
     assert report.n_examples == 10 and report.n_epochs == 10
-    assert report.stats.n_examples == 10
+    assert report.stats.n_tokenized == 10
 
 
 def test_all_lacking_system_is_not_warned_but_mixed_is(tmp_path, tok):
@@ -91,6 +91,12 @@ def test_token_checks_need_a_tokenizer():
     assert report.n_epochs == 9  # 11 examples: min(25, 100 // 11)
 
 
+def test_the_statistics_say_they_cover_only_the_good_examples(tok):
+    data = validate_file(fixture("invalid_json"), tokenizer=tok).to_dict()
+    assert data["n_examples"] == 11  # every record, the bad one at line 3 too
+    assert data["stats"]["n_tokenized"] == 10 and "n_examples" not in data["stats"]
+
+
 def test_max_length_is_honoured(tok):
     report = validate_file(FIXTURES / "good_text.jsonl", tokenizer=tok, max_length=20)
     assert {(i.code, i.line) for i in report.warnings} == {("example_truncated", n) for n in range(1, 11)}
@@ -104,7 +110,7 @@ def test_unrenderable_example(tmp_path):
     report = validate_file(FIXTURES / "good_prompt_completion.jsonl", tokenizer=tok)
     assert [(i.code, i.line) for i in report.errors] == [("unrenderable_example", n) for n in range(1, 11)]
     assert "roles must alternate" in report.errors[0].message
-    assert report.stats.n_examples == 0
+    assert report.stats.n_tokenized == 0
 
 
 def test_report_numbers_and_json(tok):

@@ -338,7 +338,7 @@ def test_errors_map_to_sdk_exceptions(server):
     client = server.client()
     with pytest.raises(openai.NotFoundError) as err:
         client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
-    assert err.value.body["code"] == "fine-tuning_job_not_found" or err.value.status_code == 404
+    assert err.value.body["code"] == "fine_tuning_job_not_found"
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve("file-nope")
     with pytest.raises(openai.NotFoundError) as err:

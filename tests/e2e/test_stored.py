@@ -9,6 +9,7 @@ import subprocess
 import openai
 import pytest
 
+from tests.conftest import tiny_ends_by_itself
 from tests.e2e.test_sdk import BASE, Server
 
 SYSTEM = {"role": "developer", "content": "Answer briefly."}
@@ -21,10 +22,10 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def ask(client, question: str, seed: int = 0, **kw):
-    # sampled, seeded: the random tiny model's greedy answers are blank lines, which are no training data
+def ask(client, question: str, **kw):
+    # answers that end by themselves: the random tiny model's own are cut at max_tokens (no training data)
     return client.chat.completions.create(model=BASE, messages=[SYSTEM, {"role": "user", "content": question}],
-                                          max_tokens=6, temperature=1, seed=seed, **kw)
+                                          max_tokens=6, **tiny_ends_by_itself(), **kw)
 
 
 def test_stored_completions_list_label_delete_and_become_training_data(server, tmp_path):
@@ -75,7 +76,7 @@ def test_stored_completions_list_label_delete_and_become_training_data(server, t
                                   {"role": "user", "content": "What is twice 2?"},
                                   {"role": "assistant", "content": first.choices[0].message.content}]}]
     for i in range(10):  # a file a fine-tuning job accepts: at least 10 examples
-        ask(c, f"What is twice {i}?", seed=i, store=True, metadata={"batch": "reviewed"})
+        ask(c, f"What is twice {i}?", store=True, metadata={"batch": "reviewed"})
     done = run("data", "stored", "-o", str(out), "--metadata", "batch=reviewed", "--json")
     assert json.loads(done.stdout)["n_examples"] == 10
     checked = run("data", "validate", str(out), "--base", BASE)

@@ -219,11 +219,13 @@ def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, p
 
 
 def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions(page, server):
+    from tests.conftest import tiny_ends_by_itself
+
     tokens = 0
     for i, rating in enumerate(("good", "bad", "good")):
         done = server.api("POST", "/v1/chat/completions", {
             "model": "tiny-llama", "max_tokens": 3, "store": True, "metadata": {"rating": rating, "run": "monitor"},
-            "messages": [{"role": "user", "content": f"monitor question {i}"}]})
+            "messages": [{"role": "user", "content": f"monitor question {i}"}], **tiny_ends_by_itself()})
         tokens += done["usage"]["total_tokens"]
     page.goto(server.url + "/#/monitor")
     expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_be_visible()

@@ -77,3 +77,17 @@ def test_logprob_tokens_carry_their_exact_bytes_even_when_they_split_a_character
     streamed = [t for d in stream(model, tok, [{"role": "user", "content": "hi"}], s) if isinstance(d, Delta)
                 for t in d.logprobs]
     assert [t.bytes for t in streamed] == [t.bytes for t in done.logprobs]
+
+
+@pytest.mark.parametrize("stop", [[""], ["", "zzz"]])
+def test_empty_stop_strings_are_ignored(stop):
+    from tuneforge.models.generate import stream
+
+    model, tok = tiny_model(seed=0)
+    ask = [{"role": "user", "content": "hi"}]
+    plain = complete(model, tok, ask, Sampling(max_tokens=12))
+    assert plain.finish_reason == "length"  # the random tiny model runs to max_tokens
+    done = complete(model, tok, ask, Sampling(max_tokens=12, stop=stop))
+    streamed = list(stream(model, tok, ask, Sampling(max_tokens=12, stop=stop)))[-1]
+    for answer in (done, streamed):
+        assert (answer.text, answer.finish_reason, answer.completion_tokens) == (plain.text, "length", 12)

@@ -43,6 +43,9 @@ def test_errors_have_openai_shape_and_sdk_statuses(client):
     assert r.status_code == 404 and set(r.json()["error"]) == ERROR_FIELDS
     r = client.get("/v1/fine_tuning/jobs/ftjob-missing")
     assert r.status_code == 404 and r.json()["error"]["param"] == "fine_tuning_job_id"
+    assert r.json()["error"]["code"] == "fine_tuning_job_not_found"
+    r = client.get("/v1/chat/completions/chatcmpl-missing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "chat_completion_not_found"
     # what fails validation is a 400 (the SDK's BadRequestError), as at OpenAI, naming the parameter
     r = client.post("/v1/fine_tuning/jobs", json={"model": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] in ("model", "training_file")
@@ -386,3 +389,42 @@ def test_responses_truncation_auto_drops_the_oldest_turns(client):
     one_turn = client.post("/v1/responses", json=ask | {"input": turns[-1:]}).json()["usage"]["input_tokens"]
     assert 2 * one_turn < used <= 2048 - 8  # several of the latest turns kept, within the context
     assert client.post("/v1/responses", json=ask | {"input": turns[-1:], "truncation": "auto"}).status_code == 200
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_an_answer_in_the_trained_form_of_a_tool_call_comes_back_as_tool_calls():
+    """data.render trains an assistant's tool calls as the JSON list of them: such an answer, naming a
+    declared tool, is returned as OpenAI tool_calls (fresh ids, arguments a JSON string); anything else
+    stays text."""
+    from tuneforge.serve.chat import tool_calls_in
+
+    made = json.dumps([{"id": "call_from_training", "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+    (call,) = tool_calls_in(" " + made, WEATHER)
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["id"] != "call_from_training"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert tool_calls_in(made, None) is None  # no tools declared (or tool_choice "none")
+    assert tool_calls_in(made.replace("get_weather", "get_time"), WEATHER) is None  # not a declared tool
+    assert tool_calls_in("[1, 2] is a list", WEATHER) is None and tool_calls_in("[]", WEATHER) is None
+
+
+def test_tools_reach_the_chat_template(client):
+    """Where the model's chat template has a place for tools, the prompt holds them (they were silently
+    dropped); the tiny model's template has none, so one that has is put in its place."""
+    ask = {"model": "tiny-llama", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Weather?"}]}
+    plain = client.post("/v1/chat/completions", json=ask).json()["usage"]["prompt_tokens"]
+    assert client.post("/v1/chat/completions", json=ask | {"tools": WEATHER}).json()["usage"]["prompt_tokens"] == plain
+    tokenizer = client.app.state.engine._base("tiny-llama")[1]
+    tokenizer.chat_template = "{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}" + tokenizer.chat_template
+    with_tools = client.post("/v1/chat/completions", json=ask | {"tools": WEATHER})
+    assert with_tools.status_code == 200 and with_tools.json()["usage"]["prompt_tokens"] > plain + 20
+    streamed = client.post("/v1/chat/completions", json=ask | {"tools": WEATHER, "stream": True,
+                                                               "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["prompt_tokens"] == with_tools.json()["usage"]["prompt_tokens"]
+    # not a call: the text arrives whole, in one chunk, at the end
+    texts = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(texts) <= 1 and "".join(texts) == with_tools.json()["choices"][0]["message"]["content"]

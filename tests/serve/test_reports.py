@@ -100,7 +100,9 @@ def test_dashboard_is_served_without_shadowing_the_api(client):
 
 
 def test_usage_and_stored_completions_back_into_a_training_file(client):
-    ask = {"model": "tiny-llama", "max_tokens": 3}
+    from tests.conftest import tiny_ends_by_itself
+
+    ask = {"model": "tiny-llama", "max_tokens": 3} | tiny_ends_by_itself()
     for i, rating in enumerate(("good", "bad", "good")):
         r = client.post("/v1/chat/completions", json=ask | {
             "messages": [{"role": "user", "content": f"question {i}"}], "store": True, "metadata": {"rating": rating}})

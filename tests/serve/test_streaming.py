@@ -1,5 +1,6 @@
-"""Streams over a real HTTP connection (uvicorn on loopback, in this process so the engine can be
-watched): a client that hangs up mid-answer stops the generation and is billed what was made."""
+"""Answers over a real HTTP connection (uvicorn on loopback, in this process so the engine can be
+watched): a client that hangs up mid-answer - streamed or not - stops the generation and is billed
+what was made."""
 
 from __future__ import annotations
 
@@ -68,3 +69,36 @@ def test_a_dropped_stream_stops_generating_and_counts_what_was_made(live, path, 
         time.sleep(0.1)
     assert row is not None and row.model == "tiny-llama" and row.prompt_tokens > 0
     assert 0 < row.completion_tokens < MAX_TOKENS / 4, row.completion_tokens
+
+
+def _usage_row(path: str) -> UsageRow | None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the usage row is written when the request ends
+        with session() as s:
+            row = s.scalar(select(UsageRow).where(UsageRow.path == "/v1" + path))
+        if row is not None:
+            return row
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/chat/completions", {"messages": ASK, "max_tokens": MAX_TOKENS}),
+    ("/completions", {"prompt": "hi", "max_tokens": MAX_TOKENS}),
+    ("/responses", {"input": "hi", "max_output_tokens": MAX_TOKENS}),
+])
+def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(live, path, body):
+    """Not streamed: the client's timeout (the SDK's, a script's) hangs up long before MAX_TOKENS; the
+    engine - and every request waiting for it - must not go on making the answer nobody will read."""
+    app, client = live
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(path, json={"model": "tiny-llama", "temperature": 0} | body, timeout=1.5)
+    assert app.state.engine._lock.acquire(timeout=10), "generation went on after the client left"
+    app.state.engine._lock.release()
+    row = _usage_row(path)  # logged as the client's hang-up, with what was made (not the whole answer)
+    assert row is not None and row.status == 499 and row.prompt_tokens > 0
+    assert 0 < row.completion_tokens < MAX_TOKENS, row.completion_tokens
+    # and the next request is answered as usual
+    answer = client.post(path, json={"model": "tiny-llama", "temperature": 0} | body | {
+        "max_output_tokens" if path == "/responses" else "max_tokens": 16})
+    assert answer.status_code == 200, answer.text

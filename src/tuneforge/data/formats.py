@@ -134,7 +134,8 @@ def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, None, [Issue("invalid_json", f"not valid JSON: {err.msg} at column {err.colno}", line)]
+        msg = err.msg.removesuffix(" at")  # some of json's end in "at" ("Unterminated string starting at")
+        return None, None, [Issue("invalid_json", f"not valid JSON: {msg} at column {err.colno}", line)]
     except (ValueError, RecursionError) as err:  # huge integers, absurdly deep nesting
         return None, None, [Issue("invalid_json", f"not valid JSON: {err}", line)]
     if not isinstance(obj, dict):

@@ -46,7 +46,8 @@ def distribution(values: list[int]) -> dict[str, float]:
 
 @dataclass
 class TokenStats:
-    n_examples: int
+    # the examples measured (parsed and rendered); a report's n_examples counts every record, bad ones too
+    n_tokenized: int
     messages_per_example: dict[str, float]  # prompt + answer turns; 0 for raw text
     tokens_per_example: dict[str, float]  # whole example, before truncation
     loss_tokens_per_example: dict[str, float]  # tokens the loss is taken on (assistant answers)
@@ -67,7 +68,7 @@ class TokenStats:
         lengths = [len(r.input_ids) for r in rendered]
         cap = max_length if max_length is not None else max(lengths, default=0)
         return cls(
-            n_examples=len(examples),
+            n_tokenized=len(examples),
             messages_per_example=distribution([len(e.messages) + len(e.chosen or []) for e in examples]),
             tokens_per_example=distribution(lengths),
             loss_tokens_per_example=distribution([sum(x != IGNORE for x in r.labels) for r in rendered]),

@@ -45,11 +45,11 @@ SHOWN = 20  # issues listed per section in the text report; the JSON has them al
 class Report:
     path: str
     format: str
-    n_examples: int
+    n_examples: int  # records in the file, good or bad (what OpenAI's minimum counts)
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     max_length: int = 2048
-    stats: TokenStats | None = None  # only when a tokenizer was given
+    stats: TokenStats | None = None  # only when a tokenizer was given; of the good examples only
     n_epochs: int | None = None
     billing_tokens: int | None = None
     costs: list[dict[str, Any]] = field(default_factory=list)

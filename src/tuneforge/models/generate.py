@@ -83,8 +83,9 @@ def _generate_kwargs(model, tokenizer, ids: list[int], s: Sampling, first: Logit
     )
     if s.temperature > 0:
         kwargs |= {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
-    if s.stop:
-        kwargs |= {"stop_strings": s.stop, "tokenizer": tokenizer}
+    stop = [t for t in s.stop or [] if t]  # "" would match at once: like _cut_at_stop, ignore it
+    if stop:
+        kwargs |= {"stop_strings": stop, "tokenizer": tokenizer}
     processors = [first] if first is not None else []
     if s.frequency_penalty or s.presence_penalty or s.logit_bias:
         processors.append(_OpenAIAdjustments(len(ids), s))
@@ -151,12 +152,14 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None) -> Completion:
-    """The whole answer to chat messages (or to a raw prompt string)."""
+def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None, tools=None,
+             cancel: threading.Event | None = None) -> Completion:
+    """The whole answer to chat messages (or to a raw prompt string); `cancel` ends it early (after
+    the token in progress: what was made so far is the answer)."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
     tokens = None if s.logprobs is None else _Tokens(tokenizer, s.logprobs)  # as stream() reads them
-    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens)
+    kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens, cancel=cancel)
     out = model.generate(**kwargs, streamer=tokens)[0][len(ids) :].tolist()
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
     logprobs = None

@@ -6,7 +6,8 @@ assistant turn - in OpenAI's chat format, so `tuneforge data validate` and a new
 read it like any other file. Filter by model and metadata to keep what was reviewed as good.
 A kept response (the Responses API keeps them unless `store: false`, serve.responses) becomes its
 whole conversation: instructions as the system message, earlier turns (previous_response_id), the
-input, and the answer - only answers that ended by themselves (a cut one would teach cutting off).
+input, and the answer. Either way, only answers that ended by themselves (finish_reason "stop", a
+completed response): a cut one would teach cutting off.
 """
 
 from __future__ import annotations
@@ -41,15 +42,27 @@ def find_stored(s: Session, project: str, model: str | None = None, metadata: di
 
 def training_examples(s: Session, project: str = "default", model: str | None = None,
                       metadata: dict[str, str] | None = None) -> list[dict]:
-    """One {"messages": [...]} per stored completion of `project` (oldest first) that matches."""
+    """One {"messages": [...]} per stored completion of `project` (oldest first) that matches and
+    whose answer ended by itself."""
     out = []
     for row in find_stored(s, project, model, metadata):
-        answer = row.completion["choices"][0]["message"].get("content")
-        if not (answer or "").strip():
-            continue  # nothing to learn from (an empty or refused answer), and the validator agrees
-        messages = [_training_message(m) for m in row.messages]
-        out.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+        answer = _answer(row.completion["choices"][0])
+        if answer is not None:
+            out.append({"messages": [_training_message(m) for m in row.messages] + [answer]})
     return out
+
+
+def _answer(choice: dict) -> dict | None:
+    """A stored choice as the assistant message to learn: its text, or its tool calls (which the
+    server returns from answers in the form training gives them, serve.chat.tool_calls_in)."""
+    message, finish = choice["message"], choice["finish_reason"]
+    if finish == "tool_calls" and message.get("tool_calls"):
+        return {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]}
+    if finish != "stop":
+        return None  # cut off by max_tokens: it would teach cutting off
+    if not (message.get("content") or "").strip():
+        return None  # nothing to learn from (an empty or refused answer), and the validator agrees
+    return {"role": "assistant", "content": message["content"]}
 
 
 def find_responses(s: Session, project: str, model: str | None = None,

@@ -16,7 +16,7 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -214,6 +214,44 @@ def _check_message(m, where: str, calls: set) -> None:
                               param=f"{where}.tool_call_id", code="invalid_value")
 
 
+def tool_calls_in(text: str, tools: list[dict] | None) -> list[dict] | None:
+    """The answer as OpenAI tool calls, when it is one: a JSON list of calls of declared tools, the
+    form tuneforge trains an assistant's tool calls in (data.render writes them so when a chat template
+    has no place of its own for them, as SmolLM2's has not). Each call gets a fresh id: a fine-tuned
+    model repeats the ids of its training data."""
+    if not tools or not text.lstrip().startswith("["):
+        return None
+    try:
+        calls = json.loads(text)
+    except ValueError:
+        return None
+    names = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+    if not (isinstance(calls, list) and calls and all(_is_call(c, names) for c in calls)):
+        return None
+    return [{"id": new_id("call_", 24), "type": "function", "function": {
+        "name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments", "{}"))}}
+        for c in calls]
+
+
+def _is_call(call, names: set) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return isinstance(fn, dict) and call.get("type", "function") == "function" and fn.get("name") in names
+
+
+def _arguments(arguments) -> str:
+    """A call's arguments as OpenAI sends them: a JSON string (a model may write the object itself)."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _choice(index: int, r: Completion, tools: list[dict] | None) -> ChatChoice:
+    calls = tool_calls_in(r.text, tools)
+    if calls:
+        return ChatChoice(index=index, message=AssistantMessage(content=None, tool_calls=calls),
+                          finish_reason="tool_calls", logprobs=chat_logprobs(r.logprobs))
+    return ChatChoice(index=index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                      logprobs=chat_logprobs(r.logprobs))
+
+
 def _usage(prompt_tokens: int, results: list[Completion]) -> Usage:
     completion = sum(r.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
@@ -226,15 +264,53 @@ def note_usage(request: Request, model: str, usage: Usage | None) -> None:
         request.state.completion_tokens = usage.completion_tokens
 
 
-def measure_prompt(engine: Engine, target: Target, prompt: list[dict] | str, param: str = "messages") -> tuple[int, int]:
+def measure_prompt(engine: Engine, target: Target, prompt: list[dict] | str, param: str = "messages",
+                   tools=None) -> tuple[int, int]:
     """(prompt tokens, the model's context length); `param`: what the request calls its prompt."""
     try:
-        return engine.prompt_length(target, prompt)
+        return engine.prompt_length(target, prompt, tools)
     except APIError:
         raise
     except Exception as err:  # e.g. a chat template that rejects this sequence of roles
         raise bad_request(f"The model's chat template cannot render these messages: {err}", param=param,
                           code="invalid_messages") from err
+
+
+POLL_SECONDS = 0.25  # how often a non-streamed answer checks that its client is still connected
+CLIENT_GONE = 499  # the status a request whose client hung up is logged with (nginx's "client closed request")
+
+
+def complete_while_connected(engine: Engine, target: Target, work, request: Request, prompt_tokens: int,
+                             tools=None) -> list[Completion] | None:
+    """engine.complete, cancelled if the client hangs up before the answers are done (then None, and
+    the request's usage is the prompt and the tokens made so far, as for a dropped stream).
+
+    A client that gives up - the SDK's timeout, a closed connection - would otherwise keep the engine,
+    and every request queued behind its lock, busy up to max_tokens for an answer nobody reads (QA:
+    669 s for an abandoned 5,000-token answer; with the SDK's retries, several times over). The
+    answers are made in a thread of their own while this one, the request's worker thread, asks the
+    event loop every POLL_SECONDS whether the client is still there."""
+    cancel, outcome = threading.Event(), []
+
+    def run() -> None:
+        try:
+            outcome.append(engine.complete(target, work, cancel, tools))
+        except Exception as err:  # raised again in the request's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True, name="tuneforge-complete")
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+        if thread.is_alive() and not cancel.is_set() and anyio.from_thread.run(request.is_disconnected):
+            cancel.set()  # the answer in progress ends after its current token, the lock is let go
+    (results,) = outcome
+    if isinstance(results, Exception):
+        raise results
+    if cancel.is_set():
+        note_usage(request, request.state.model, _usage(prompt_tokens, results))
+        return None
+    return results
 
 
 # --- handlers ---------------------------------------------------------------------------------------
@@ -246,7 +322,8 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     target = resolve_model(db, caller, req.model)
     refuse_unsupported(req)
     messages = _chat_messages(req)
-    prompt_tokens, context = measure_prompt(engine, target, messages)
+    prompt_tokens, context = measure_prompt(engine, target, messages, tools=req.tools)
+    calls_wanted = req.tools if req.tool_choice != "none" else None  # answers that may be tool calls
     choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
                         prompt_tokens, context, vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(messages, s) for s in choices]
@@ -257,8 +334,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         return ChatCompletion(
             id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
             usage=_usage(prompt_tokens, results),
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                                logprobs=chat_logprobs(r.logprobs)) for i, r in enumerate(results)],
+            choices=[_choice(i, r, calls_wanted) for i, r in enumerate(results)],
         )
 
     def keep(results: list[Completion], db: Session) -> None:
@@ -269,8 +345,10 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         finished = (lambda results: in_own_session(request, keep, results)) if req.store else None
         return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
-                                          include_usage, request, finished))
-    results = engine.complete(target, work)
+                                          include_usage, request, finished, req.tools, calls_wanted))
+    results = complete_while_connected(engine, target, work, request, prompt_tokens, req.tools)
+    if results is None:
+        return Response(status_code=CLIENT_GONE)
     done = completion(results)
     note_usage(request, req.model, done.usage)
     if req.store:
@@ -303,7 +381,9 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(request, _text_chunks(engine, target, work, cid, created, req.model, total_prompt,
                                           include_usage, echoes, request))
-    results = engine.complete(target, work)
+    results = complete_while_connected(engine, target, work, request, total_prompt)
+    if results is None:
+        return Response(status_code=CLIENT_GONE)
     usage = _usage(total_prompt, results)
     note_usage(request, req.model, usage)
     return TextCompletion(
@@ -367,13 +447,13 @@ def _sse(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
     return sse_response(body())
 
 
-async def generated(engine: Engine, target: Target, work, request: Request,
-                    prompt_tokens: int) -> AsyncIterator[tuple[int, Delta | Completion]]:
+async def generated(engine: Engine, target: Target, work, request: Request, prompt_tokens: int,
+                    tools=None) -> AsyncIterator[tuple[int, Delta | Completion]]:
     """(choice index, Delta | Completion) as the engine makes them. Closed before the end (the client
     hung up), it cancels the generation, and the request's usage is the prompt and the answer tokens
     made so far - what the cores spent."""
     cancel = threading.Event()
-    q = engine.stream(target, work, cancel)
+    q = engine.stream(target, work, cancel, tools)
     streamed: dict[int, int] = {}  # answer tokens by choice
     ended = False
     try:
@@ -394,7 +474,11 @@ async def generated(engine: Engine, target: Target, work, request: Request,
                 streamed.values()), total_tokens=prompt_tokens + sum(streamed.values())))
 
 
-async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request, finished):
+async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request, finished,
+                       tools=None, calls_wanted=None):
+    """The chat answer's chunks. An answer that may be a tool call (`calls_wanted`: tools were given
+    and tool_choice is not "none") is sent whole at its end, as text or as tool calls: streamed as it
+    came, the JSON of a call would reach the client as text first."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -405,15 +489,22 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
     results: dict[int, Completion] = {}  # by choice index
     started: set[int] = set()
     try:
-        async with aclosing(generated(engine, target, work, request, prompt_tokens)) as pieces:
+        async with aclosing(generated(engine, target, work, request, prompt_tokens, tools)) as pieces:
             async for i, item in pieces:
                 if i not in started:
                     started.add(i)
                     yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
                 if isinstance(item, Completion):
                     results[i] = item
+                    if calls_wanted:
+                        calls = tool_calls_in(item.text, calls_wanted)
+                        if calls:
+                            yield chunk(i, {"tool_calls": [{"index": k} | c for k, c in enumerate(calls)]})
+                            yield chunk(i, {}, "tool_calls")
+                            continue
+                        yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
                     yield chunk(i, {}, item.finish_reason)
-                elif item.text:
+                elif item.text and not calls_wanted:
                     yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
     except Exception as err:
         yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")

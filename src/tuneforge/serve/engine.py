@@ -14,9 +14,9 @@ the free memory (a large base on a small GPU), the adapter is served as PEFT's l
 but a few MB.
 
 A lock serialises generation (one model answers at a time on these cores): a request holds it from
-choosing its model until its last token. Streaming generation runs in its own thread (which holds the
-lock) and hands deltas to the HTTP response through a queue, so a client that disconnects cannot
-leave the lock held.
+choosing its model until its last token. Either kind of answer can be cancelled (serve.chat does when
+the client hangs up), so a client that disconnects cannot leave the lock held: streaming generation
+runs in its own thread (which holds the lock) and hands deltas to the HTTP response through a queue.
 """
 
 from __future__ import annotations
@@ -129,11 +129,11 @@ class Engine:
         with self._lock:
             self._tuned.pop(str(Path(weights).resolve()), None)
 
-    def prompt_length(self, target: Target, prompt: list[dict] | str) -> tuple[int, int]:
+    def prompt_length(self, target: Target, prompt: list[dict] | str, tools=None) -> tuple[int, int]:
         """(prompt tokens, model context length): lets a request be refused before any output."""
         with self._lock:
             model, tokenizer = self._base(target.base)
-            n = len(input_ids(tokenizer, prompt))
+            n = len(input_ids(tokenizer, prompt, tools))
             return n, int(getattr(model.config, "max_position_embeddings", 2048))
 
     def decode(self, target: Target, ids: list[int]) -> str:
@@ -147,13 +147,21 @@ class Engine:
             model, _ = self._base(target.base)
             return int(model.config.vocab_size)
 
-    def complete(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]]) -> list[Completion]:
-        """One finished answer per (prompt, sampling): a chat (messages) or a raw text prompt."""
+    def complete(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]],
+                 cancel: threading.Event | None = None, tools=None) -> list[Completion]:
+        """One finished answer per (prompt, sampling): a chat (messages, with the request's `tools`) or
+        a raw text prompt. Setting `cancel` ends the answer in progress after its current token; the
+        rest are not begun."""
         with self.use(target) as (model, tokenizer):
-            return [complete(model, tokenizer, p, s) for p, s in requests]
+            done = []
+            for p, s in requests:
+                if cancel is not None and cancel.is_set():
+                    break
+                done.append(complete(model, tokenizer, p, s, tools=tools, cancel=cancel))
+            return done
 
     def stream(self, target: Target, requests: list[tuple[list[dict] | str, Sampling]],
-               cancel: threading.Event | None = None) -> queue_mod.Queue:
+               cancel: threading.Event | None = None, tools=None) -> queue_mod.Queue:
         """Start generating in a thread. The queue yields (request index, Delta | Completion),
         then None at the end, or the exception that stopped it. Setting `cancel` (the reader has
         gone) ends the answer in progress after its current token, and the rest are not begun."""
@@ -166,7 +174,7 @@ class Engine:
                         if cancel is not None and cancel.is_set():
                             break
                         # always drained: generation ends before the lock is released
-                        for item in stream(model, tokenizer, p, s, cancel=cancel):
+                        for item in stream(model, tokenizer, p, s, tools=tools, cancel=cancel):
                             out.put((i, item))
                 out.put(None)
             except Exception as err:  # handed to the response, which reports it in the stream

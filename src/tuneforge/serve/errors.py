@@ -11,6 +11,7 @@ does not go away by asking again.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +44,8 @@ def unsupported(what: str, param: str) -> APIError:
 
 
 def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
-    return APIError(404, f"No {kind} with id '{ident}' found.", param=param, code=f"{kind.replace(' ', '_')}_not_found")
+    code = re.sub(r"\W+", "_", kind) + "_not_found"  # snake_case as all codes are: "fine-tuning job" too
+    return APIError(404, f"No {kind} with id '{ident}' found.", param=param, code=code)
 
 
 def conflict(message: str, code: str | None = None) -> APIError:

@@ -11,12 +11,16 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 
 
 def check_limit(limit: int, maximum: int) -> None:
     if not 1 <= limit <= maximum:
         raise bad_request(f"limit must be between 1 and {maximum}, got {limit}", param="limit", code="invalid_limit")
+
+
+def _unknown_cursor(after: str) -> APIError:
+    return bad_request(f"No object with id '{after}' to continue after", param="after", code="invalid_cursor")
 
 
 def page(db: Session, stmt: Select, table: Any, after: str | None, limit: int,
@@ -26,7 +30,7 @@ def page(db: Session, stmt: Select, table: Any, after: str | None, limit: int,
     if after:
         anchor = db.scalar(select(table.seq).where(table.id == after))
         if anchor is None:
-            raise bad_request(f"No object with id '{after}' to continue after", param="after")
+            raise _unknown_cursor(after)
         stmt = stmt.where(table.seq < anchor if desc else table.seq > anchor)
     stmt = stmt.order_by(table.seq.desc() if desc else table.seq.asc()).limit(limit + 1)
     rows = db.scalars(stmt).all()
@@ -38,6 +42,6 @@ def page_list(rows: Sequence[Any], after: str | None, limit: int) -> tuple[Seque
     if after:
         ids = [r.id for r in rows]
         if after not in ids:
-            raise bad_request(f"No object with id '{after}' to continue after", param="after")
+            raise _unknown_cursor(after)
         rows = rows[ids.index(after) + 1 :]
     return rows[:limit], len(rows) > limit

@@ -280,6 +280,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # the answer as calls of the request's tools (chat.tool_calls_in)
 
 
 class ChatChoice(BaseModel):

@@ -171,15 +171,16 @@ def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
 @router.post("/tuneforge/stored_completions/training_file", response_model=FileObject)
 def stored_training_file(request: Request, caller: Caller, db: DB, settings: SettingsDep,
                          model: Annotated[str | None, Query()] = None):
-    """The caller's stored chat completions (of `model`, with every `metadata[k]=v` asked) as a chat
-    JSONL file with purpose fine-tune: what `tuneforge data stored` writes, ready for a new job."""
+    """The caller's stored chat completions (ended by themselves, of `model`, with every
+    `metadata[k]=v` asked) as a chat JSONL file with purpose fine-tune: what `tuneforge data stored`
+    writes, ready for a new job."""
     from ..monitor.stored import jsonl_bytes, training_examples
 
     wanted = metadata_filter(request)
     examples = training_examples(db, caller.project, model, wanted)  # in this request's session
     if not examples:
-        raise bad_request("No stored chat completion matches (store: true, with the model and metadata asked)",
-                          param="metadata", code="no_stored_completions")
+        raise bad_request("No stored chat completion matches (store: true, ended by itself, with the model and "
+                          "metadata asked)", param="metadata", code="no_stored_completions")
     return store_file(db, caller, settings, "stored-completions.jsonl", jsonl_bytes(examples))
 
 

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,9 +38,11 @@ from ..monitor.stored import response_conversation
 from ..store.database import ResponseRow, new_id
 from ..store.keys import Principal
 from .chat import (
+    CLIENT_GONE,
     DEFAULT_CHAT_MAX_TOKENS,
     chat_logprobs,
     checked_top,
+    complete_while_connected,
     generated,
     in_own_session,
     measure_prompt,
@@ -262,8 +264,10 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
         kept = (lambda done: in_own_session(request, keep, done)) if store else None  # after the request's session
         events = _events(engine, target, messages, sampling, answer, kept, request)
         return sse_response(_sse(events))
-    (result,) = engine.complete(target, [(messages, sampling)])
-    done = answer.finished(result)
+    results = complete_while_connected(engine, target, [(messages, sampling)], request, prompt_tokens)
+    if results is None:
+        return Response(status_code=CLIENT_GONE)
+    done = answer.finished(results[0])
     note_usage(request, req.model, _usage(done))
     if store:
         keep(done, db)
