@@ -216,9 +216,8 @@ def _check_message(m, where: str, calls: set) -> None:
 
 def tool_calls_in(text: str, tools: list[dict] | None) -> list[dict] | None:
     """The answer as OpenAI tool calls, when it is one: a JSON list of calls of declared tools, the
-    form tuneforge trains an assistant's tool calls in (data.render writes them so when a chat template
-    has no place of its own for them, as SmolLM2's has not). Each call gets a fresh id: a fine-tuned
-    model repeats the ids of its training data."""
+    form tuneforge trains an assistant's tool calls in (data.render gives them to the chat template as
+    that JSON text). Each call gets a fresh id: a fine-tuned model repeats the ids of its training data."""
     if not tools or not text.lstrip().startswith("["):
         return None
     try:
