@@ -15,3 +15,16 @@ def test_an_unknown_cursor_is_a_400_with_a_code(client, path):
     assert r.status_code == 400
     assert r.json()["error"] == {"message": "No object with id 'nope-123' to continue after",
                                  "type": "invalid_request_error", "param": "after", "code": "invalid_cursor"}
+
+
+def test_another_projects_id_is_no_cursor(client):
+    """A cursor is looked up among the caller's own objects: another project's id must not page (that
+    would tell the caller it exists, and where it lies among its own)."""
+    from tuneforge.store.keys import create_key
+
+    theirs = test_app.upload(client, b'{"messages": [{"role": "user", "content": "hi"}]}\n').json()["id"]
+    test_app.upload(client, b'{"messages": [{"role": "user", "content": "again"}]}\n')
+    assert client.get("/v1/files", params={"after": theirs}).status_code == 200  # the owner may page after it
+    other = {"Authorization": f"Bearer {create_key('other')}"}
+    r = client.get("/v1/files", params={"after": theirs}, headers=other)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cursor"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from .errors import APIError, bad_request
@@ -28,7 +28,8 @@ def page(db: Session, stmt: Select, table: Any, after: str | None, limit: int,
     """(rows of one page, has_more) of `stmt` (already scoped to the caller)."""
     desc = order != "asc"
     if after:
-        anchor = db.scalar(select(table.seq).where(table.id == after))
+        # looked up within the caller's own rows: another project's id is as unknown as a made-up one
+        anchor = db.scalar(stmt.with_only_columns(table.seq).where(table.id == after))
         if anchor is None:
             raise _unknown_cursor(after)
         stmt = stmt.where(table.seq < anchor if desc else table.seq > anchor)
