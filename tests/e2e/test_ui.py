@@ -253,6 +253,12 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
 def test_playground_chats_kept_and_rated_become_training_data(page, server):
     """Stage 7's loop from the dashboard alone: keep the chats, rate the answers, make a training file
     of the good ones on the Monitor page."""
+    from tests.conftest import tiny_ends_by_itself
+
+    def ending(route):  # only answers that end by themselves are training data: the random model's must
+        route.continue_(post_data=json.dumps(json.loads(route.request.post_data) | tiny_ends_by_itself()))
+
+    page.route("**/v1/chat/completions", ending)
     page.goto(server.url + "/#/playground?model=tiny-llama")
     page.check("#pg-store")
     page.fill("#pg-max-tokens", "4")
