@@ -397,18 +397,18 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters"
 
 def test_an_answer_in_the_trained_form_of_a_tool_call_comes_back_as_tool_calls():
     """data.render trains an assistant's tool calls as the JSON list of them: such an answer, naming a
-    declared tool, is returned as OpenAI tool_calls (fresh ids, arguments a JSON string); anything else
-    stays text."""
+    declared tool, is returned as OpenAI tool_calls (ids of the server's, arguments a JSON string);
+    anything else stays text."""
     from tuneforge.serve.chat import tool_calls_in
 
     made = json.dumps([{"id": "call_from_training", "type": "function",
                         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
-    (call,) = tool_calls_in(" " + made, WEATHER)
-    assert call["type"] == "function" and call["id"].startswith("call_") and call["id"] != "call_from_training"
+    (call,) = tool_calls_in(" " + made, WEATHER, "call_abc_0")
+    assert call["type"] == "function" and call["id"] == "call_abc_0_0" and call["id"] != "call_from_training"
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-    assert tool_calls_in(made, None) is None  # no tools declared (or tool_choice "none")
-    assert tool_calls_in(made.replace("get_weather", "get_time"), WEATHER) is None  # not a declared tool
-    assert tool_calls_in("[1, 2] is a list", WEATHER) is None and tool_calls_in("[]", WEATHER) is None
+    assert tool_calls_in(made, None, "c") is None  # no tools declared (or tool_choice "none")
+    assert tool_calls_in(made.replace("get_weather", "get_time"), WEATHER, "c") is None  # not a declared tool
+    assert tool_calls_in("[1, 2] is a list", WEATHER, "c") is None and tool_calls_in("[]", WEATHER, "c") is None
 
 
 def test_tools_reach_the_chat_template(client):

@@ -214,10 +214,12 @@ def _check_message(m, where: str, calls: set) -> None:
                               param=f"{where}.tool_call_id", code="invalid_value")
 
 
-def tool_calls_in(text: str, tools: list[dict] | None) -> list[dict] | None:
+def tool_calls_in(text: str, tools: list[dict] | None, ids: str) -> list[dict] | None:
     """The answer as OpenAI tool calls, when it is one: a JSON list of calls of declared tools, the
     form tuneforge trains an assistant's tool calls in (data.render gives them to the chat template as
-    that JSON text). Each call gets a fresh id: a fine-tuned model repeats the ids of its training data."""
+    that JSON text). The calls are named `{ids}_0`, `{ids}_1`, ... - not the model's own ids, which
+    repeat its training data's; made from the completion's id and the choice, so that the answer sent
+    and the one kept (store: true, built again from the same completion) name the same calls."""
     if not tools or not text.lstrip().startswith("["):
         return None
     try:
@@ -227,9 +229,14 @@ def tool_calls_in(text: str, tools: list[dict] | None) -> list[dict] | None:
     names = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
     if not (isinstance(calls, list) and calls and all(_is_call(c, names) for c in calls)):
         return None
-    return [{"id": new_id("call_", 24), "type": "function", "function": {
+    return [{"id": f"{ids}_{k}", "type": "function", "function": {
         "name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments", "{}"))}}
-        for c in calls]
+        for k, c in enumerate(calls)]
+
+
+def _call_ids(cid: str, index: int) -> str:
+    """What a chat completion's choice names its tool calls after (tool_calls_in)."""
+    return f"call_{cid.removeprefix('chatcmpl-')}_{index}"
 
 
 def _is_call(call, names: set) -> bool:
@@ -242,8 +249,8 @@ def _arguments(arguments) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
-def _choice(index: int, r: Completion, tools: list[dict] | None) -> ChatChoice:
-    calls = tool_calls_in(r.text, tools)
+def _choice(cid: str, index: int, r: Completion, tools: list[dict] | None) -> ChatChoice:
+    calls = tool_calls_in(r.text, tools, _call_ids(cid, index))
     if calls:
         return ChatChoice(index=index, message=AssistantMessage(content=None, tool_calls=calls),
                           finish_reason="tool_calls", logprobs=chat_logprobs(r.logprobs))
@@ -333,7 +340,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         return ChatCompletion(
             id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
             usage=_usage(prompt_tokens, results),
-            choices=[_choice(i, r, calls_wanted) for i, r in enumerate(results)],
+            choices=[_choice(cid, i, r, calls_wanted) for i, r in enumerate(results)],
         )
 
     def keep(results: list[Completion], db: Session) -> None:
@@ -496,7 +503,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
                 if isinstance(item, Completion):
                     results[i] = item
                     if calls_wanted:
-                        calls = tool_calls_in(item.text, calls_wanted)
+                        calls = tool_calls_in(item.text, calls_wanted, _call_ids(cid, i))
                         if calls:
                             yield chunk(i, {"tool_calls": [{"index": k} | c for k, c in enumerate(calls)]})
                             yield chunk(i, {}, "tool_calls")
