@@ -428,3 +428,14 @@ def test_tools_reach_the_chat_template(client):
     # not a call: the text arrives whole, in one chunk, at the end
     texts = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(texts) <= 1 and "".join(texts) == with_tools.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("tool,param", [
+    ({"type": "function"}, "tools[0].function.name"),
+    ({"type": "function", "function": {"parameters": {}}}, "tools[0].function.name"),
+    ({"type": "web_search"}, "tools[0].type"),
+])
+def test_a_tool_without_a_function_name_is_refused_by_field(client, tool, param):
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, "tools": [tool],
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

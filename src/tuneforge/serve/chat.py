@@ -214,6 +214,19 @@ def _check_message(m, where: str, calls: set) -> None:
                               param=f"{where}.tool_call_id", code="invalid_value")
 
 
+def _check_tools(tools: list[dict] | None) -> None:
+    """Each tool as OpenAI requires it, a 400 naming the field otherwise: a function with a name (what
+    the chat template is given, and what a call in the answer must name)."""
+    for i, tool in enumerate(tools or []):
+        if tool.get("type") != "function":
+            raise bad_request(f"Invalid value for 'tools[{i}].type': only 'function' tools are supported.",
+                              param=f"tools[{i}].type", code="invalid_value")
+        fn = tool.get("function")
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise bad_request(f"Missing required parameter: 'tools[{i}].function.name'.",
+                              param=f"tools[{i}].function.name", code="missing_required_parameter")
+
+
 def tool_calls_in(text: str, tools: list[dict] | None, ids: str) -> list[dict] | None:
     """The answer as OpenAI tool calls, when it is one: a JSON list of calls of declared tools, the
     form tuneforge trains an assistant's tool calls in (data.render gives them to the chat template as
@@ -226,7 +239,7 @@ def tool_calls_in(text: str, tools: list[dict] | None, ids: str) -> list[dict] |
         calls = json.loads(text)
     except ValueError:
         return None
-    names = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+    names = {t["function"]["name"] for t in tools}  # (_check_tools)
     if not (isinstance(calls, list) and calls and all(_is_call(c, names) for c in calls)):
         return None
     return [{"id": f"{ids}_{k}", "type": "function", "function": {
@@ -328,6 +341,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     target = resolve_model(db, caller, req.model)
     refuse_unsupported(req)
     messages = _chat_messages(req)
+    _check_tools(req.tools)
     prompt_tokens, context = measure_prompt(engine, target, messages, tools=req.tools)
     calls_wanted = req.tools if req.tool_choice != "none" else None  # answers that may be tool calls
     choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
