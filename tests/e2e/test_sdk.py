@@ -454,8 +454,12 @@ def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
         )
         done = wait_for(client, job.id, {"succeeded", "failed"}, timeout=1800)
         assert done.status == "succeeded", done.error
-        ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))  # newest first
         assert len(ckpts) == 2 and ckpts[0].metrics.valid_loss < ckpts[1].metrics.valid_loss + 0.5
+        # the held-out loss falls well below the base model's (the job's events say the base's)
+        said = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        base_loss = next(float(m.split()[-1]) for m in said if m.startswith("Base model validation loss"))
+        assert ckpts[0].metrics.valid_loss < base_loss - 0.3, (base_loss, ckpts[0].metrics)
         reply_system = "You are a tutor who explains machine learning in the style of William Shakespeare."
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, temperature=0, max_tokens=80,
