@@ -109,11 +109,14 @@ def test_a_trained_run_is_kept_from_mistakes_and_overwrite_clears_it(tmp_path, c
     proc = tf("train", "--resume", run, check=False)
     assert proc.returncode == 2 and "has finished training" in proc.stderr
     result = json.loads((run / "result.json").read_text())
-    assert result["final"]  # (a resume of a finished run used to rewrite it empty)
+    assert result["final"]["valid_loss"]  # (a resume of a finished run used to rewrite it empty)
     tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--method", "full", "--n-epochs", "1",
-       "--overwrite", "--quiet")
+       "--overwrite", "--quiet", "--validation-split", "0")
     # the LoRA run's adapter is gone: eval, chat and export would have loaded it before the new model
     assert not (run / "adapter").exists() and (run / "model" / "model.safetensors").is_file()
+    # and all 24 examples trained: none held out for validation
+    result = json.loads((run / "result.json").read_text())
+    assert "valid_loss" not in result["final"] and result["final"]["trained_tokens"] > 0
 
 
 @pytest.mark.parametrize("option,value,says", [
@@ -121,6 +124,7 @@ def test_a_trained_run_is_kept_from_mistakes_and_overwrite_clears_it(tmp_path, c
     ("--batch-size", "0", "batch_size must be at least 1, got 0"),
     ("--learning-rate-multiplier", "0", "learning_rate_multiplier must be above 0"),
     ("--precision", "xyz", "precision must be one of auto, bf16, fp32"),
+    ("--validation-split", "1", "validation_split must be at least 0 and below 1, got 1.0"),
 ])
 def test_out_of_range_options_are_refused_before_anything_runs(tmp_path, chat_file, option, value, says):
     proc = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "tiny-llama", option, value, check=False)

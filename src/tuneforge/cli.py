@@ -250,7 +250,9 @@ def train(
         help="supervised, or dpo (preference pairs: raise the preferred answer over the other).")] = "supervised",
     dpo_beta: Annotated[float, typer.Option(help="DPO: how far the model may move from the base.")] = 0.1,
     validation_data: Annotated[Path | None, typer.Option(
-        help="Validation file; default: hold out 10% of --data when it has 20 examples or more (else none).")] = None,
+        help="Validation file; default: hold out --validation-split of --data when it has 20 examples or more.")] = None,
+    validation_split: Annotated[float, typer.Option(
+        help="Fraction of --data held out for validation when no --validation-data is given (0 = train on all).")] = 0.1,
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
     batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
     learning_rate_multiplier: Annotated[str, typer.Option(help="Scales the base learning rate, or auto.")] = "auto",
@@ -294,6 +296,7 @@ def train(
             data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=base, method=method,
             objective=objective, dpo_beta=dpo_beta,
             validation_data=str(v) if (v := _existing_file(validation_data, "--validation-data")) else None,
+            validation_split=validation_split,
             n_epochs=_auto_or(int, "--n-epochs")(n_epochs), batch_size=_auto_or(int, "--batch-size")(batch_size),
             learning_rate_multiplier=_auto_or(float, "--learning-rate-multiplier")(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
