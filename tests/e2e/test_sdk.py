@@ -460,6 +460,9 @@ def test_embedded_model_fine_tune_over_the_api(tmp_path, shared_models_dir):
         said = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
         base_loss = next(float(m.split()[-1]) for m in said if m.startswith("Base model validation loss"))
         assert ckpts[0].metrics.valid_loss < base_loss - 0.3, (base_loss, ckpts[0].metrics)
+        # a checkpoint's validation pass is of the whole validation set: OpenAI's full_valid_* metrics
+        assert ckpts[0].metrics.full_valid_loss == ckpts[0].metrics.valid_loss
+        assert ckpts[0].metrics.full_valid_mean_token_accuracy == ckpts[0].metrics.valid_mean_token_accuracy
         reply_system = "You are a tutor who explains machine learning in the style of William Shakespeare."
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, temperature=0, max_tokens=80,

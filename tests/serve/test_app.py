@@ -439,3 +439,13 @@ def test_a_tool_without_a_function_name_is_refused_by_field(client, tool, param)
     r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, "tools": [tool],
                                                    "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_checkpoints_epoch_end_validation_is_openais_full_valid_metrics():
+    from tuneforge.serve.fine_tuning import _checkpoint_metrics
+
+    m = _checkpoint_metrics({"train_loss": 1.5, "valid_loss": 2.0, "valid_mean_token_accuracy": 0.25}, 3)
+    assert (m.step, m.full_valid_loss, m.full_valid_mean_token_accuracy) == (3, 2.0, 0.25)
+    assert m.valid_loss == 2.0
+    without = _checkpoint_metrics({"train_loss": 1.5}, 3)  # no validation data: nothing made up
+    assert without.full_valid_loss is None and without.valid_loss is None

@@ -182,8 +182,16 @@ def list_checkpoints(db: Session, caller: Principal, job_id: str, after: str | N
     rows, more = page(db, select(CheckpointRow).where(CheckpointRow.job_id == job_id), CheckpointRow, after, limit)
     data = [Checkpoint(id=r.id, created_at=int(r.created_at), fine_tuned_model_checkpoint=r.name,
                        fine_tuning_job_id=r.job_id, step_number=r.step,
-                       metrics=CheckpointMetrics(**(r.metrics | {"step": r.step}))) for r in rows]
+                       metrics=_checkpoint_metrics(r.metrics, r.step)) for r in rows]
     return CheckpointList.of(data, more)
+
+
+def _checkpoint_metrics(metrics: dict, step: int) -> CheckpointMetrics:
+    """A checkpoint's metrics as OpenAI names them. A checkpoint is written at the end of an epoch,
+    whose validation pass covers the whole validation set: that is OpenAI's `full_valid_*` (its
+    `valid_*` are of one batch), so both carry the same numbers here."""
+    full = {f"full_{k}": metrics[k] for k in ("valid_loss", "valid_mean_token_accuracy") if k in metrics}
+    return CheckpointMetrics(**(metrics | full | {"step": step}))
 
 
 def control(db: Session, caller: Principal, settings: Settings, job_id: str, action) -> FineTuningJob:
