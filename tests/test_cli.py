@@ -199,6 +199,13 @@ def test_every_command_has_help(args):
     assert "Usage" in tf(*args).stdout
 
 
+def test_models_lists_the_catalogue_and_says_what_each_is():
+    lines = tf("models").stdout.splitlines()
+    tiny = next(line for line in lines if line.startswith("tiny-llama "))
+    assert "random weights" in tiny
+    assert "tiny-llama" in json.loads(tf("models", "--json").stdout)  # scripts get the names alone
+
+
 def test_usage_summarises_served_requests():
     from tuneforge.monitor.usage import UsageRecord, record
     from tuneforge.store.database import session

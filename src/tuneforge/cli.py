@@ -469,13 +469,14 @@ def import_run_cmd(
 @app.command("models")
 def list_models(json_out: JsonOpt = False):
     """Base models available on this machine."""
-    from .models.catalogue import available
+    from .models.catalogue import DESCRIPTIONS, available
 
     names = available()
     if json_out:
         _print_json(names)
     else:
-        typer.echo("\n".join(names))
+        width = max(map(len, names))
+        typer.echo("\n".join(f"{n:<{width}}  {DESCRIPTIONS[n]}" for n in names))
 
 
 # ---------------------------------------------------------------- server

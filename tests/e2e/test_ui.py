@@ -130,6 +130,7 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     page.goto(server.url + "/#/jobs")
     page.click("[data-test=create-job]")
     page.select_option("#f-model", "tiny-llama")
+    expect(page.locator("[data-test=model-description]")).to_contain_text("random weights")  # said where it is chosen
     page.select_option("#f-training_file", good["id"])
     page.fill("input[name=suffix]", "e2e")
     page.fill("input[name=n_epochs]", "2")

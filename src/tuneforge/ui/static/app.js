@@ -479,6 +479,10 @@ async function viewCreate(root, params) {
   const err = h("p", { class: "form-error", role: "alert", hidden: true });
   const modelSelect = h("select", { name: "model", id: "f-model" },
     models.map((m) => h("option", { value: m.id, selected: m.id === params.get("model") }, m.id)));
+  // what the chosen base model is (the catalogue's description): the test model's random weights are no secret
+  const modelHint = h("span", { class: "hint", "data-test": "model-description" });
+  const describeModel = () => { modelHint.textContent = (models.find((m) => m.id === modelSelect.value) || {}).description || ""; };
+  describeModel();
   const trainSelect = fileSelect("training_file", false);
   const validSelect = fileSelect("validation_file", true);
   const trainSlot = h("div", { class: "upload-slot" });
@@ -543,7 +547,7 @@ async function viewCreate(root, params) {
 
   form.append(
     h("div", { class: "form-grid" },
-      h("label", { class: "field" }, h("span", {}, "Base model"), modelSelect),
+      h("label", { class: "field" }, h("span", {}, "Base model"), modelSelect, modelHint),
       h("label", { class: "field" }, h("span", {}, "Suffix ", h("span", { class: "hint" }, "up to 64 characters, part of the model name")),
         h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", autocomplete: "off" })),
       h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Training file"), trainSelect), trainSlot),
@@ -563,7 +567,7 @@ async function viewCreate(root, params) {
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
   methodSeg.addEventListener("change", () => { if (reports.training_file) renderReport(trainSelect, trainSlot); });
-  modelSelect.addEventListener("change", () => { showReport(trainSelect, trainSlot); showReport(validSelect, validSlot); });
+  modelSelect.addEventListener("change", () => { describeModel(); showReport(trainSelect, trainSlot); showReport(validSelect, validSlot); });
   showReport(trainSelect, trainSlot);  // a file chosen by the link that opened the form
   root.append(form);
 
