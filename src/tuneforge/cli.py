@@ -188,7 +188,7 @@ def data_convert(
     if json_out:
         _print_json({"out": str(out), "n_examples": len(rows)})
     else:
-        typer.echo(f"wrote {len(rows)} examples to {out}")
+        typer.echo(f"wrote {len(rows)} example{'' if len(rows) == 1 else 's'} to {out}")
 
 
 # ---------------------------------------------------------------- train

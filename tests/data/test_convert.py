@@ -1,8 +1,11 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from tuneforge.cli import app
 from tuneforge.data.convert import ConvertError, from_csv, from_dataframe, write_jsonl
 from tuneforge.data.validate import validate_file
 
@@ -116,3 +119,100 @@ def test_written_jsonl_validates(tmp_path):
     assert json.loads(lines[0])["messages"][0]["content"] == "Classify the text. Answer with one of: ham, spam."
     report = validate_file(out)
     assert report.ok and report.warnings == [] and report.format == "chat" and report.n_examples == 12
+
+
+@pytest.mark.parametrize("content, line", [
+    ("question,answer\nWhat is 2+2?,4,math\nCapital of France?,Paris,geo\n", 2),  # was read shifted: user "4"
+    ("question,answer\nWhat is 2+2?,4,\nCapital of France?,Paris,\n", 2),  # a trailing comma: was "empty cell(s)"
+    ("question,answer\nWhat is 2+2?,4\nCapital of France?,Paris,geo\n", 3),
+])
+def test_csv_row_with_more_fields_than_the_header_is_an_error_naming_its_line(tmp_path, content, line):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(ConvertError) as info:
+        from_csv(path, prompt_col="question", completion_col="answer")
+    assert str(info.value).startswith(f"{path} is not a valid CSV: line {line} has 3 fields where the header has 2")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('q,a\n"multi\nline",a0\nq1,a1\nq2,a2,x\n', "line 5 has 3 fields"),  # pandas counts the quoted cell as 1 line
+    ('q,a\n\n"multi\nline",a0\n\nq2,a2,x\n', "line 6 has 3 fields"),  # blank lines count
+    ('q,a\r\n"multi\r\nline",a0\r\nq2,a2,x\r\n', "line 4 has 3 fields"),
+    ('q,a\n"multi\nline",a0\nq1,"a1\n', "a quote opened in the row starting on line 4 is never closed"),
+])
+def test_csv_parser_errors_name_the_line_of_the_file(tmp_path, content, problem):
+    path = tmp_path / "d.csv"
+    path.write_bytes(content.encode())
+    with pytest.raises(ConvertError, match=f"not a valid CSV: {problem}"):
+        from_csv(path, prompt_col="q", completion_col="a")
+
+
+def test_duplicated_column_in_use_is_refused():
+    df = pd.DataFrame([["a", "b", "c"]], columns=["q", "q", "a"])
+    with pytest.raises(ConvertError, match="column 'q' appears 2 times"):
+        from_dataframe(df, prompt_col="q", completion_col="a")
+    rows = from_dataframe(df.set_axis(["x", "q", "a"], axis=1), prompt_col="q", completion_col="a")
+    assert rows[0]["messages"][0]["content"] == "b"
+
+
+def test_csv_duplicated_header_in_use_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("q,q,a,notes,notes\na,b,c,,\n")  # an unused duplicate is no problem
+    with pytest.raises(ConvertError, match=f"^{path}: column 'q' appears 2 times"):
+        from_csv(path, prompt_col="q", completion_col="a")
+    assert from_csv(path, text_col="a") == [{"text": "c"}]
+
+
+@pytest.mark.parametrize("names", [("0", "1"), (0, 1)])
+def test_integer_column_names(names):
+    rows = from_dataframe(pd.DataFrame([["a", "b"]]), prompt_col=names[0], completion_col=names[1])
+    assert rows[0]["messages"][1]["content"] == "b"
+
+
+def test_dataframe_errors_name_the_index_label_not_a_csv_row():
+    df = pd.DataFrame({"q": ["x", None, "z"], "a": ["1", "2", np.nan]}, index=[10, 11, 12])
+    with pytest.raises(ConvertError) as info:
+        from_dataframe(df, prompt_col="q", completion_col="a")
+    assert str(info.value) == "empty cell(s): index 11 column 'q'; index 12 column 'a'"
+    with pytest.raises(ConvertError, match="^the DataFrame has no rows$"):
+        from_dataframe(df.iloc[:0], prompt_col="q", completion_col="a")
+
+
+def test_integral_float_labels_lose_their_point():
+    df = pd.DataFrame({"t": list("abcd"), "y": [1.0, 0.0, np.nan, 2.5]}).dropna()  # the NaN made the column float
+    rows = from_dataframe(df, text_col="t", label_col="y")
+    assert rows[0]["messages"][0]["content"] == "Classify the text. Answer with one of: 0, 1, 2.5."
+    assert [r["messages"][2]["content"] for r in rows] == ["1", "0", "2.5"]
+
+
+def test_numeric_labels_are_listed_in_numeric_order():
+    rows = from_dataframe(pd.DataFrame({"t": list("abc"), "y": [1, 10, 2]}), text_col="t", label_col="y")
+    assert rows[0]["messages"][0]["content"] == "Classify the text. Answer with one of: 1, 2, 10."
+
+
+def test_classification_needs_two_labels(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("t,y\na,pos\nb,pos\n")
+    with pytest.raises(ConvertError, match=f"^{path}: column 'y' has the one label 'pos': .* at least two labels"):
+        from_csv(path, text_col="t", label_col="y")
+
+
+def test_labels_differing_only_in_case_are_refused_naming_both(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("t,y\na,neg\nb,Pos\nc,pos\nd,Pos\n")
+    with pytest.raises(ConvertError) as info:
+        from_csv(path, text_col="t", label_col="y")
+    assert str(info.value) == (f"{path}: column 'y' has labels that differ only in case: 'Pos' (row 3) and "
+                               "'pos' (row 4); write each label one way")
+    with pytest.raises(ConvertError, match="'pos' \\(index 'x'\\) and 'POS' \\(index 'y'\\)"):
+        from_dataframe(pd.DataFrame({"t": ["a", "b", "c"], "y": ["pos", "POS", "neg"]}, index=list("xyz")),
+                       text_col="t", label_col="y")
+
+
+@pytest.mark.parametrize("n, said", [(1, "wrote 1 example to"), (2, "wrote 2 examples to")])
+def test_cli_convert_says_example_or_examples(tmp_path, n, said):
+    path = tmp_path / "d.csv"
+    path.write_text("q,a\n" + "x,y\n" * n)
+    result = CliRunner().invoke(app, ["data", "convert", str(path), "--prompt-col", "q", "--completion-col", "a",
+                                      "-o", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 0 and result.stdout == f"{said} {tmp_path / 'o.jsonl'}\n"
