@@ -87,3 +87,14 @@ def test_mask_with_the_embedded_models_own_template():
     tok = load_tokenizer("smollm2-135m-instruct")
     r = render_example(conversation(), tok)
     assert learned_text(tok, r) == "first answer<|im_end|>\nsecond answer<|im_end|>\n"
+
+
+def test_supervised_training_on_a_pair_learns_only_the_preferred_answer():
+    """An assistant turn inside the pair's prompt is context, as it is for DPO."""
+    tok = tiny_tokenizer()
+    pair = Example("preference", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "earlier"},
+                                  {"role": "user", "content": "and now?"}],
+                   chosen=[{"role": "assistant", "content": "preferred"}],
+                   rejected=[{"role": "assistant", "content": "other"}])
+    learned = learned_text(tok, render_example(pair, tok))
+    assert "preferred" in learned and "earlier" not in learned

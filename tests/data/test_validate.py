@@ -30,8 +30,12 @@ EXPECTED = {
     "missing_system_message": (3, None),
     "missing_user_message": (3, None),
     "example_truncated": (3, None),
+    "unrecognized_key": (3, "weight"),  # a top-level weight: dropped, the example would train at full weight
+    "no_loss_tokens": (3, "weight"),  # one example's only answer has weight 0
+    "identical_answers": (3, "non_preferred_output"),
 }
-WARNINGS = {"duplicate_example", "missing_system_message", "missing_user_message", "example_truncated"}
+WARNINGS = {"duplicate_example", "missing_system_message", "missing_user_message", "example_truncated",
+            "no_loss_tokens", "identical_answers"}
 GOOD = ["good_chat_tools.jsonl", "good_prompt_completion.jsonl", "good_dpo.jsonl", "good_text.jsonl",
         "good_raw.txt", "good_human_assistant.txt"]
 
@@ -162,3 +166,44 @@ def test_preference_pairs_report_what_dpo_reads_beside_the_supervised_numbers(to
     assert report.estimated_local_seconds_dpo == pytest.approx(both * report.n_epochs / 100)
     assert f"As DPO (both answers of each pair): {both:,} tokens per epoch" in report.format_text()
     assert validate_file(fixture("unrecognized_role"), tokenizer=tok).dpo_tokens is None  # chat: no DPO line
+
+
+def test_a_file_where_no_answer_carries_loss_is_refused(tmp_path, tok):
+    """Validation passed it and training then refused it; a mixed file lost examples without a word."""
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    path = tmp_path / "w0.jsonl"
+    path.write_text("\n".join(json.dumps(chat | {"messages": [{"role": "user", "content": f"q{i}"}, chat["messages"][1]]})
+                              for i in range(12)))
+    (error,) = validate_file(path, tokenizer=tok).errors
+    assert (error.code, error.line, error.field) == ("no_loss_tokens", 1, "weight")
+
+
+def test_extra_keys_are_warned_once_and_keys_that_change_training_refused(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i} | chat | {"messages": [{"role": "user", "content": f"q{i}"},
+                                                                        chat["messages"][1]]}) for i in range(12)))
+    report = validate_file(path)
+    assert report.ok and len(load_examples(path)) == 12  # bookkeeping keys are harmless...
+    (warning,) = report.warnings  # ...and said once for the file, not once a line
+    assert (warning.code, warning.line, warning.field) == ("unrecognized_key", 1, "id")
+    assert "12 line(s) (1, 2, 3, 4, 5, ...)" in warning.message
+
+    labelled = tmp_path / "labels.jsonl"  # classification rows written by hand: the label would be dropped
+    labelled.write_text("\n".join(json.dumps({"text": f"doc {i}", "label": "x"}) for i in range(12)))
+    (error,) = validate_file(labelled).errors
+    assert (error.code, error.field) == ("unrecognized_key", "label") and "--label-col" in error.message
+
+
+def test_a_json_array_is_one_error_not_one_per_line(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps([chat] * 12, indent=2))
+    (error,) = validate_file(path).errors
+    assert error.code == "invalid_json" and "one JSON array" in error.message and error.line is None
+
+
+def test_max_length_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="max_length must be .* at least 1, got 0"):
+        validate_file(FIXTURES / "good_text.jsonl", max_length=0)
+    assert validate_file(FIXTURES / "good_text.jsonl").max_length == 1024  # what training uses by default

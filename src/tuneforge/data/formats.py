@@ -33,9 +33,19 @@ def chat_role(role: str) -> str:
     role is the system role."""
     return "system" if role == "developer" else role
 
-MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call")
+MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
+# Top-level keys of each JSONL format (OpenAI's); any other key is reported, not silently dropped.
+RECORD_KEYS = {
+    "chat": ("messages", "tools", "parallel_tool_calls"),
+    "preference": ("input", "preferred_output", "non_preferred_output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
 SUPPORTED_SUFFIXES = (".jsonl", ".txt")
-MARKER = re.compile(r"^###\s*(Human|Assistant):[ \t]?(.*)$")
+# `###Human:` / `###Assistant:` starting a line, in any case ("### human:" too)
+MARKER = re.compile(r"^###\s*(Human|Assistant):[ \t]?(.*)$", re.IGNORECASE)
+# an answer's marker after the question on the same line: "###Human: q ###Assistant: a"
+INLINE_ANSWER = re.compile(r"[ \t]+(?=###\s*Assistant:)", re.IGNORECASE)
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -89,7 +99,8 @@ def _unsupported(path: Path, suffix: str) -> Issue:
         hint = f"convert it first: {cmd}"
     else:
         hint = "use .jsonl (one JSON object per line) or .txt"
-    return Issue("unsupported_format", f"{suffix or 'files without an extension'} is not a training format; {hint}")
+    what = f"a {suffix} file" if suffix else "a file without an extension"
+    return Issue("unsupported_format", f"{what} is not a training format; {hint}")
 
 
 def _decode_lines(data: bytes) -> tuple[list[str], list[Issue]]:
@@ -111,48 +122,91 @@ def _decode_lines(data: bytes) -> tuple[list[str], list[Issue]]:
 
 def _parse_jsonl(lines: list[str], skip: set[int | None]) -> Parsed:
     examples, formats, issues, n_records = [], [], [], 0
+    unread: dict[tuple[str, str], list[int]] = {}  # (format, key) -> lines with a key no format reads
     for n, text in enumerate(lines, 1):
         if not text.strip():
             continue  # blank lines (a trailing newline, spacing) are not records
         n_records += 1
         if n in skip:
             continue
-        fmt, example, found = parse_record(text, n)
+        fmt, example, found, extra = parse_record(text, n)
         if example is not None and examples and example.kind != examples[0].kind:
             msg = f"a {fmt} example, but line {examples[0].line} is {formats[0]}; one file holds one kind"
             found.append(Issue("data_type", msg, n))
+        for key in extra:
+            unread.setdefault((fmt, key), []).append(n)
         issues += found
         if example is not None and not found:
             examples.append(example)
             formats.append(fmt)
+    if n_records and not examples and (whole := _whole_json(lines)):
+        return Parsed("json", [], [whole], n_records)
+    issues += [_unread_key(fmt, key, where) for (fmt, key), where in unread.items()]
     fmt = "+".join(dict.fromkeys(formats)) or "jsonl"
     return Parsed(fmt, examples, issues, n_records)
 
 
-def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list[Issue]]:
-    """One JSONL line -> (format name, Example or None when it cannot be built, issues)."""
+# Keys that change what an example teaches: dropped, the file would train something else than meant.
+MEANT_KEYS = {
+    "label": "a labelled example is a chat whose answer is the label: convert labelled rows with "
+             "`tuneforge data convert FILE.csv -o FILE.jsonl --text-col ... --label-col ...`",
+    "weight": "weight goes on an assistant message of a chat example (messages[i].weight)",
+    "functions": 'OpenAI\'s deprecated functions: write them as tools, [{"type": "function", "function": {...}}]',
+}
+
+
+def _unread_key(fmt: str, key: str, where: list[int]) -> Issue:
+    """A key no format reads, on the lines `where`: an error where ignoring it changes what is trained
+    (MEANT_KEYS), otherwise a warning - extra bookkeeping keys ("id", "source") are common and harmless,
+    but a misspelt "tools" is not, so it is said once, not dropped silently."""
+    lines = ", ".join(map(str, where[:5])) + (", ..." if len(where) > 5 else "")
+    read = ", ".join(RECORD_KEYS[fmt])
+    if key in MEANT_KEYS:
+        msg = f"{key!r} is not read in {fmt} examples (line {lines}); {MEANT_KEYS[key]}"
+        return Issue("unrecognized_key", msg, where[0], key)
+    msg = f"{key!r} on {len(where)} line(s) ({lines}) is ignored: {fmt} examples read only {read}"
+    return Issue("unrecognized_key", msg, where[0], key, severity="warning")
+
+
+def _whole_json(lines: list[str]) -> Issue | None:
+    """A whole-file mistake behind a file that has no good line: one JSON array or pretty-printed
+    object spread over many lines is not JSONL - said once, not as an invalid line per line."""
+    try:
+        value = json.loads("\n".join(lines))
+    except ValueError:
+        return None
+    what = "one JSON array" if isinstance(value, list) else "one JSON value spread over several lines"
+    hint = " (e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if isinstance(value, list) else ""
+    return Issue("invalid_json", f"the file holds {what}, not JSON Lines: write one example per line{hint}")
+
+
+def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list[Issue], list[str]]:
+    """One JSONL line -> (format name, Example or None when it cannot be built, issues, the keys
+    that format does not read)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         msg = err.msg.removesuffix(" at")  # some of json's end in "at" ("Unterminated string starting at")
-        return None, None, [Issue("invalid_json", f"not valid JSON: {msg} at column {err.colno}", line)]
+        return None, None, [Issue("invalid_json", f"not valid JSON: {msg} at column {err.colno}", line)], []
     except (ValueError, RecursionError) as err:  # huge integers, absurdly deep nesting
-        return None, None, [Issue("invalid_json", f"not valid JSON: {err}", line)]
+        return None, None, [Issue("invalid_json", f"not valid JSON: {err}", line)], []
     if not isinstance(obj, dict):
-        return None, None, [Issue("data_type", f"each line must be a JSON object, not {_type(obj)}", line)]
+        return None, None, [Issue("data_type", f"each line must be a JSON object, not {_type(obj)}", line)], []
     if "messages" in obj:
-        return "chat", *_parse_chat(obj, line)
-    if any(k in obj for k in ("input", "preferred_output", "non_preferred_output")):
-        return "preference", *_parse_preference(obj, line)
-    if "prompt" in obj or "completion" in obj:
-        return "prompt_completion", *_parse_prompt_completion(obj, line)
-    if "text" in obj:
-        return "text", *_parse_text(obj, line)
-    msg = (
-        "no messages list; expected {messages}, {prompt, completion}, {text} or "
-        f"{{input, preferred_output, non_preferred_output}}, found keys: {', '.join(obj) or 'none'}"
-    )
-    return None, None, [Issue("missing_messages_list", msg, line, "messages")]
+        fmt, parse = "chat", _parse_chat
+    elif any(k in obj for k in ("input", "preferred_output", "non_preferred_output")):
+        fmt, parse = "preference", _parse_preference
+    elif "prompt" in obj or "completion" in obj:
+        fmt, parse = "prompt_completion", _parse_prompt_completion
+    elif "text" in obj:
+        fmt, parse = "text", _parse_text
+    else:
+        msg = (
+            "no messages list; expected {messages}, {prompt, completion}, {text} or "
+            f"{{input, preferred_output, non_preferred_output}}, found keys: {', '.join(obj) or 'none'}"
+        )
+        return None, None, [Issue("missing_messages_list", msg, line, "messages")], []
+    return fmt, *parse(obj, line), [k for k in obj if k not in RECORD_KEYS[fmt]]
 
 
 def _parse_chat(obj: dict, line: int) -> tuple[Example, list[Issue]]:
@@ -163,7 +217,15 @@ def _parse_chat(obj: dict, line: int) -> tuple[Example, list[Issue]]:
     if not issues and not any(m.get("role") == "assistant" for m in obj["messages"]):
         msg = "no assistant message: there is nothing to learn from this example"
         issues.append(Issue("example_missing_assistant_message", msg, line, "messages"))
+    elif not issues and obj["messages"][0]["role"] == "assistant":
+        issues.append(_starts_with_answer(line, "messages[0].role"))
     return Example("chat", obj["messages"], obj.get("tools"), line=line), issues
+
+
+def _starts_with_answer(line: int, field: str) -> Issue:
+    # An answer is learned as what follows its prompt; the first message has none (no template renders it).
+    msg = "the conversation starts with an assistant message; put a system or user message before the first answer"
+    return Issue("data_type", msg, line, field)
 
 
 def _parse_preference(obj: dict, line: int) -> tuple[Example, list[Issue]]:
@@ -178,6 +240,9 @@ def _parse_preference(obj: dict, line: int) -> tuple[Example, list[Issue]]:
             issues.append(Issue("example_missing_assistant_message", msg, line, key))
         else:
             issues += _check_messages(obj[key], line, key, roles=("assistant",))
+            issues += [Issue("invalid_weight", "weight is not used in preference answers: each answer is "
+                             "learned whole", line, f"{key}[{i}].weight")
+                       for i, m in enumerate(obj[key]) if isinstance(m, dict) and "weight" in m]
     example = Example(
         "preference", prompt.get("messages") or [], prompt.get("tools"),
         chosen=obj.get("preferred_output"), rejected=obj.get("non_preferred_output"), line=line,
@@ -208,6 +273,16 @@ def _check_text(value: Any, line: int, path: str) -> list[Issue]:
         return [Issue("data_type", f"{path} must be a string, not {_type(value)}", line, path)]
     if not value.strip():
         return [Issue("missing_content", f"{path} is empty", line, path)]
+    return _check_unicode(value, line, path)
+
+
+def _check_unicode(text: str, line: int, path: str) -> list[Issue]:
+    """JSON may escape half of a surrogate pair ("\\ud83d" alone): no tokenizer can read that."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        msg = f"not valid Unicode text: a lone surrogate \\u{ord(text[err.start]):04x} at character {err.start + 1}"
+        return [Issue("invalid_encoding", msg, line, path)]
     return []
 
 
@@ -216,11 +291,36 @@ def _check_tools(tools: Any, line: int, path: str) -> list[Issue]:
         return []
     if not isinstance(tools, list):
         return [Issue("data_type", f"tools must be a list, not {_type(tools)}", line, path)]
-    return [
-        Issue("data_type", "each tool must be an object", line, f"{path}[{i}]")
-        for i, tool in enumerate(tools)
-        if not isinstance(tool, dict)
-    ]
+    issues = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict):
+            issues.append(Issue("data_type", "each tool must be an object", line, f"{path}[{i}]"))
+        elif tool.get("type", "function") != "function":
+            issues.append(Issue("data_type", "only function tools are supported", line, f"{path}[{i}].type"))
+        elif not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            issues.append(Issue("data_type", "a tool needs function.name", line, f"{path}[{i}].function.name"))
+    return issues
+
+
+def _check_tool_calls(calls: Any, line: int, path: str) -> list[Issue]:
+    """Each call as OpenAI writes it: {"id"?, "type": "function", "function": {"name", "arguments"}},
+    arguments a JSON string. The calls are what the assistant turn teaches, so a malformed one would
+    teach the model to write it."""
+    if not isinstance(calls, list):
+        return [Issue("data_type", "tool_calls must be a list", line, path)]
+    issues = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            issues.append(Issue("data_type", 'a tool call must be {"type": "function", "function": {"name", '
+                                '"arguments"}}', line, f"{path}[{i}].function"))
+        elif not (isinstance(fn.get("name"), str) and fn["name"]):
+            issues.append(Issue("data_type", "a tool call needs function.name", line, f"{path}[{i}].function.name"))
+        elif not isinstance(fn.get("arguments"), str):
+            issues.append(Issue("data_type", "function.arguments must be a string (JSON text, as OpenAI sends it)",
+                                line, f"{path}[{i}].function.arguments"))
+    return issues
 
 
 def _check_messages(messages: Any, line: int, path: str, roles: tuple[str, ...] = ROLES) -> list[Issue]:
@@ -239,8 +339,12 @@ def check_message(msg: Any, line: int, path: str, roles: tuple[str, ...] = ROLES
     issues = [
         Issue("message_unrecognized_key", f"unrecognized key {k!r}; allowed: {allowed}", line, f"{path}.{k}")
         for k in msg
-        if k not in MESSAGE_KEYS
+        if k not in MESSAGE_KEYS and k != "function_call"
     ]
+    if "function_call" in msg:
+        hint = ('OpenAI\'s deprecated function_call; write it as tool_calls: [{"type": "function", '
+                '"function": {"name": ..., "arguments": ...}}]')
+        issues.append(Issue("message_unrecognized_key", hint, line, f"{path}.function_call"))
     if "role" not in msg:
         issues.append(Issue("message_missing_key", "message has no role", line, f"{path}.role"))
     elif not isinstance(msg["role"], str) or msg["role"] not in roles:
@@ -248,8 +352,8 @@ def check_message(msg: Any, line: int, path: str, roles: tuple[str, ...] = ROLES
         issues.append(Issue("unrecognized_role", msg_text, line, f"{path}.role"))
     issues += _check_content(msg, line, path)
     issues += _check_weight(msg, line, path)
-    if msg.get("tool_calls") is not None and not isinstance(msg["tool_calls"], list):
-        issues.append(Issue("data_type", "tool_calls must be a list", line, f"{path}.tool_calls"))
+    if msg.get("tool_calls") is not None:
+        issues += _check_tool_calls(msg["tool_calls"], line, f"{path}.tool_calls")
     if "name" in msg and not isinstance(msg["name"], str):
         issues.append(Issue("data_type", "name must be a string", line, f"{path}.name"))
     return issues
@@ -271,7 +375,7 @@ def _check_content(msg: dict, line: int, path: str) -> list[Issue]:
         return [Issue("data_type", f"content must be a string, not {_type(content)}", line, f"{path}.content")]
     if not calls and not (content or "").strip():
         return [Issue("missing_content", "message content is empty", line, f"{path}.content")]
-    return []
+    return _check_unicode(content or "", line, f"{path}.content")
 
 
 def _is_text_part(part: Any) -> bool:
@@ -337,19 +441,21 @@ def _split_conversations(lines: list[str]) -> tuple[list[list[Turn]], list[Issue
     conversations: list[list[Turn]] = []
     issues: list[Issue] = []
     previous_blank = True
-    for n, text in enumerate(lines, 1):
-        marker = MARKER.match(text)
-        if marker:
-            role = "user" if marker.group(1) == "Human" else "assistant"
-            if not conversations or (role == "user" and previous_blank):
-                conversations.append([])
-            conversations[-1].append((role, n, [marker.group(2)]))
-        elif conversations:
-            conversations[-1][-1][2].append(text)
-        elif text.strip() and not issues:
-            msg = "text before the first ###Human: marker; every turn must start with ###Human: or ###Assistant:"
-            issues.append(Issue("data_type", msg, n))
-        previous_blank = not text.strip()
+    for n, line in enumerate(lines, 1):
+        # "###Human: q ###Assistant: a" on one line is a question and its answer
+        for text in INLINE_ANSWER.split(line, maxsplit=1) if MARKER.match(line) else [line]:
+            marker = MARKER.match(text)
+            if marker:
+                role = "user" if marker.group(1).lower() == "human" else "assistant"
+                if not conversations or (role == "user" and previous_blank):
+                    conversations.append([])
+                conversations[-1].append((role, n, [marker.group(2)]))
+            elif conversations:
+                conversations[-1][-1][2].append(text)
+            elif text.strip() and not issues:
+                msg = "text before the first ###Human: marker; every turn must start with ###Human: or ###Assistant:"
+                issues.append(Issue("data_type", msg, n))
+            previous_blank = not text.strip()
     return conversations, issues
 
 
@@ -358,10 +464,12 @@ def _conversation_example(turns: list[Turn]) -> tuple[Example, list[Issue]]:
     for role, n, content in turns:
         text = "\n".join(content).strip()
         if not text:
-            marker = "###Human:" if role == "user" else "###Assistant:"
+            marker = "###Human" if role == "user" else "###Assistant"
             issues.append(Issue("missing_content", "turn is empty", n, marker))
         messages.append({"role": role, "content": text})
     if not any(m["role"] == "assistant" for m in messages):
         msg = "conversation has no ###Assistant: turn"
-        issues.append(Issue("example_missing_assistant_message", msg, turns[0][1], "###Assistant:"))
+        issues.append(Issue("example_missing_assistant_message", msg, turns[0][1], "###Assistant"))
+    elif messages[0]["role"] == "assistant":
+        issues.append(_starts_with_answer(turns[0][1], "###Assistant"))
     return Example("chat", messages, line=turns[0][1]), issues

@@ -17,6 +17,7 @@ from typing import Any
 from .example import Example
 
 IGNORE = -100  # label value that cross-entropy skips
+MAX_LENGTH = 1024  # tokens per example unless a run says otherwise; longer ones are truncated
 
 
 @dataclass
@@ -93,11 +94,16 @@ def _truncate(r: Rendered, max_length: int | None) -> Rendered:
     return r
 
 
+def _context(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A preference pair's prompt: its assistant turns are context, not answers to learn."""
+    return [dict(m, weight=0) if m.get("role") == "assistant" else m for m in messages]
+
+
 def render_preference(example: Example, tokenizer, max_length: int | None = None) -> tuple[Rendered, Rendered]:
     """A preference pair as (prompt + preferred answer, prompt + non-preferred answer), for DPO: the
-    labels mark only the answer's tokens - assistant turns inside the prompt are context - so a
-    sequence's summed label log-probability is the probability of that answer given the prompt."""
-    prompt = [dict(m, weight=0) if m.get("role") == "assistant" else m for m in example.messages]
+    labels mark only the answer's tokens, so a sequence's summed label log-probability is the
+    probability of that answer given the prompt."""
+    prompt = _context(example.messages)
     return tuple(
         _truncate(render_chat(Example("chat", prompt + (answer or []), example.tools), tokenizer), max_length)
         for answer in (example.chosen, example.rejected)
@@ -113,7 +119,7 @@ def render_example(example: Example, tokenizer, max_length: int | None = None) -
     if example.kind == "text":
         r = render_text(example, tokenizer)
     elif example.kind == "preference":
-        r = render_chat(Example("chat", example.messages + (example.chosen or []), example.tools), tokenizer)
+        r = render_chat(Example("chat", _context(example.messages) + (example.chosen or []), example.tools), tokenizer)
     else:
         r = render_chat(example, tokenizer)
     return _truncate(r, max_length)

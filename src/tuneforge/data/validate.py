@@ -6,8 +6,10 @@ and the field (e.g. messages[1].role) so the user can go straight to it.
 Errors (the file is refused):
   invalid_json, data_type, missing_messages_list, message_missing_key, message_unrecognized_key,
   unrecognized_role, missing_content, invalid_weight, example_missing_assistant_message,
+  unrecognized_key (a key that changes what is taught: label, weight, functions),
   invalid_encoding, empty_file, unsupported_format            - per record / file, from formats.py
   invalid_n_examples   fewer than 10 examples (OpenAI's minimum)
+  no_loss_tokens       every example's assistant messages have weight 0: nothing to learn
   example_too_long     truncation to max_length removes every token the loss is taken on, so the
                        example would train nothing; a longer example that keeps some answer is only
                        truncated (warning). OpenAI's 65,536-token cap is not used: max_length is the
@@ -16,8 +18,11 @@ Errors (the file is refused):
                        on alternating user/assistant turns)
 Warnings (training proceeds):
   example_truncated, duplicate_example (names both lines), missing_system_message (only when
-  some examples have one and others do not) and missing_user_message (one warning each per file,
-  at the first such line, naming the others).
+  some examples have one and others do not), missing_user_message, no_loss_tokens (some examples
+  learn nothing: all their answers have weight 0; training leaves them out), identical_answers
+  (preference pairs whose two answers are the same: DPO learns nothing from them) and
+  unrecognized_key (a key no format reads) - one warning each per file, at the first such line,
+  naming the others.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 from .example import Example
 from .formats import Issue, parse_file
-from .render import IGNORE, Rendered, render_example, render_preference
+from .render import IGNORE, MAX_LENGTH, Rendered, render_example, render_preference
 from .stats import TokenStats, estimate_costs, estimate_local_seconds, resolve_n_epochs
 
 __all__ = ["DataError", "Issue", "Report", "load_examples", "validate_file"]
@@ -48,7 +53,7 @@ class Report:
     n_examples: int  # records in the file, good or bad (what OpenAI's minimum counts)
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
-    max_length: int = 2048
+    max_length: int = MAX_LENGTH
     stats: TokenStats | None = None  # only when a tokenizer was given; of the good examples only
     n_epochs: int | None = None
     billing_tokens: int | None = None
@@ -104,14 +109,14 @@ class DataError(ValueError):
 
 
 def validate_file(
-    path: str | Path, tokenizer=None, max_length: int = 2048, tokens_per_second: float | None = None,
+    path: str | Path, tokenizer=None, max_length: int = MAX_LENGTH, tokens_per_second: float | None = None,
     min_examples: int = MIN_EXAMPLES,
 ) -> Report:
     """`min_examples`: OpenAI's minimum for a training file; a validation or held-out file passes 1."""
     return _validate(path, tokenizer, max_length, tokens_per_second, min_examples)[0]
 
 
-def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048,
+def load_examples(path: str | Path, tokenizer=None, max_length: int = MAX_LENGTH,
                   min_examples: int = MIN_EXAMPLES) -> list[Example]:
     """The examples of a file that passes validation; DataError otherwise (trainer and server use this)."""
     report, examples = _validate(path, tokenizer, max_length, None, min_examples)
@@ -123,10 +128,13 @@ def load_examples(path: str | Path, tokenizer=None, max_length: int = 2048,
 
 
 def _validate(path, tokenizer, max_length, tokens_per_second, min_examples) -> tuple[Report, list[Example]]:
+    if not (isinstance(max_length, int) and max_length >= 1):
+        raise ValueError(f"max_length must be a whole number of tokens, at least 1, got {max_length!r}")
     parsed = parse_file(path)
     examples = parsed.examples
     issues = parsed.issues + _count_issues(parsed.n_records, parsed.issues, min_examples)
     issues += _duplicate_issues(examples) + _missing_role_issues(examples)
+    issues += _no_loss_issues(examples) + _identical_answer_issues(examples)
     report = Report(str(path), parsed.format, parsed.n_records, max_length=max_length)
     if parsed.n_records:
         report.n_epochs = resolve_n_epochs(parsed.n_records)
@@ -177,6 +185,34 @@ def _missing_role_issues(examples: list[Example]) -> list[Issue]:
             msg = f"{len(lacking)} of {len(chats)} example(s) have no {role} message (line {listed}); {why}"
             issues.append(Issue(f"missing_{role}_message", msg, lacking[0], severity="warning"))
     return issues
+
+
+def _lines(lines: list[int | None]) -> str:
+    return ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+
+
+def _no_loss_issues(examples: list[Example]) -> list[Issue]:
+    """Chats whose every answer has weight 0 teach nothing (training leaves them out): said once per
+    file, and an error when no example is left to learn from."""
+    silent = [e.line for e in examples
+              if e.kind == "chat" and all(m.get("weight", 1) == 0 for m in e.assistant_messages())]
+    if not silent:
+        return []
+    if len(silent) == len(examples):
+        return [Issue("no_loss_tokens", "every example's assistant messages have weight 0: nothing to learn from",
+                      silent[0], "weight")]
+    msg = (f"{len(silent)} of {len(examples)} example(s) have weight 0 on every assistant message (line "
+           f"{_lines(silent)}): they teach nothing and training leaves them out")
+    return [Issue("no_loss_tokens", msg, silent[0], "weight", severity="warning")]
+
+
+def _identical_answer_issues(examples: list[Example]) -> list[Issue]:
+    same = [e.line for e in examples if e.kind == "preference" and e.chosen == e.rejected]
+    if not same:
+        return []
+    msg = (f"{len(same)} preference pair(s) have the same preferred and non-preferred answer (line "
+           f"{_lines(same)}): DPO learns nothing from them")
+    return [Issue("identical_answers", msg, same[0], "non_preferred_output", severity="warning")]
 
 
 def _render_all(examples, tokenizer, max_length) -> tuple[list[Example], list[Rendered], list[Issue]]:

@@ -23,6 +23,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
+from ..data.render import MAX_LENGTH
 from ..models.catalogue import DESCRIPTIONS, ModelNotFound, available
 from ..store.database import CheckpointRow, FileRow, JobRow, ModelRow
 from .deps import DB, Caller, SettingsDep
@@ -34,7 +35,6 @@ from .protocol import FileObject
 router = APIRouter(prefix="/v1", tags=["tuneforge"])
 
 METHODS = ["lora", "full"]
-DEFAULT_MAX_LENGTH = 1024  # TrainConfig's default: what a job on this file would use
 _tokenizer_lock = threading.Lock()
 
 
@@ -81,7 +81,7 @@ def file_report(
     db: DB,
     caller: Caller,
     model: Annotated[str | None, Query()] = None,
-    max_length: Annotated[int, Query(ge=16, le=65536)] = DEFAULT_MAX_LENGTH,
+    max_length: Annotated[int, Query(ge=16, le=65536)] = MAX_LENGTH,  # what a job on this file would use
     method: Annotated[str, Query(pattern="^(lora|full)$")] = "lora",
     validation: Annotated[bool, Query()] = False,
 ):

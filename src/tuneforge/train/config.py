@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
+from ..data.render import MAX_LENGTH
 from ..data.stats import resolve_n_epochs
 from ..models.quantize import Quantize, check_quantize
 
@@ -43,7 +44,7 @@ class TrainConfig:
     batch_size: int | Auto = "auto"
     learning_rate_multiplier: float | Auto = "auto"
     seed: int = 42
-    max_length: int = 1024  # tokens per example; longer ones are truncated (and reported)
+    max_length: int = MAX_LENGTH  # tokens per example; longer ones are truncated (and reported)
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
