@@ -153,8 +153,12 @@ def test_chat_and_usage_rows(client):
                                                   "stream": True, "stream_options": {"include_usage": True}})
     lines = [line for line in stream.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and '"usage": {' in lines[-2]
+    # refusals count under the model they asked for, whatever refused them (it was "-" for some)
+    for bad in ({"foo": 1}, {"messages": "oops"}, {"temperature": 9}):
+        assert client.post("/v1/chat/completions", json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]} | bad).status_code == 400
     rows = {row["model"]: row for row in summary(project="proj")}
-    assert rows["tiny-llama"]["requests"] == 2
+    assert rows["tiny-llama"]["requests"] == 5 and rows["tiny-llama"]["errors"] == 3
     assert rows["tiny-llama"]["completion_tokens"] == usage["completion_tokens"] + 2
     assert rows["tiny-llama"]["prompt_tokens"] >= usage["prompt_tokens"]
 

@@ -64,8 +64,8 @@ class UsageMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            rec = UsageRecord(
-                method=scope["method"], path=scope["path"], status=status["code"],
+            rec = UsageRecord(  # the handler may say how a streamed answer really ended (499, 500)
+                method=scope["method"], path=scope["path"], status=state.get("status", status["code"]),
                 latency_ms=(time.perf_counter() - started) * 1000, key_id=state.get("key_id"),
                 project=state.get("project"), model=state.get("model"),
                 prompt_tokens=state.get("prompt_tokens", 0), completion_tokens=state.get("completion_tokens", 0),
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     mount_ui(app)  # the dashboard at / and /ui/ (no catch-all: /v1 stays the API's)
+    app.add_middleware(errors.ServerErrors)  # inside UsageMiddleware: a 500 is counted, with its request id
     app.add_middleware(UsageMiddleware, sessions=app.state.sessions)
     if settings.retention_days or settings.usage_retention_days:
         _prune_hourly(app, settings)

@@ -27,7 +27,7 @@ from ..store.keys import Principal
 from . import stored
 from .deps import DB, Caller
 from .engine import Engine, Target
-from .errors import APIError, bad_request, error_body, unsupported
+from .errors import APIError, bad_request, failed_midstream, unsupported
 from .metadata import check_metadata
 from .models import resolve_model
 from .protocol import (
@@ -477,7 +477,7 @@ async def generated(engine: Engine, target: Target, work, request: Request, prom
     cancel = threading.Event()
     q = engine.stream(target, work, cancel, tools)
     streamed: dict[int, int] = {}  # answer tokens by choice
-    ended = False
+    ended = failed = False
     try:
         while True:
             item = await anyio.to_thread.run_sync(q.get)
@@ -485,12 +485,15 @@ async def generated(engine: Engine, target: Target, work, request: Request, prom
                 ended = True
                 return
             if isinstance(item, Exception):
+                failed = True  # not abandoned: the caller reports it (failed_midstream)
                 raise item
             i, piece = item
             streamed[i] = piece.completion_tokens if isinstance(piece, Completion) else streamed.get(i, 0) + piece.tokens
             yield item
     finally:
         cancel.set()
+        if not (ended or failed):  # closed before its end: the client hung up (logged as a whole answer's is)
+            request.state.status = CLIENT_GONE
         if not ended:
             note_usage(request, request.state.model, Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(
                 streamed.values()), total_tokens=prompt_tokens + sum(streamed.values())))
@@ -529,7 +532,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
                 elif item.text and not calls_wanted:
                     yield chunk(i, {"content": item.text}, logprobs=chat_logprobs(item.logprobs))
     except Exception as err:
-        yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
+        yield failed_midstream(request, err)
         return
     done = [results[i] for i in sorted(results)]
     usage = _usage(prompt_tokens, done)
@@ -565,7 +568,7 @@ async def _text_chunks(engine, target, work, cid, created, model, prompt_tokens,
                     offsets[i] = at + len(item.text)
                     yield chunk(i, item.text, logprobs=_completion_logprobs(item.logprobs, at))
     except Exception as err:
-        yield error_body(500, f"Generation failed: {type(err).__name__}: {err}")
+        yield failed_midstream(request, err)
         return
     usage = _usage(prompt_tokens, results)
     note_usage(request, model, usage)

@@ -86,6 +86,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError):
+        if isinstance(err.body, dict) and isinstance(err.body.get("model"), str):
+            request.state.model = err.body["model"]  # usage counts the refusal under its model, as other 400s
         errors = err.errors()
         unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
         if unknown:  # OpenAI's answer to a parameter it does not have: 400, naming it
@@ -121,8 +123,47 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body(err.status_code, msg), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, f"The server had an error processing your request ({type(err).__name__})."),
-                            status_code=500)
+
+
+def server_error(err: Exception) -> dict:
+    """What a client is told of our own bug: the kind of error, not its text, which can carry the
+    server's internals (paths, tensor shapes)."""
+    return error_body(500, f"The server had an error processing your request ({type(err).__name__}).")
+
+
+def failed_midstream(request: Request, err: Exception) -> dict:
+    """A generation that failed after its streamed answer began (its 200 already sent): logged with
+    the traceback, counted as a 500 in usage (UsageMiddleware reads the state), described to the
+    client as a failed whole answer is."""
+    log.error("generation failed on %s %s", request.method, request.url.path, exc_info=err)
+    request.state.status = 500
+    return server_error(err)
+
+
+class ServerErrors:
+    """Our own bugs answered inside the app as OpenAI's 500 body. Starlette's handler for Exception
+    sits in its outermost middleware and raises the exception again once it has answered (for the
+    server to log), and uvicorn then closes the connection: a client's next request on that
+    keep-alive connection failed with a connection error. Here the error is logged and answered,
+    and the connection stays usable - unless the response had begun, which cannot be finished."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as err:
+            if started:
+                raise
+            log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=err)
+            await JSONResponse(server_error(err), status_code=500)(scope, receive, send)

@@ -52,7 +52,7 @@ from .chat import (
 )
 from .deps import DB, Caller
 from .engine import Engine, Target
-from .errors import bad_request, not_found, unsupported
+from .errors import bad_request, failed_midstream, not_found, unsupported
 from .metadata import check_metadata
 from .models import resolve_model
 from .paging import check_limit, page_list
@@ -217,9 +217,10 @@ class _Answer:
                                    total_tokens=self.prompt_tokens + result.completion_tokens),
         })
 
-    def failed(self, err: Exception) -> ResponseObject:
+    def failed(self, error: dict) -> ResponseObject:
+        """`error`: errors.failed_midstream's body; the Responses API's error object has its message."""
         return self.started().model_copy(update={
-            "status": "failed", "error": {"code": "server_error", "message": f"Generation failed: {type(err).__name__}: {err}"}})
+            "status": "failed", "error": {"code": "server_error", "message": error["error"]["message"]}})
 
 
 def _entries(tokens) -> list[dict] | None:
@@ -304,7 +305,7 @@ async def _events(engine: Engine, target: Target, messages: list[dict], sampling
                 elif piece.text:
                     yield event("response.output_text.delta", **where, delta=piece.text, logprobs=_entries(piece.logprobs) or [])
     except Exception as err:
-        yield event("response.failed", response=answer.failed(err).model_dump())
+        yield event("response.failed", response=answer.failed(failed_midstream(request, err)).model_dump())
         return
     done = answer.finished(result)
     note_usage(request, done.model, _usage(done))
