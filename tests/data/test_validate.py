@@ -207,3 +207,16 @@ def test_max_length_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_length must be .* at least 1, got 0"):
         validate_file(FIXTURES / "good_text.jsonl", max_length=0)
     assert validate_file(FIXTURES / "good_text.jsonl").max_length == 1024  # what training uses by default
+
+
+def test_the_error_for_a_file_it_cannot_read_points_at_the_fix_not_the_report(tmp_path):
+    csv = tmp_path / "qa.csv"
+    csv.write_text("q,a\nx,y\n")
+    with pytest.raises(DataError) as err:
+        load_examples(csv)
+    said = str(err.value)
+    assert "tuneforge data convert qa.csv" in said and "...." not in said and "data validate" not in said
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n" * 12)
+    with pytest.raises(DataError, match="Run `tuneforge data validate .*bad.jsonl` for the full report"):
+        load_examples(bad)

@@ -102,10 +102,11 @@ class DataError(ValueError):
         self.report = report
         shown = "; ".join(str(i) for i in report.errors[:5])
         more = f"; and {len(report.errors) - 5} more" if len(report.errors) > 5 else ""
-        super().__init__(
-            f"{report.path}: {len(report.errors)} error(s): {shown}{more}. "
-            f"Run `tuneforge data validate {report.path}` for the full report."
-        )
+        said = f"{report.path}: {len(report.errors)} error(s): {shown}{more}"
+        # the report adds nothing to a whole-file problem (a format it cannot read, an empty file)
+        whole_file = all(i.line is None for i in report.errors)
+        super().__init__(said + ("" if said.endswith(".") else ".") + (
+            "" if whole_file else f" Run `tuneforge data validate {report.path}` for the full report."))
 
 
 def validate_file(
