@@ -256,7 +256,7 @@ def test_prune_deletes_old_kept_traffic_and_says_how_much():
     out = json.loads(tf("prune", "--days", "30", "--usage-days", "90", "--json").stdout)
     assert out == {"deleted": {"stored_completions": 1, "responses": 1, "usage": 0}}
     assert counts() == (1, 1, 2)
-    assert tf("prune", "--days", "1").stdout.strip() == "1 stored completions deleted, 1 responses deleted"
+    assert tf("prune", "--days", "1").stdout.strip() == "1 stored completion deleted, 1 kept response deleted"
     bad = tf("prune", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: say what to delete")
 
@@ -270,3 +270,56 @@ def test_quiet_training_shows_no_progress_bar_not_even_while_converting_a_gguf_b
     write_gguf(base, *tiny_model())
     proc = tf("train", "--data", chat_file, "--out", tmp_path / "run", "--base", base, "--n-epochs", "1", "--quiet")
     assert "Converting" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
+
+
+def test_prune_says_what_it_deleted_in_words():
+    from tests.monitor.test_retention import keep
+
+    keep(100)
+    keep(100)
+    assert tf("prune", "--usage-days", "30").stdout.strip() == "2 usage rows deleted"  # (was "2 usage deleted")
+    keep(100)
+    assert tf("prune", "--days", "30", "--usage-days", "30").stdout.strip() == \
+        "3 stored completions deleted, 3 kept responses deleted, 1 usage row deleted"
+
+
+def test_eval_mistakes_are_one_line_without_an_empty_progress_bar(tmp_path):
+    held = write_chat(tmp_path / "held.jsonl", 4)
+    (tmp_path / "notarun").mkdir()
+    for args, says in [((tmp_path / "notarun", "--samples", "-2"), "samples must be at least 0, got -2"),
+                       ((tmp_path / "notarun",), f"{tmp_path / 'notarun'}: not a tuneforge run folder (no config.json)")]:
+        proc = tf("eval", *args, "--data", held, check=False)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {says}"], proc.stderr
+
+
+def test_eval_refuses_what_it_cannot_score_and_its_json_is_valid(tmp_path, chat_file):
+    from safetensors.torch import save_file
+
+    from tuneforge.models.tiny import tiny_model
+
+    run = tmp_path / "run"
+    tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--n-epochs", "1", "--quiet")
+    long = tmp_path / "long.jsonl"  # the answer lies past max_length 1024: was scored as cross-entropy 0.000
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 300},
+                                             {"role": "assistant", "content": "A short answer here."}]}) + "\n")
+    proc = tf("eval", run, "--data", long, "--samples", "0", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "line 1: example_too_long" in proc.stderr
+    adapter = run / "adapter" / "adapter_model.safetensors"  # weights as a diverged training leaves them
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(adapter).items()}, adapter,
+              metadata={"format": "pt"})
+    held = write_chat(tmp_path / "held.jsonl", 4)
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    report = json.loads(tf("eval", run, "--data", held, "--samples", "0", "--json").stdout, parse_constant=no_nan)
+    assert report["tuned"]["loss"] is None and report["base"]["loss"] > 0
+    model, tokenizer = tiny_model(hidden_size=32)  # a base the run's adapter does not fit
+    model.save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"base": str(tmp_path / "narrow")}))
+    proc = tf("eval", run, "--data", held, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {run}: the run's weights do not fit its base model {tmp_path / 'narrow'}: "
+                                  "size mismatch for ")

@@ -360,17 +360,23 @@ def evaluate(
     from tqdm import tqdm
 
     from .evaluate.compare import compare
-    from .evaluate.report import format_comparison
+    from .evaluate.report import format_comparison, json_safe
 
-    with tqdm(total=None, file=sys.stderr, desc="evaluating base and tuned", unit="step") as bar:
+    bar = None  # made once compare has loaded the models: a run or data it refuses shows no empty bar
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, file=sys.stderr, desc="evaluating base and tuned", unit="step")
+        bar.update(done - bar.n)
 
+    try:
         report = compare(run, _existing_file(data, "--data"), n_samples=samples, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if json_out:
-        _print_json(report)
+        _print_json(json_safe(report))  # (a diverged model's NaN loss as null: JSON has no NaN)
     else:
         typer.echo(format_comparison(report))
 
@@ -533,6 +539,11 @@ def usage(
                + ", ".join(f"{c['model']} ${c['usd']:.4f}" for c in costs))
 
 
+# what `prune` deleted, as its report says it (singular, plural), by monitor.retention's table names
+_PRUNED = {"stored_completions": ("stored completion", "stored completions"),
+           "responses": ("kept response", "kept responses"), "usage": ("usage row", "usage rows")}
+
+
 @app.command()
 @user_errors
 def prune(
@@ -554,7 +565,7 @@ def prune(
     if json_out:
         _print_json({"deleted": gone})
     else:
-        typer.echo(", ".join(f"{n} {name.replace('_', ' ')} deleted" for name, n in gone.items()))
+        typer.echo(", ".join(f"{n} {_PRUNED[name][n != 1]} deleted" for name, n in gone.items()))
 
 
 @keys_app.command("create")

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import write_chat, write_pairs
 from tuneforge.data.example import Example
+from tuneforge.data.validate import DataError
 from tuneforge.evaluate.compare import compare, is_classification
 from tuneforge.evaluate.report import format_comparison
 from tuneforge.train.config import TrainConfig
@@ -19,7 +27,7 @@ def test_tuned_beats_base_on_held_out_data(tmp_path):
                       batch_size=4, learning_rate_multiplier=3.0))
     seen = []
     report = compare(tmp_path / "run", held, n_samples=2, max_tokens=8, on_progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(d, 6) for d in range(1, 7)]  # loss + 2 samples, for base then tuned
+    assert seen == [(d, 6) for d in range(7)]  # (0: counted) loss + 2 samples, for base then tuned
     assert report["tuned"]["loss"] < report["base"]["loss"]
     assert report["tuned"]["token_accuracy"] > report["base"]["token_accuracy"]
     assert report["n_examples"] == 12 and len(report["base"]["samples"]) == 2
@@ -56,9 +64,85 @@ def test_preference_pairs_are_scored_on_how_the_models_rank_the_answers(tmp_path
                       n_epochs=2, batch_size=4, learning_rate_multiplier=10.0))
     seen = []
     report = compare(tmp_path / "run", held, n_samples=1, max_tokens=4, on_progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(d, 6) for d in range(1, 7)]  # loss + ranking + 1 sample, for base then tuned
+    assert seen == [(d, 6) for d in range(7)]  # (0: counted) loss + ranking + 1 sample, for base then tuned
     assert report["preference_pairs"] == 30 and report["n_examples"] == 30
     assert report["tuned"]["preference_accuracy"] >= report["base"]["preference_accuracy"]
     assert report["tuned"]["preference_margin"] > report["base"]["preference_margin"]
     assert report["references"][0] == "Hello, person 0!"  # the preferred answer is the reference
     assert "preferred ranked first" in format_comparison(report)
+
+
+def tiny_run(tmp_path: Path, **settings) -> Path:
+    data = write_chat(tmp_path / "train.jsonl", 12)
+    train(TrainConfig(data=str(data), out=str(tmp_path / "run"), base="tiny-llama", n_epochs=1, **settings))
+    return tmp_path / "run"
+
+
+def write_chats(path: Path, *chats: tuple) -> Path:
+    """(user content, assistant content[, assistant weight]) per line: content a string or parts."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}
+                          | ({"weight": w[0]} if w else {})]} for q, a, *w in chats]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_held_out_data_is_checked_as_training_data_is(tmp_path, caplog):
+    run = tiny_run(tmp_path, max_length=64)
+    # truncation to 64 tokens leaves none of the answer: once scored as loss 0.000, perplexity 1.00
+    long = write_chats(tmp_path / "long.jsonl", ("word " * 40, "A short answer here."), ("q", "a"))
+    with pytest.raises(DataError, match="line 1: example_too_long"):
+        compare(run, long, n_samples=0)
+    assert not (run / "eval.json").exists()
+    # an answer of weight 0 teaches nothing in training: nothing to score either, and not counted
+    quiet = write_chats(tmp_path / "quiet.jsonl", ("q1", "a1"), ("q2", "a2", 0), ("q3", "a3"))
+    with caplog.at_level(logging.WARNING, logger="tuneforge.evaluate.compare"):
+        report = compare(run, quiet, n_samples=0)
+    assert report["n_examples"] == 2 and report["base"]["n_tokens"] == report["tuned"]["n_tokens"] > 0
+    assert "1 example(s) left out, every answer with weight 0: nothing to score (line 2)" in caplog.text
+
+
+def test_content_parts_are_read_as_their_text(tmp_path):
+    run = tiny_run(tmp_path)
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "a tensor?"}]
+    label = [{"type": "text", "text": "yes"}]
+    held = write_chats(tmp_path / "parts.jsonl", *[(parts, label)] * 2, *[("Is it?", "no")] * 2)
+    report = compare(run, held, n_samples=1, max_tokens=2)
+    assert report["classification"] is True  # (a parts answer was no label: .strip() of a list)
+    assert report["prompts"] == ["What is a tensor?"] and report["references"] == ["yes"]
+    assert "Q: What is a tensor?" in format_comparison(report)
+
+
+def test_a_model_whose_loss_is_nan_gives_valid_json_and_says_so(tmp_path):
+    run = tiny_run(tmp_path)
+    adapter = run / "adapter" / "adapter_model.safetensors"  # what a diverged training leaves
+    save_file({k: torch.full_like(v, math.nan) for k, v in load_file(adapter).items()}, adapter,
+              metadata={"format": "pt"})
+    report = compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)
+    assert math.isnan(report["tuned"]["loss"]) and not math.isnan(report["base"]["loss"])
+    saved = json.loads((run / "eval.json").read_text(), parse_constant=not_json)
+    assert saved["tuned"]["loss"] is None and saved["tuned"]["perplexity"] is None
+    assert saved["base"] == report["base"]
+    assert "the tuned model's loss is not a number (NaN)" in format_comparison(report)
+
+
+def test_a_negative_sample_count_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="samples must be at least 0, got -2"):
+        compare(tmp_path / "no-run", tmp_path / "no.jsonl", n_samples=-2)
+
+
+def test_weights_that_do_not_fit_the_base_are_a_user_error(tmp_path):
+    from tuneforge.models.tiny import tiny_model
+
+    run = tiny_run(tmp_path)
+    model, tokenizer = tiny_model(hidden_size=32)  # the same kind of model, half as wide
+    model.save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"base": str(tmp_path / "narrow")}))
+    with pytest.raises(ValueError, match=r"run's weights do not fit its base model .*narrow: size mismatch for "
+                                         r".* \(and \d+ more\)$"):
+        compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)

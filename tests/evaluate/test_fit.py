@@ -31,3 +31,11 @@ def test_no_metrics_or_no_validation_is_unknown():
     assert diagnose([])["verdict"] == "unknown"
     only_train = [{"step": 1, "epoch": 1, "train_loss": 3.0}, {"step": 2, "epoch": 2, "train_loss": 2.0}]
     assert diagnose(only_train)["verdict"] == "unknown"
+
+
+def test_a_loss_that_became_nan_is_divergence_not_a_good_fit():
+    curves = rows([3.0, 2.0, 1.8], [2.6, 2.3, 2.28])
+    curves[-1]["valid_loss"] = curves[-1]["train_loss"] = float("nan")  # (NaN compares false: looked flat)
+    fit = diagnose(curves)
+    assert fit["verdict"] == "diverged"
+    assert fit["reason"] == "training loss became nan at step 6: try a lower learning rate"

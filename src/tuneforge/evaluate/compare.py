@@ -5,34 +5,58 @@ accuracy of greedy generations, which is what a user of a classifier cares about
 pairs (what DPO trains on) the preferred answer is the reference, and it also scores how often each
 model gives the preferred answer a higher log-probability than the other (`preference_accuracy`) and
 by how much on average (`preference_margin`, nats).
+
+The held-out file is checked as a training file is (data.validate), with the run's tokenizer and
+max_length: an example whose every answer token truncation cuts away is refused - scored, it would add
+a loss over no tokens (0, a perfect score) - and one whose answers all have weight 0 is left out, as
+training leaves it out. Non-finite numbers (a diverged model's NaN loss) are null in eval.json.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..data.example import Example
-from ..data.render import render_example
+from ..data.render import Rendered, render_example
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
-from ..models.load import load_base, load_tuned
+from ..models.load import load_base, load_tuned, tokenizer_from
 from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
 from ..train.device import pick_device
 from .fit import diagnose
 from .metrics import EVAL_BATCH_SIZE, EVAL_ROW_TOKENS, evaluate_loss
+from .report import json_safe
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "eval.json"
 
 
+def _text(message: dict) -> str:
+    """A message's content as the chat template sees it (data.render): OpenAI content parts joined into
+    their text, tool calls as their JSON - never a Python list in a report or a label."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is None and message.get("tool_calls"):
+        return json.dumps(message["tool_calls"], ensure_ascii=False)
+    return content or ""
+
+
+def _answer(example: Example) -> str:
+    return _text(example.assistant_messages()[-1])
+
+
 def is_classification(examples) -> bool:
-    answers = [e.assistant_messages()[-1]["content"].strip() for e in examples if e.assistant_messages()]
+    answers = [_answer(e).strip() for e in examples if e.assistant_messages()]
     if len(answers) < 4:
         return False
     labels = set(answers)
@@ -67,7 +91,7 @@ def _score(model, tokenizer, rendered, examples, pairs, n_samples, classify, max
         hits = 0
         for e in examples:
             answer = complete(model, tokenizer, _prompt(e), Sampling(max_tokens=16)).text
-            hits += answer.strip() == e.assistant_messages()[-1]["content"].strip()
+            hits += answer.strip() == _answer(e).strip()
             tick()
         report["exact_match"] = hits / len(examples)
     report["samples"] = []
@@ -77,22 +101,59 @@ def _score(model, tokenizer, rendered, examples, pairs, n_samples, classify, max
     return report
 
 
+def _run_tokenizer(run_dir: Path):
+    """The run's tokenizer alone: the held-out data is checked with it before any weights load."""
+    folder = run_dir / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no tokenizer folder: the run never started training")
+    return tokenizer_from(folder)
+
+
+def _held_out(data, tokenizer, max_length: int) -> tuple[list[Example], list[Example], list[Rendered]]:
+    """(every example of the file, those scored for loss, their rendering). DataError for a file that
+    would not pass as validation data: an example whose answer truncation cuts away entirely is an
+    error (example_too_long), as in training, not a loss of 0 over no tokens."""
+    loaded = load_examples(data, tokenizer, max_length, min_examples=1)  # a held-out set may be small
+    chats = [_as_chat(e) for e in loaded if e.kind != "text"]
+    chats = [e for e in chats if e.assistant_messages()]
+    rendered = [render_example(e, tokenizer, max_length) for e in chats]
+    scored = [(e, r) for e, r in zip(chats, rendered) if r.n_loss_tokens]
+    if silent := [str(e.line) for e, r in zip(chats, rendered) if not r.n_loss_tokens]:
+        log.warning("%s: %d example(s) left out, every answer with weight 0: nothing to score (line %s)",
+                    data, len(silent), ", ".join(silent))
+    if not scored:
+        raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
+    return loaded, [e for e, _ in scored], [r for _, r in scored]
+
+
+def _load_tuned(run_dir: Path, base: str):
+    """The tuned model in full precision (the metrics' precision). Weights of another shape than the
+    base's (a run folder whose config names another base) are a user's error, not a crash."""
+    try:
+        return load_tuned(run_dir, dtype=torch.float32)[0]
+    except RuntimeError as err:  # torch's load_state_dict: "Error(s) in loading ...\n\tsize mismatch for ..."
+        mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ValueError(f"{run_dir}: the run's weights do not fit its base model {base}: "
+                         f"{mismatches[0].rstrip('.')}{more}") from None
+
+
 def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_tokens: int = 96,
             on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Score base and tuned; `on_progress(done, total)` hears of each finished unit of work."""
+    """Score base and tuned. `on_progress(done, total)` hears (0, total) once the models are loaded and
+    the work is counted, then of each finished unit of work."""
+    if n_samples < 0:  # (a negative count would slice samples off the end)
+        raise ValueError(f"samples must be at least 0, got {n_samples}")
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)
-    loaded = load_examples(data, min_examples=1)  # a held-out set may be small
-    examples = [_as_chat(e) for e in loaded if e.kind != "text"]
-    examples = [e for e in examples if e.assistant_messages()]
-    if not examples:
-        raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
-    device = pick_device()  # the GPU when there is one
-    tuned, tokenizer = load_tuned(run_dir, dtype=torch.float32)  # metrics in full precision
-    tuned.to(device)
-    rendered = [render_example(e, tokenizer, cfg.max_length) for e in examples]
+    tokenizer = _run_tokenizer(run_dir)
+    loaded, examples, rendered = _held_out(data, tokenizer, cfg.max_length)
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
     classify = is_classification(examples)
+    device = pick_device()  # the GPU when there is one
+    tuned = _load_tuned(run_dir, cfg.base).to(device)
     total = 2 * (1 + bool(pairs) + min(n_samples, len(examples)) + (len(examples) if classify else 0))
     done = 0
 
@@ -101,6 +162,8 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         done += 1
         if on_progress:
             on_progress(done, total)
+    if on_progress:
+        on_progress(0, total)
     if hasattr(tuned, "disable_adapter"):
         base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
     else:
@@ -116,8 +179,8 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         "base": base_report,
         "tuned": tuned_report,
         "fit": diagnose(metrics_log.read(run_dir)),
-        "prompts": [_prompt(e)[-1]["content"] for e in examples[:n_samples]],
-        "references": [e.assistant_messages()[-1]["content"] for e in examples[:n_samples]],
+        "prompts": [_text(_prompt(e)[-1]) for e in examples[:n_samples]],
+        "references": [_answer(e) for e in examples[:n_samples]],
     }
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     return report

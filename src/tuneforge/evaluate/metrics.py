@@ -53,7 +53,16 @@ def summarise(total_loss: float, n_tokens: int, n_correct: int) -> dict:
     loss = total_loss / max(n_tokens, 1)
     return {
         "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "perplexity": perplexity(loss),
         "token_accuracy": n_correct / max(n_tokens, 1),
         "n_tokens": n_tokens,
     }
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the true value however large: inf past the float range (a loss above ~709), not a
+    cap that would pass off a far worse model as one merely bad; NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

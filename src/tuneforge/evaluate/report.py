@@ -1,12 +1,37 @@
-"""Human-readable text of a base-vs-tuned comparison (the JSON form is the report dict itself)."""
+"""Human-readable text of a base-vs-tuned comparison, and its JSON form (the report dict itself, with
+what JSON cannot hold made null)."""
 
 from __future__ import annotations
 
+import math
 import textwrap
+
+
+def json_safe(obj):
+    """`obj` with every NaN or infinite number as None: JSON has neither (Python's json writes NaN and
+    Infinity anyway, which jq, JavaScript and most other readers refuse). A diverged model's loss is
+    NaN; a perplexity past the float range is inf - the text report shows both as they are."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _row(name: str, base, tuned, fmt: str) -> str:
     return f"  {name:<22}{format(base, fmt):>12}{format(tuned, fmt):>12}"
+
+
+def _loss_notes(b: dict, t: dict) -> list[str]:
+    """A NaN loss in the table reads like a glitch of the report: say what it means."""
+    notes = []
+    for who, r in (("base", b), ("tuned", t)):
+        if math.isnan(r["loss"]):
+            notes.append(f"the {who} model's loss is not a number (NaN): its predictions hold NaN or infinite values"
+                         + (", as when training diverges" if who == "tuned" else ""))
+    return notes
 
 
 def format_comparison(report: dict) -> str:
@@ -21,6 +46,8 @@ def format_comparison(report: dict) -> str:
     if report.get("preference_pairs"):
         lines.append(_row("preferred ranked first", b["preference_accuracy"], t["preference_accuracy"], ".1%"))
         lines.append(_row("preference margin", b["preference_margin"], t["preference_margin"], ".2f"))
+    if notes := _loss_notes(b, t):
+        lines += [""] + notes
     fit = report["fit"]
     lines += ["", f"fit: {fit['verdict']} ({fit['reason']})"]
     for i, prompt in enumerate(report["prompts"]):
