@@ -146,3 +146,10 @@ def test_weights_that_do_not_fit_the_base_are_a_user_error(tmp_path):
     with pytest.raises(ValueError, match=r"run's weights do not fit its base model .*narrow: size mismatch for "
                                          r".* \(and \d+ more\)$"):
         compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)
+
+
+def test_scoring_on_the_training_file_is_warned_of(tmp_path, caplog):
+    run = tiny_run(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tuneforge.evaluate.compare"):
+        compare(run, TrainConfig.load(run).data, n_samples=0)
+    assert "is the run's training file" in caplog.text

@@ -148,6 +148,9 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         raise ValueError(f"samples must be at least 0, got {n_samples}")
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)
+    if Path(cfg.data).resolve() == Path(data).resolve():
+        log.warning("%s is the run's training file: these numbers measure how well it was learned, not how "
+                    "the model does on data it has not seen", data)
     tokenizer = _run_tokenizer(run_dir)
     loaded, examples, rendered = _held_out(data, tokenizer, cfg.max_length)
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
