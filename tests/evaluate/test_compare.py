@@ -153,3 +153,19 @@ def test_scoring_on_the_training_file_is_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge.evaluate.compare"):
         compare(run, TrainConfig.load(run).data, n_samples=0)
     assert "is the run's training file" in caplog.text
+
+
+def test_a_continued_pre_training_run_is_scored_on_held_out_text(tmp_path):
+    """Raw text trains on every token; held-out text is scored the same way (it was refused: 'no
+    examples with an assistant answer'), and a sample continues the first half of a text."""
+    lines = [f"The river {i} runs past the mill and the old stone bridge toward the sea." for i in range(24)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:20]))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[20:]))
+    train(TrainConfig(data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "run"), base="tiny-llama",
+                      n_epochs=3, learning_rate_multiplier=3.0, validation_split=0))
+    report = compare(tmp_path / "run", tmp_path / "held.jsonl", n_samples=1, max_tokens=4)
+    assert report["n_examples"] == 4 and report["tuned"]["loss"] < report["base"]["loss"]
+    assert report["prompts"] == ["The river 20 runs past the mill"]
+    assert report["references"] == [" and the old stone bridge toward the sea."]
+    assert len(report["tuned"]["samples"]) == 1
+    assert "held-out examples" in format_comparison(report)

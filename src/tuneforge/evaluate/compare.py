@@ -52,6 +52,8 @@ def _text(message: dict) -> str:
 
 
 def _answer(example: Example) -> str:
+    if example.kind == "text":
+        return _halves(example.text)[1]
     return _text(example.assistant_messages()[-1])
 
 
@@ -63,10 +65,20 @@ def is_classification(examples) -> bool:
     return all(len(a.split()) <= 3 for a in answers) and len(labels) <= max(2, len(answers) // 2)
 
 
-def _prompt(example) -> list[dict]:
-    """The conversation up to (not including) its last assistant turn."""
+def _prompt(example) -> list[dict] | str:
+    """The conversation up to (not including) its last assistant turn; of a text (continued
+    pre-training), its first half, which the model continues."""
+    if example.kind == "text":
+        return _halves(example.text)[0]
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     return example.messages[:last]
+
+
+def _halves(text: str) -> tuple[str, str]:
+    """A text cut between words near its middle: (what the model is given, what it should write)."""
+    words = text.split(" ")
+    middle = max(1, len(words) // 2)
+    return " ".join(words[:middle]), " " + " ".join(words[middle:])
 
 
 def _as_chat(example: Example) -> Example:
@@ -114,15 +126,16 @@ def _held_out(data, tokenizer, max_length: int) -> tuple[list[Example], list[Exa
     would not pass as validation data: an example whose answer truncation cuts away entirely is an
     error (example_too_long), as in training, not a loss of 0 over no tokens."""
     loaded = load_examples(data, tokenizer, max_length, min_examples=1)  # a held-out set may be small
-    chats = [_as_chat(e) for e in loaded if e.kind != "text"]
-    chats = [e for e in chats if e.assistant_messages()]
+    # raw text (continued pre-training) is scored on every token, as it was trained
+    chats = [e if e.kind == "text" else _as_chat(e) for e in loaded]
+    chats = [e for e in chats if e.kind == "text" or e.assistant_messages()]
     rendered = [render_example(e, tokenizer, max_length) for e in chats]
     scored = [(e, r) for e, r in zip(chats, rendered) if r.n_loss_tokens]
     if silent := [str(e.line) for e, r in zip(chats, rendered) if not r.n_loss_tokens]:
         log.warning("%s: %d example(s) left out, every answer with weight 0: nothing to score (line %s)",
                     data, len(silent), ", ".join(silent))
     if not scored:
-        raise ValueError(f"{data}: no examples with an assistant answer to evaluate on")
+        raise ValueError(f"{data}: no examples with an answer or text to evaluate on")
     return loaded, [e for e, _ in scored], [r for _, r in scored]
 
 
@@ -182,7 +195,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         "base": base_report,
         "tuned": tuned_report,
         "fit": diagnose(metrics_log.read(run_dir)),
-        "prompts": [_text(_prompt(e)[-1]) for e in examples[:n_samples]],
+        "prompts": [p if isinstance(p := _prompt(e), str) else _text(p[-1]) for e in examples[:n_samples]],
         "references": [_answer(e) for e in examples[:n_samples]],
     }
     (run_dir / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
