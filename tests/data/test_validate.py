@@ -203,6 +203,19 @@ def test_a_json_array_is_one_error_not_one_per_line(tmp_path):
     assert error.code == "invalid_json" and "one JSON array" in error.message and error.line is None
 
 
+def test_a_pretty_printed_object_is_one_error_but_a_single_bad_line_keeps_its_own(tmp_path):
+    chat = {"messages": [{"role": "robot", "content": "q"}]}
+    spread = tmp_path / "spread.jsonl"
+    spread.write_text(json.dumps(chat, indent=2))
+    errors = validate_file(spread).errors
+    assert all(e.line is None for e in errors)  # not one error per line of the object
+    assert any(e.code == "invalid_json" and "spread over several lines" in e.message for e in errors)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(chat) + "\n")
+    codes = [(e.code, e.line, e.field) for e in validate_file(one).errors]
+    assert ("unrecognized_role", 1, "messages[0].role") in codes, codes
+
+
 def test_max_length_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_length must be .* at least 1, got 0"):
         validate_file(FIXTURES / "good_text.jsonl", max_length=0)

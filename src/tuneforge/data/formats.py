@@ -139,7 +139,7 @@ def _parse_jsonl(lines: list[str], skip: set[int | None]) -> Parsed:
         if example is not None and not found:
             examples.append(example)
             formats.append(fmt)
-    if n_records and not examples and (whole := _whole_json(lines)):
+    if n_records and not examples and (whole := _whole_json(lines, n_records)):
         return Parsed("json", [], [whole], n_records)
     issues += [_unread_key(fmt, key, where) for (fmt, key), where in unread.items()]
     fmt = "+".join(dict.fromkeys(formats)) or "jsonl"
@@ -168,12 +168,15 @@ def _unread_key(fmt: str, key: str, where: list[int]) -> Issue:
     return Issue("unrecognized_key", msg, where[0], key, severity="warning")
 
 
-def _whole_json(lines: list[str]) -> Issue | None:
+def _whole_json(lines: list[str], n_records: int) -> Issue | None:
     """A whole-file mistake behind a file that has no good line: one JSON array or pretty-printed
-    object spread over many lines is not JSONL - said once, not as an invalid line per line."""
+    object spread over many lines is not JSONL - said once, not as an invalid line per line. (A
+    one-line file that is a single bad example keeps its own line's errors.)"""
     try:
         value = json.loads("\n".join(lines))
     except ValueError:
+        return None
+    if n_records == 1 and not isinstance(value, list):
         return None
     what = "one JSON array" if isinstance(value, list) else "one JSON value spread over several lines"
     hint = " (e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if isinstance(value, list) else ""
