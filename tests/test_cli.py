@@ -120,16 +120,60 @@ def test_a_trained_run_is_kept_from_mistakes_and_overwrite_clears_it(tmp_path, c
 
 
 @pytest.mark.parametrize("option,value,says", [
-    ("--n-epochs", "0", "n_epochs must be at least 1, got 0"),
-    ("--batch-size", "0", "batch_size must be at least 1, got 0"),
-    ("--learning-rate-multiplier", "0", "learning_rate_multiplier must be above 0"),
-    ("--precision", "xyz", "precision must be one of auto, bf16, fp32"),
-    ("--validation-split", "1", "validation_split must be at least 0 and below 1, got 1.0"),
+    ("--n-epochs", "0", "--n-epochs must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--learning-rate-multiplier", "0", "--learning-rate-multiplier must be above 0"),
+    ("--precision", "xyz", "--precision must be one of auto, bf16, fp32"),
+    ("--validation-split", "1", "--validation-split must be at least 0 and below 1, got 1.0"),
+    ("--early-stopping", "-1", "--early-stopping must be at least 0, got -1"),
 ])
 def test_out_of_range_options_are_refused_before_anything_runs(tmp_path, chat_file, option, value, says):
     proc = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "tiny-llama", option, value, check=False)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unknown_base_bad_data_or_an_unusable_out_are_refused_before_the_model_loads(tmp_path, chat_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chat_file.read_text() + '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    (tmp_path / "afile").write_text("")
+    for args, says in [
+        (("--data", chat_file, "--base", "no-such-model", "--out", tmp_path / "r"), "unknown base model 'no-such-model'"),
+        (("--data", bad, "--base", "tiny-llama", "--out", tmp_path / "r"), "line 25, field messages[0].role"),
+        (("--data", chat_file, "--base", "tiny-llama", "--out", tmp_path / "afile" / "run"), "afile is a file"),
+    ]:
+        proc = tf("train", *args, check=False)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "Loading base model" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_validation_split_given_is_honoured_on_a_small_file_auto_holds_out_none(tmp_path):
+    ten = tmp_path / "ten.jsonl"
+    write_chat(ten, 10)
+    proc = tf("train", "--data", ten, "--out", tmp_path / "a", "--base", "tiny-llama", "--n-epochs", "1", "--quiet")
+    assert "10 training and 0 validation examples" in proc.stderr
+    proc = tf("train", "--data", ten, "--out", tmp_path / "b", "--base", "tiny-llama", "--n-epochs", "1", "--quiet",
+              "--validation-split", "0.3")
+    assert "7 training and 3 validation examples" in proc.stderr
+
+
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_run_resumes_once_there_is_room(tmp_path, chat_file):
+    import resource
+
+    def small_files():  # a file-size limit: writes past 200 kB fail as they do on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run = tmp_path / "run"
+    proc = tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--n-epochs", "1", "--quiet",
+              check=False, preexec_fn=small_files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "the checkpoint could not be written" in error and "resume" in error
+    assert not list((run / "checkpoints").iterdir())  # no half-written checkpoint left to take the space
+    tf("train", "--resume", run, "--quiet")
+    assert (run / "result.json").is_file()
 
 
 def test_lora_targets_choose_the_adapted_layers_and_a_base_it_cannot_train_is_refused(tmp_path, chat_file):

@@ -250,9 +250,10 @@ def train(
         help="supervised, or dpo (preference pairs: raise the preferred answer over the other).")] = "supervised",
     dpo_beta: Annotated[float, typer.Option(help="DPO: how far the model may move from the base.")] = 0.1,
     validation_data: Annotated[Path | None, typer.Option(
-        help="Validation file; default: hold out --validation-split of --data when it has 20 examples or more.")] = None,
-    validation_split: Annotated[float, typer.Option(
-        help="Fraction of --data held out for validation when no --validation-data is given (0 = train on all).")] = 0.1,
+        help="Validation file; default: hold out --validation-split of --data.")] = None,
+    validation_split: Annotated[str, typer.Option(
+        help="Fraction of --data held out for validation when no --validation-data is given (0 = train on all; "
+             "auto: 0.1 when --data has 20 examples or more, else none).")] = "auto",
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "auto",
     batch_size: Annotated[str, typer.Option(help="Examples per step, or auto.")] = "auto",
     learning_rate_multiplier: Annotated[str, typer.Option(help="Scales the base learning rate, or auto.")] = "auto",
@@ -292,11 +293,11 @@ def train(
             raise ValueError("--data and --out are required (or --resume RUN)")
         _check_out(out, overwrite)
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]  # none: TrainConfig's default
-        cfg = TrainConfig(
+        cfg = _as_options(TrainConfig)(
             data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=base, method=method,
             objective=objective, dpo_beta=dpo_beta,
             validation_data=str(v) if (v := _existing_file(validation_data, "--validation-data")) else None,
-            validation_split=validation_split,
+            validation_split=_auto_or(float, "--validation-split")(validation_split),
             n_epochs=_auto_or(int, "--n-epochs")(n_epochs), batch_size=_auto_or(int, "--batch-size")(batch_size),
             learning_rate_multiplier=_auto_or(float, "--learning-rate-multiplier")(learning_rate_multiplier),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -327,6 +328,26 @@ def train(
                    f"train loss {final.get('train_loss', float('nan')):.3f}{valid}")
 
 
+# TrainConfig's fields whose --option is not the field's own name
+_OPTION_OF = {"early_stopping_patience": "--early-stopping"}
+
+
+def _as_options(make):
+    """`make` (TrainConfig) with its errors naming the --options typed, not the config's fields:
+    "n_epochs must be at least 1" is said as "--n-epochs must be at least 1"."""
+
+    def build(**kwargs):
+        try:
+            return make(**kwargs)
+        except ValueError as err:
+            field, _, rest = str(err).partition(" ")
+            if field in kwargs or field in _OPTION_OF:
+                raise ValueError(f"{_OPTION_OF.get(field, '--' + field.replace('_', '-'))} {rest}") from None
+            raise
+
+    return build
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """--out must be a new or empty folder, or hold a run that --overwrite replaces: a trained run is
     not lost to a typo, and an interrupted one is pointed at --resume."""
@@ -335,6 +356,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    _check_writable(out)
     if overwrite or not out.is_dir() or not any(out.iterdir()) or _rank() != 0:
         return  # (under torchrun rank 0 alone checks: the others may see the folder it is filling)
     if (out / RESULT_FILE).is_file():
@@ -343,6 +365,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} holds an unfinished run: continue it with --resume {out}, "
                          "or --overwrite to start again")
     raise ValueError(f"--out {out} is a folder with other files in it: choose a new or empty folder")
+
+
+def _check_writable(out: Path) -> None:
+    """Before any model loads: a run folder that cannot be made or written to is said now, naming
+    --out, not as an OS error after a base model's load (or, for a file in the way, a bare errno)."""
+    import errno
+    import tempfile
+
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:  # read-only file system, no permission, an immutable folder...
+        why = "a read-only file system" if err.errno == errno.EROFS else (err.strerror or str(err)).lower()
+        raise ValueError(f"--out {out}: cannot write in {existing} ({why})") from None
 
 
 # ---------------------------------------------------------------- evaluate, chat, export

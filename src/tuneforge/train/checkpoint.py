@@ -8,6 +8,7 @@ checkpoint that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -43,21 +44,29 @@ def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: st
     final = root / f"step-{state.global_step:06d}"
     tmp = root / f".{final.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "weights")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "trainer.pt",
-    )
-    meta = {"kind": kind, "state": asdict(state), "metrics": metrics}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp / "weights")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        meta = {"kind": kind, "state": asdict(state), "metrics": metrics}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save says a full disk as a RuntimeError ("unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy would hold the space a retry needs
+        raise OSError(_unwritten(final, err)) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _prune(root, keep=final)
     return final
+
+
+def _unwritten(ckpt: Path, err: Exception) -> str:
+    """One line for a checkpoint that could not be written; the earlier checkpoints are untouched
+    (a new one replaces nothing until it is complete), so the run can be resumed from the last one."""
+    free = shutil.disk_usage(ckpt.parent).free
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 << 20  # torch's errors carry no errno
+    why = f"no space left on the disk: {free >> 20} MB free" if full else str(err).splitlines()[0]
+    return (f"{ckpt}: the checkpoint could not be written ({why}); the run's earlier checkpoints are kept: "
+            "make room and resume it")
 
 
 def _prune(root: Path, keep: Path) -> None:

@@ -39,7 +39,7 @@ class TrainConfig:
     objective: Objective = "supervised"  # "dpo": preference pairs, train.dpo
     dpo_beta: float = 0.1  # how far DPO may move from the reference model (OpenAI's default)
     validation_data: str | None = None
-    validation_split: float = 0.1  # held out from `data` when no validation_data (n >= 20)
+    validation_split: float | Auto = "auto"  # held out from `data` when no validation_data; auto: 0.1 at n >= 20
     n_epochs: int | Auto = "auto"
     batch_size: int | Auto = "auto"
     learning_rate_multiplier: float | Auto = "auto"
@@ -90,7 +90,7 @@ class TrainConfig:
             *choice("precision", ("auto", "bf16", "fp32")),
             *number("n_epochs", 1, auto=True), *number("batch_size", 1, auto=True),
             *number("learning_rate_multiplier", 0, auto=True, low_open=True),
-            *number("dpo_beta", 0, low_open=True), *number("validation_split", 0, 1, high_open=True),
+            *number("dpo_beta", 0, low_open=True), *number("validation_split", 0, 1, auto=True, high_open=True),
             *number("max_length", 16), *number("max_row_tokens", 16),
             *number("lora_rank", 1), *number("lora_alpha", 0, low_open=True), *number("lora_dropout", 0, 1, high_open=True),
             *number("warmup_ratio", 0, 1), *number("weight_decay", 0), *number("max_grad_norm", 0, low_open=True),

@@ -27,6 +27,7 @@ from ..data.render import render_example
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
+from ..models.catalogue import resolve
 from ..models.gguf import kept_blocks
 from . import distributed, dpo, speed
 from . import metrics as metrics_log
@@ -90,15 +91,33 @@ def clear_outputs(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _check_before_loading(cfg: TrainConfig) -> None:
+    """What can be refused without the model is refused before it loads (seconds to minutes for a
+    real base): an unknown base, and the data files' own mistakes - bad lines, missing fields, too
+    few examples. What needs the tokenizer (lengths, token counts) is checked again once it is loaded."""
+    resolve(cfg.base)
+    load_examples(cfg.data, None, cfg.max_length)
+    if cfg.validation_data:
+        load_examples(cfg.validation_data, None, cfg.max_length, min_examples=1)
+
+
+AUTO_SPLIT, AUTO_SPLIT_MIN = 0.1, 20  # validation_split "auto": a tenth held out from 20 examples on
+
+
 def _split(examples, cfg: TrainConfig, tokenizer):
-    """Hold out a seeded random slice for validation when the user gave no validation file."""
+    """Hold out a seeded random slice for validation when the user gave no validation file: the
+    fraction asked for, or with "auto" a tenth of a file of 20 examples or more (fewer: the one or
+    two held out would say little, and training would lose them)."""
     if cfg.validation_data:
         return examples, load_examples(cfg.validation_data, tokenizer, cfg.max_length, min_examples=1)
-    if len(examples) < 20 or cfg.validation_split <= 0:
+    split = cfg.validation_split
+    if split == "auto":
+        split = AUTO_SPLIT if len(examples) >= AUTO_SPLIT_MIN else 0
+    if split <= 0 or len(examples) < 2:
         return examples, []
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
-    n_valid = max(1, round(len(examples) * cfg.validation_split))
+    n_valid = min(len(examples) - 1, max(1, round(len(examples) * split)))  # at least one of each
     held = set(order[:n_valid])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
@@ -131,6 +150,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     dtype = autocast_dtype(cfg.precision, device)
 
     emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
+    _check_before_loading(cfg)
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
         model, tokenizer = load_for_training(cfg.base, quantize=cfg.quantize, compute_dtype=dtype,
