@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.data.example import Example
-from tuneforge.data.render import IGNORE, prompt_ids, render_example
+from tuneforge.data.render import IGNORE, prompt_ids, render_example, render_sequences, render_text
 from tuneforge.models.tiny import tiny_tokenizer
 
 
@@ -98,3 +98,26 @@ def test_supervised_training_on_a_pair_learns_only_the_preferred_answer():
                    rejected=[{"role": "assistant", "content": "other"}])
     learned = learned_text(tok, render_example(pair, tok))
     assert "preferred" in learned and "earlier" not in learned
+
+
+def test_a_long_text_becomes_windows_that_train_every_token_once():
+    """Continued pre-training on a long document: it was cut at max_length (97% of 2,290 tokens
+    dropped at 64); it is consecutive windows of at most max_length tokens, none truncated."""
+    tok = tiny_tokenizer()
+    doc = Example("text", text=" ".join(f"word{i}" for i in range(300)))
+    whole = render_text(doc, tok).input_ids
+    windows = render_sequences(doc, tok, max_length=64)
+    assert len(windows) == -(-len(whole) // 64) > 10
+    assert [t for w in windows for t in w.input_ids] == whole  # in order, each token once, no BOS added
+    assert all(w.labels == w.input_ids and not w.truncated for w in windows)
+    assert all(len(w.input_ids) == 64 for w in windows[:-1]) and windows[-1].input_ids[-1] == tok.eos_token_id
+    assert sum(w.n_loss_tokens for w in windows) == len(whole)
+
+
+def test_a_text_within_max_length_is_one_sequence_and_chats_still_truncate():
+    tok = tiny_tokenizer()
+    short = Example("text", text="raw domain text")
+    assert render_sequences(short, tok, max_length=64) == [render_example(short, tok)]
+    (chat,) = render_sequences(conversation(), tok, max_length=20)
+    assert chat == render_example(conversation(), tok, max_length=20)
+    assert chat.truncated and len(chat.input_ids) == 20

@@ -71,10 +71,20 @@ def test_preference_counts_prompt_and_chosen_answer():
 def test_billing_caps_each_example_at_16385_tokens():
     long = Rendered(list(range(20000)), [IGNORE] * 20000)
     short = Rendered([1, 2, 3], [IGNORE, 2, 3])
-    stats = TokenStats.from_rendered([Example("text", text="x")] * 2, [long, short], max_length=4096)
+    stats = TokenStats.from_rendered([chat("S", "hi", "ok")] * 2, [long, short], max_length=4096)
     assert stats.billing_tokens == 16385 + 3
     assert stats.trained_tokens == 4096 + 3
-    assert stats.n_truncated == 1
+    assert stats.n_truncated == 1 and stats.n_sequences == 2
+
+
+def test_a_long_text_counts_every_token_in_its_windows():
+    """A text longer than max_length trains as windows of max_length (render_sequences): all its
+    tokens are trained and billed (each window an example of its own), none cut."""
+    long = Rendered(list(range(20000)), list(range(20000)))
+    stats = TokenStats.from_rendered([Example("text", text="x")], [long], max_length=4096)
+    assert stats.n_sequences == 5  # 4 x 4096 + 3616
+    assert stats.trained_tokens == stats.billing_tokens == 20000
+    assert stats.n_truncated == 0
 
 
 def test_estimate_costs_from_pricing_table():

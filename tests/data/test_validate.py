@@ -102,10 +102,52 @@ def test_the_statistics_say_they_cover_only_the_good_examples(tok):
 
 
 def test_max_length_is_honoured(tok):
-    report = validate_file(FIXTURES / "good_text.jsonl", tokenizer=tok, max_length=20)
+    report = validate_file(FIXTURES / "good_prompt_completion.jsonl", tokenizer=tok, max_length=85)
     assert {(i.code, i.line) for i in report.warnings} == {("example_truncated", n) for n in range(1, 11)}
     assert report.stats.n_truncated == 10
-    assert report.stats.trained_tokens == 200
+    assert report.stats.trained_tokens == 850 and report.n_sequences == 10
+
+
+def test_texts_longer_than_max_length_are_split_not_truncated(tok):
+    """Each 37-token document makes two windows at max_length 20: every token trained, no warning."""
+    report = validate_file(FIXTURES / "good_text.jsonl", tokenizer=tok, max_length=20)
+    assert report.ok and report.warnings == []
+    assert report.stats.n_truncated == 0 and report.stats.trained_tokens == report.billing_tokens == 370
+    assert report.n_examples == 10 and report.n_sequences == report.stats.n_sequences == 20
+    assert report.n_epochs == 5  # OpenAI's rule for the 20 sequences trained on, as the trainer resolves it
+    assert "10 document(s), 20 training sequence(s) of up to 20 tokens" in report.format_text()
+
+
+def one_long_document(tmp_path, words: int) -> Path:
+    path = tmp_path / "book.txt"
+    path.write_text(" ".join(f"word{i}" for i in range(words)) + "\n")
+    return path
+
+
+def test_one_long_document_making_ten_windows_is_enough(tmp_path, tok):
+    """A single 3,000-word document was refused ('has 1 example(s), but must have at least 10'): for
+    continued pre-training the minimum counts the sequences trained on, the document's windows."""
+    path = one_long_document(tmp_path, 3000)  # ~23,000 tokens: 360 windows of 64
+    report = validate_file(path, tokenizer=tok, max_length=64)
+    assert report.ok and report.warnings == [] and report.n_examples == 1
+    assert report.n_sequences == report.stats.n_sequences == -(-report.stats.trained_tokens // 64)
+    assert report.stats.trained_tokens == report.stats.tokens_per_example["max"]  # every token
+    assert "1 document(s), " in report.format_text()
+    assert [e.kind for e in load_examples(path, tok, 64)] == ["text"]
+
+
+def test_without_a_tokenizer_a_few_documents_are_not_refused(tmp_path, tok):
+    """The trainer checks the file before its model and tokenizer load: windows cannot be counted
+    yet, so the minimum waits for the check with the tokenizer, which still applies it."""
+    path = one_long_document(tmp_path, 3000)
+    assert [e.kind for e in load_examples(path, None, 64)] == ["text"]
+    short = one_long_document(tmp_path, 20)  # ~150 tokens: 3 windows of 64
+    assert load_examples(short, None, 64)
+    with pytest.raises(DataError) as err:
+        load_examples(short, tok, 64)
+    assert [i.code for i in err.value.report.errors] == ["invalid_n_examples"]
+    assert ("has 1 document(s), 3 training sequence(s) of up to 64 tokens, but must have at least 10 "
+            "training sequences") in str(err.value)
 
 
 def test_unrenderable_example(tmp_path):

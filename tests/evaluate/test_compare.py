@@ -169,3 +169,22 @@ def test_a_continued_pre_training_run_is_scored_on_held_out_text(tmp_path):
     assert report["references"] == [" and the old stone bridge toward the sea."]
     assert len(report["tuned"]["samples"]) == 1
     assert "held-out examples" in format_comparison(report)
+
+
+def test_a_long_held_out_text_is_scored_in_every_window_and_sampled_within_the_first(tmp_path):
+    """A held-out document longer than max_length is scored on all its windows, as it would train
+    (it was cut at max_length), and its sample continues the first half of its first window, text
+    the model can take in - not the first half of the whole document."""
+    from tuneforge.data.render import render_text
+    from tuneforge.evaluate.compare import _held_out, _prompt
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = " ".join(f"word{i}" for i in range(300))
+    (tmp_path / "held.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    _, examples, rendered = _held_out(tmp_path / "held.jsonl", tok, 64)
+    whole = render_text(Example("text", text=text), tok).input_ids
+    assert [t for r in rendered for t in r.input_ids] == whole and len(rendered) == math.ceil(len(whole) / 64)
+    (sampled,) = examples
+    assert text.startswith(sampled.text + " ") and len(tok(sampled.text)["input_ids"]) <= 64
+    assert _prompt(sampled) == "word0 word1 word2 word3 word4"

@@ -17,7 +17,8 @@ from typing import Any
 from .example import Example
 
 IGNORE = -100  # label value that cross-entropy skips
-MAX_LENGTH = 1024  # tokens per example unless a run says otherwise; longer ones are truncated
+MAX_LENGTH = 1024  # tokens per sequence unless a run says otherwise; longer chats are truncated, longer
+# texts split into windows (render_sequences)
 
 
 @dataclass
@@ -111,7 +112,8 @@ def render_preference(example: Example, tokenizer, max_length: int | None = None
 
 
 def render_example(example: Example, tokenizer, max_length: int | None = None) -> Rendered:
-    """Token ids and labels for one example; truncated (and flagged) past max_length.
+    """Token ids and labels for one example as one sequence; truncated (and flagged) past max_length.
+    Training reads render_sequences, which splits a long text instead.
 
     Preference pairs train on their chosen answer here (supervised fine-tuning); the DPO objective
     (train.dpo) reads both answers through render_preference.
@@ -123,3 +125,21 @@ def render_example(example: Example, tokenizer, max_length: int | None = None) -
     else:
         r = render_chat(example, tokenizer)
     return _truncate(r, max_length)
+
+
+def render_sequences(example: Example, tokenizer, max_length: int | None = None) -> list[Rendered]:
+    """The training sequences of one example. A text (continued pre-training) longer than max_length
+    becomes consecutive windows of at most max_length tokens, so every token of a long document is
+    trained on once, as HF's run_clm and litgpt do; cutting it would drop most of it. Any other
+    example is one sequence, truncated as render_example does: a chat cut into pieces would leave
+    answers without their prompt."""
+    if example.kind != "text" or max_length is None:
+        return [render_example(example, tokenizer, max_length)]
+    return windows(render_text(example, tokenizer), max_length)
+
+
+def windows(r: Rendered, max_length: int) -> list[Rendered]:
+    """`r` as consecutive, non-overlapping pieces of at most max_length tokens. A piece starts a
+    sequence of its own with no BOS added, as a whole text does (render_text adds none either)."""
+    return [Rendered(r.input_ids[i : i + max_length], r.labels[i : i + max_length])
+            for i in range(0, len(r.input_ids), max_length)]

@@ -48,12 +48,13 @@ def distribution(values: list[int]) -> dict[str, float]:
 class TokenStats:
     # the examples measured (parsed and rendered); a report's n_examples counts every record, bad ones too
     n_tokenized: int
+    n_sequences: int  # what training reads: one per example, each window of a long text (render_sequences)
     messages_per_example: dict[str, float]  # prompt + answer turns; 0 for raw text
     tokens_per_example: dict[str, float]  # whole example, before truncation
     loss_tokens_per_example: dict[str, float]  # tokens the loss is taken on (assistant answers)
-    n_truncated: int  # examples longer than max_length
+    n_truncated: int  # examples cut to max_length (a longer text is split instead, not cut)
     billing_tokens: int  # one epoch, as OpenAI bills it
-    trained_tokens: int  # one epoch, as trained here (each example cut to max_length)
+    trained_tokens: int  # one epoch, as trained here (each example cut to max_length, texts whole)
     max_length: int | None = None
 
     @classmethod
@@ -66,20 +67,40 @@ class TokenStats:
     ) -> TokenStats:
         """Stats from untruncated renders (validate renders once and reuses them here)."""
         lengths = [len(r.input_ids) for r in rendered]
-        cap = max_length if max_length is not None else max(lengths, default=0)
+        sequences = [sequence_lengths(e, n, max_length) for e, n in zip(examples, lengths)]
         return cls(
             n_tokenized=len(examples),
+            n_sequences=sum(map(len, sequences)),
             messages_per_example=distribution([len(e.messages) + len(e.chosen or []) for e in examples]),
             tokens_per_example=distribution(lengths),
             loss_tokens_per_example=distribution([sum(x != IGNORE for x in r.labels) for r in rendered]),
-            n_truncated=sum(n > cap for n in lengths),
-            billing_tokens=sum(min(n, BILLING_TOKENS_PER_EXAMPLE) for n in lengths),
-            trained_tokens=sum(min(n, cap) for n in lengths),
+            n_truncated=sum(sum(s) < n for s, n in zip(sequences, lengths)),
+            billing_tokens=sum(map(_billed, examples, lengths, sequences)),
+            trained_tokens=sum(map(sum, sequences)),
             max_length=max_length,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def sequence_lengths(example: Example, n_tokens: int, max_length: int | None) -> list[int]:
+    """The lengths of the sequences training reads for an example of n_tokens (render_sequences): a
+    text in windows of max_length, anything else once, cut to max_length."""
+    if max_length is None:
+        return [n_tokens]
+    if example.kind != "text":
+        return [min(n_tokens, max_length)]
+    full, rest = divmod(n_tokens, max_length)
+    return [max_length] * full + ([rest] if rest else [])
+
+
+def _billed(example: Example, n_tokens: int, sequences: list[int]) -> int:
+    """OpenAI bills an example whole up to its cap, whatever a local max_length cuts; a text's
+    windows are examples of their own there."""
+    if example.kind == "text":
+        return sum(min(n, BILLING_TOKENS_PER_EXAMPLE) for n in sequences)
+    return min(n_tokens, BILLING_TOKENS_PER_EXAMPLE)
 
 
 def resolve_n_epochs(n_examples: int) -> int:

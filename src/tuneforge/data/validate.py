@@ -8,12 +8,15 @@ Errors (the file is refused):
   unrecognized_role, missing_content, invalid_weight, example_missing_assistant_message,
   unrecognized_key (a key that changes what is taught: label, weight, functions),
   invalid_encoding, empty_file, unsupported_format            - per record / file, from formats.py
-  invalid_n_examples   fewer than 10 examples (OpenAI's minimum)
+  invalid_n_examples   fewer than 10 examples (OpenAI's minimum); for raw text, fewer than 10 training
+                       sequences: a document longer than max_length is split into windows of
+                       max_length tokens, each a sequence, so this is only counted with a tokenizer
   no_loss_tokens       every example's assistant messages have weight 0: nothing to learn
   example_too_long     truncation to max_length removes every token the loss is taken on, so the
                        example would train nothing; a longer example that keeps some answer is only
-                       truncated (warning). OpenAI's 65,536-token cap is not used: max_length is the
-                       limit that matters to a local run.
+                       truncated (warning); raw text is split into windows, never cut. OpenAI's
+                       65,536-token cap is not used: max_length is the limit that matters to a local
+                       run.
   unrenderable_example the model's chat template rejects the conversation (some templates insist
                        on alternating user/assistant turns)
 Warnings (training proceeds):
@@ -51,6 +54,8 @@ class Report:
     path: str
     format: str
     n_examples: int  # records in the file, good or bad (what OpenAI's minimum counts)
+    # what training reads, when counted: n_examples, with a raw text's windows in place of the text
+    n_sequences: int | None = None
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     max_length: int = MAX_LENGTH
@@ -74,6 +79,7 @@ class Report:
             "format": self.format,
             "ok": self.ok,
             "n_examples": self.n_examples,
+            "n_sequences": self.n_sequences,
             "errors": [i.to_dict() for i in self.errors],
             "warnings": [i.to_dict() for i in self.warnings],
             "max_length": self.max_length,
@@ -88,7 +94,7 @@ class Report:
         }
 
     def format_text(self) -> str:
-        lines = [f"{self.path}: {self.format}, {self.n_examples} example(s)"]
+        lines = [f"{self.path}: {self.format}, {_counted(self)}"]
         lines += _issue_section("Errors", self.errors) + _issue_section("Warnings", self.warnings)
         lines += _stats_lines(self)
         lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} error(s)")
@@ -133,16 +139,22 @@ def _validate(path, tokenizer, max_length, tokens_per_second, min_examples) -> t
         raise ValueError(f"max_length must be a whole number of tokens, at least 1, got {max_length!r}")
     parsed = parse_file(path)
     examples = parsed.examples
-    issues = parsed.issues + _count_issues(parsed.n_records, parsed.issues, min_examples)
-    issues += _duplicate_issues(examples) + _missing_role_issues(examples)
+    issues = parsed.issues + _duplicate_issues(examples) + _missing_role_issues(examples)
     issues += _no_loss_issues(examples) + _identical_answer_issues(examples)
     report = Report(str(path), parsed.format, parsed.n_records, max_length=max_length)
-    if parsed.n_records:
-        report.n_epochs = resolve_n_epochs(parsed.n_records)
+    texts = any(e.kind == "text" for e in examples)
+    stats = None
     if tokenizer is not None and examples:
         examples, rendered, found = _render_all(examples, tokenizer, max_length)
         issues += found
-        _add_token_numbers(report, TokenStats.from_rendered(examples, rendered, max_length), tokens_per_second)
+        stats = TokenStats.from_rendered(examples, rendered, max_length)
+    report.n_sequences = _n_sequences(parsed.n_records, stats, texts)
+    if report.n_sequences is not None:
+        issues += _count_issues(report, parsed.issues, min_examples)
+    if n := report.n_sequences or parsed.n_records:
+        report.n_epochs = resolve_n_epochs(n)
+    if stats is not None:
+        _add_token_numbers(report, stats, tokens_per_second)
         _add_dpo_numbers(report, [e for e in examples if e.kind == "preference"], tokenizer, max_length)
     issues.sort(key=lambda i: (i.line is not None, i.line or 0))  # whole-file problems first
     report.errors = [i for i in issues if i.severity == "error"]
@@ -150,11 +162,31 @@ def _validate(path, tokenizer, max_length, tokens_per_second, min_examples) -> t
     return report, examples
 
 
-def _count_issues(n_records: int, issues: list[Issue], min_examples: int) -> list[Issue]:
-    if n_records >= min_examples or any(i.code in ("empty_file", "unsupported_format") for i in issues):
+def _n_sequences(n_records: int, stats: TokenStats | None, texts: bool) -> int | None:
+    """The sequences training reads: a record each (a bad one counts, as OpenAI counts it), but a raw
+    text's windows in its place. Unknown (None) for text until a tokenizer has counted the windows:
+    the trainer checks the file before its model (and tokenizer) loads, and must not refuse a few
+    long documents then."""
+    if stats is None:
+        return None if texts else n_records
+    return n_records - stats.n_tokenized + stats.n_sequences
+
+
+def _count_issues(report: Report, issues: list[Issue], min_examples: int) -> list[Issue]:
+    n = report.n_sequences
+    if n >= min_examples or any(i.code in ("empty_file", "unsupported_format") for i in issues):
         return []
-    msg = f"Training file has {n_records} example(s), but must have at least {min_examples} examples"
+    what = "examples" if n == report.n_examples else "training sequences"
+    msg = f"Training file has {_counted(report)}, but must have at least {min_examples} {what}"
     return [Issue("invalid_n_examples", msg)]
+
+
+def _counted(report: Report) -> str:
+    """The file's size as its user counts it: examples, or documents and the sequences they make."""
+    if report.n_sequences is None or report.n_sequences == report.n_examples:
+        return f"{report.n_examples} example(s)"
+    return (f"{report.n_examples} document(s), {report.n_sequences} training sequence(s) of up to "
+            f"{report.max_length} tokens")
 
 
 def _duplicate_issues(examples: list[Example]) -> list[Issue]:
@@ -233,7 +265,7 @@ def _render_all(examples, tokenizer, max_length) -> tuple[list[Example], list[Re
 
 def _length_issues(ex: Example, r: Rendered, max_length: int) -> list[Issue]:
     n = len(r.input_ids)
-    if n <= max_length:
+    if n <= max_length or ex.kind == "text":  # a long text is split into windows, none of it cut
         return []
     if r.n_loss_tokens and all(x == IGNORE for x in r.labels[:max_length]):
         msg = f"{n} tokens; cutting to max_length {max_length} removes every answer token, so it trains nothing"
@@ -294,7 +326,8 @@ def _stats_lines(report: Report) -> list[str]:
             f"Examples over max_length {report.max_length}: {s.n_truncated}",
         ]
     if report.n_epochs:
-        lines.append(f"Default epochs (OpenAI's rule for {report.n_examples} examples): {report.n_epochs}")
+        n = report.n_sequences or report.n_examples
+        lines.append(f"Default epochs (OpenAI's rule for {n} examples): {report.n_epochs}")
     if report.billing_tokens is not None:
         lines.append(
             f"Billing tokens: {report.billing_tokens:,} per epoch, {report.billing_tokens * (report.n_epochs or 0):,}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.example import Example
-from ..data.render import Rendered, render_example
+from ..data.render import Rendered, render_sequences
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
 from ..models.load import load_base, load_tuned, tokenizer_from
@@ -126,17 +126,34 @@ def _held_out(data, tokenizer, max_length: int) -> tuple[list[Example], list[Exa
     would not pass as validation data: an example whose answer truncation cuts away entirely is an
     error (example_too_long), as in training, not a loss of 0 over no tokens."""
     loaded = load_examples(data, tokenizer, max_length, min_examples=1)  # a held-out set may be small
-    # raw text (continued pre-training) is scored on every token, as it was trained
+    # raw text (continued pre-training) is scored on every token, as it was trained: a long one in windows
     chats = [e if e.kind == "text" else _as_chat(e) for e in loaded]
     chats = [e for e in chats if e.kind == "text" or e.assistant_messages()]
-    rendered = [render_example(e, tokenizer, max_length) for e in chats]
-    scored = [(e, r) for e, r in zip(chats, rendered) if r.n_loss_tokens]
-    if silent := [str(e.line) for e, r in zip(chats, rendered) if not r.n_loss_tokens]:
+    examples, rendered, silent = [], [], []
+    for e in chats:
+        sequences = render_sequences(e, tokenizer, max_length)
+        if not any(r.n_loss_tokens for r in sequences):
+            silent.append(str(e.line))
+            continue
+        examples.append(_first_window(e, sequences, tokenizer))
+        rendered += sequences
+    if silent:
         log.warning("%s: %d example(s) left out, every answer with weight 0: nothing to score (line %s)",
                     data, len(silent), ", ".join(silent))
-    if not scored:
+    if not examples:
         raise ValueError(f"{data}: no examples with an answer or text to evaluate on")
-    return loaded, [e for e, _ in scored], [r for _, r in scored]
+    return loaded, examples, rendered
+
+
+def _first_window(example: Example, sequences: list[Rendered], tokenizer) -> Example:
+    """A text split into windows is sampled within its first: the model learned to continue text of up
+    to max_length tokens, and the first half of a whole long document may not fit its context. The
+    window is ended at a word, as the halves are cut between words."""
+    if len(sequences) == 1:
+        return example
+    text = tokenizer.decode(sequences[0].input_ids, skip_special_tokens=True)
+    end = text.rfind(" ")
+    return Example("text", text=text[:end] if end > 0 else text, line=example.line)
 
 
 def _load_tuned(run_dir: Path, base: str):
