@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 Auto = Literal["auto"]
 T = TypeVar("T")
@@ -69,14 +69,19 @@ class Request(BaseModel):
 # --- fine-tuning ------------------------------------------------------------------------------------
 
 
+# Strict: JSON's true is not 1 epoch and "3" is not a number (pydantic's lax mode would take both)
+Count = StrictInt
+Number = StrictFloat | StrictInt
+
+
 class Hyperparameters(Request):
-    batch_size: Auto | int | None = None
-    learning_rate_multiplier: Auto | float | None = None
-    n_epochs: Auto | int | None = None
+    batch_size: Auto | Count | None = None
+    learning_rate_multiplier: Auto | Number | None = None
+    n_epochs: Auto | Count | None = None
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Auto | float | None = None
+    beta: Auto | Number | None = None
 
 
 class SupervisedMethod(Request):
@@ -101,7 +106,7 @@ class JobCreate(Request):
     method: Method | None = None
     suffix: str | None = None
     validation_file: str | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
 
