@@ -262,7 +262,8 @@ def train(
     lora_dropout: Annotated[float, typer.Option()] = 0.0,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated names of the linear layers to adapt; "
                                               "default: all seven projections, q_proj ... down_proj.")] = "",
-    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 1024,
+    max_length: Annotated[int, typer.Option(
+        help="Tokens per example; longer ones are truncated (raw text: split into sequences of this many).")] = 1024,
     seed: Annotated[int, typer.Option()] = 42,
     early_stopping: Annotated[int, typer.Option(help="Stop after N validation passes without improvement (0 = off).")] = 0,
     precision: Annotated[str, typer.Option(help="auto, bf16 or fp32.")] = "auto",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.pack import pack, shared_prefix
-from ..data.render import render_example
+from ..data.render import render_sequences
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
 from ..models.adapters import prepare_for_training
@@ -123,7 +123,8 @@ def _split(examples, cfg: TrainConfig, tokenizer):
 
 
 def _render(examples, tokenizer, max_length):
-    rendered = [render_example(e, tokenizer, max_length) for e in examples]
+    # (a long raw text is several sequences: consecutive windows of max_length tokens, each trained on)
+    rendered = [r for e in examples for r in render_sequences(e, tokenizer, max_length)]
     return [r for r in rendered if r.n_loss_tokens > 0]
 
 
