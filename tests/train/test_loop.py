@@ -180,3 +180,14 @@ def test_no_prefix_is_shared_where_dropout_draws_masks(tmp_path, chat_file):
     assert not draws_masks(plain.train())
     plain.config = dataclasses.replace(plain.config, attention_dropout=0.1)
     assert draws_masks(plain)
+
+
+def test_a_long_raw_text_is_trained_on_all_of_it(tmp_path):
+    from tuneforge.models.load import load_tokenizer
+
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(600)) + "\n")  # one document, far over 64 tokens
+    result = train(config(tmp_path, text, n_epochs=1, max_length=64))
+    n = len(load_tokenizer("tiny-llama")(text.read_text().strip(), add_special_tokens=False)["input_ids"])
+    assert result.trained_tokens >= n  # every token, not the first 64
+    assert result.steps * 4 >= -(-n // 64)  # as consecutive sequences of at most 64 tokens
