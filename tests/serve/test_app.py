@@ -96,7 +96,9 @@ def test_file_listing_pages_with_a_cursor(client):
 
 
 def test_a_file_in_use_is_a_409_that_is_not_retried(client):
-    file_id = upload(client).json()["id"]
+    # a good file: a bad one would fail the job within moments, and a failed job's file is free to go
+    file_id = upload(client, "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                     {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(10)).encode()).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id})
     assert job.status_code == 200 and job.json()["status"] == "validating_files"
     r = client.delete(f"/v1/files/{file_id}")

@@ -82,19 +82,37 @@ def claim(s: Session, worker_id: str) -> tuple[JobRow, str | None] | None:
         .order_by(JobRow.seq)
     ).all()
     for job_id, holder, beat in candidates:
-        if holder is not None and not worker_is_dead(holder, beat):
-            continue
-        owner = JobRow.worker_id.is_(None) if holder is None else JobRow.worker_id == holder
-        won = s.execute(
-            update(JobRow)
-            .where(JobRow.id == job_id, owner, JobRow.status.in_(CLAIMABLE))
-            .values(worker_id=worker_id, heartbeat_at=now(), attempts=JobRow.attempts + 1)
-        ).rowcount
-        s.commit()
-        if won:
+        if _take(s, job_id, holder, beat, worker_id, CLAIMABLE, attempts=JobRow.attempts + 1):
             return s.scalar(select(JobRow).where(JobRow.id == job_id)), holder
     s.commit()
     return None
+
+
+def take_for_validation(s: Session, job_id: str, holder: str) -> JobRow | None:
+    """The API server's hold on a job whose files it validates (jobs.validation): only while the job
+    is in validating_files and nobody alive holds it (a worker may have claimed it first). Not an
+    attempt: no training happens."""
+    row = s.execute(select(JobRow.worker_id, JobRow.heartbeat_at)
+                    .where(JobRow.id == job_id, JobRow.status == "validating_files")).one_or_none()
+    if row is None or not _take(s, job_id, row.worker_id, row.heartbeat_at, holder, ("validating_files",)):
+        s.commit()
+        return None
+    return s.scalar(select(JobRow).where(JobRow.id == job_id))
+
+
+def _take(s: Session, job_id: str, holder: str | None, beat: float | None, worker_id: str,
+          statuses: tuple[str, ...], **values: Any) -> bool:
+    """Compare-and-set the job's holder from what was read (`holder`, free or dead) to `worker_id`."""
+    if holder is not None and not worker_is_dead(holder, beat):
+        return False
+    owner = JobRow.worker_id.is_(None) if holder is None else JobRow.worker_id == holder
+    won = s.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, owner, JobRow.status.in_(statuses))
+        .values(worker_id=worker_id, heartbeat_at=now(), **values)
+    ).rowcount
+    s.commit()
+    return won == 1
 
 
 def heartbeat(s: Session, job_id: str, worker_id: str) -> bool:
@@ -123,6 +141,18 @@ def release(s: Session, job_id: str, worker_id: str, **values: Any) -> None:
         .where(JobRow.id == job_id, JobRow.worker_id == worker_id)
         .values(worker_id=None, heartbeat_at=None, control=None, **values)
     )
+
+
+def fail(s: Session, job_id: str, worker_id: str, code: str, message: str, param: str | None) -> None:
+    """The holder fails the job with an OpenAI-style error and lets go. A job cancelled meanwhile
+    stays cancelled."""
+    failed = transition(
+        s, job_id, worker_id, CLAIMABLE + ("paused",), status="failed",
+        error={"code": code, "message": message, "param": param}, finished_at=now(), estimated_finish=None,
+    )
+    if failed:
+        add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
+    release(s, job_id, worker_id)
 
 
 # --- requests from the API -------------------------------------------------------------------------

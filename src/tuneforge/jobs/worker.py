@@ -5,9 +5,10 @@ Training never runs in the API server's process: a job can take hours and the se
 answering. Everything the worker learns (phase messages, metrics, checkpoints, the final model, a
 failure and its reason) goes into the database, where the API reads it.
 
-A job has two phases here: `validating_files` (the training file is checked with the same validator
-as `tuneforge data validate`, so a bad file fails the job with OpenAI's error code), then training
-(`queued` -> `running`). Any exception fails the job with its reason: a job never hangs silently.
+A job has two phases here: `validating_files` (jobs.validation: the training file is checked with the
+same validator as `tuneforge data validate`, so a bad file fails the job with OpenAI's error code),
+which the API server has usually done already, then training (`queued` -> `running`). Any exception
+fails the job with its reason: a job never hangs silently.
 """
 
 from __future__ import annotations
@@ -42,24 +43,16 @@ from ..store.database import (
 )
 from . import queue
 from .queue import METHOD_KEY, QUANTIZE_KEY
+from .validation import JobFailed, job_paths, validate_files
 
 log = logging.getLogger("tuneforge.worker")
 
-SHOWN_ERRORS = 3  # of an invalid file's errors, in the job's error message (the file report has them all)
 # A worker that dies holding a job (killed, out of memory, a crash) hands it to the next one, which
 # resumes from the last checkpoint; a job that kills its worker every time fails instead of looping.
 MAX_WORKER_STOPS = 3
 WORKER_STOPPED = "The worker running this job stopped"
 CONTROL_POLL_SECONDS = 0.5  # how often should_stop reads the job row (it is called every step)
 PARENT_ENV = "TUNEFORGE_WORKER_PARENT"  # set by `tuneforge serve`: the worker dies with its server
-
-
-class JobFailed(Exception):
-    """A failure with an OpenAI-style error (code, message, param) for the job's `error` field."""
-
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
 
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # no ':' (it separates the parts of ft: names)
@@ -96,7 +89,9 @@ class JobRunner:
         self.sessions, self.worker_id, self.settings, self.shutdown = sessions, worker_id, settings, shutdown
         self.job_id = job.id
         self.job = job
-        self.previous = previous
+        # One held while its files were validated (by the server or a worker that stopped) had not
+        # started training: there is no worker stop to report or count.
+        self.previous = previous if job.status != "validating_files" else None
         self.run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
         self.name = fine_tuned_name(_base_slug(job.model), settings.org, job.suffix, job.id)
         self.lost = False
@@ -142,13 +137,6 @@ class JobRunner:
             return s.scalar(select(func.count()).select_from(EventRow).where(
                 EventRow.job_id == self.job_id, EventRow.message.startswith(WORKER_STOPPED)))
 
-    def _file_path(self, file_id: str, param: str) -> str:
-        with self.sessions() as s:
-            row = s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == self.job.project))
-        if row is None or not Path(row.path).is_file():
-            raise JobFailed("invalid_file", f"The {param.replace('_', ' ')} {file_id} no longer exists.", param)
-        return row.path
-
     # --- the job ------------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -185,14 +173,12 @@ class JobRunner:
             with self.sessions() as s:
                 queue.transition(s, job.id, self.worker_id, queue.CLAIMABLE, run_dir=str(self.run_dir))
                 s.commit()
-        train_path = self._file_path(job.training_file, "training_file")
-        valid_path = self._file_path(job.validation_file, "validation_file") if job.validation_file else None
-
-        if job.status == "validating_files":
-            self._validate(train_path, valid_path)
-            if not self._transition(("validating_files",), status="queued"):
-                return self._step_aside()
-            self.event("Files validated, moving job to queued state")
+        train_path, valid_path = job_paths(self.sessions, job)
+        # The server validates a new job's files; one still waiting here was left by a server that
+        # stopped first (or by a worker that died validating it).
+        if job.status == "validating_files" and not validate_files(self.sessions, job, self.worker_id,
+                                                                   train_path, valid_path):
+            return self._step_aside()
 
         ckpts = checkpoint_dirs(self.run_dir)
         at_step = read_meta(ckpts[-1])["state"]["global_step"] if ckpts else 0
@@ -231,28 +217,6 @@ class JobRunner:
         except TrainingStopped as stop:
             return self._stopped(stop.reason, stop.checkpoint)
         self._succeed(result)
-
-    def _validate(self, train_path: str, valid_path: str | None) -> None:
-        from ..data.formats import parse_file
-        from ..data.validate import MIN_EXAMPLES, validate_file
-
-        for file_id, path, param in ((self.job.training_file, train_path, "training_file"),
-                                     (self.job.validation_file, valid_path, "validation_file")):
-            if path is None:
-                continue
-            self.event(f"Validating {param.replace('_', ' ')}: {file_id}")
-            report = validate_file(path, min_examples=MIN_EXAMPLES if param == "training_file" else 1)
-            name = f"{param.replace('_', ' ').capitalize()} {file_id}"
-            if not report.ok:  # the first few problems, each with its line and field, as `data validate` says them
-                shown = "; ".join(str(e).replace(f"{e.code}: ", "", 1).replace(Path(path).name, "the file")
-                                  for e in report.errors[:SHOWN_ERRORS])  # (the error's code is the job's)
-                more = f"; and {len(report.errors) - SHOWN_ERRORS} more error(s)" if len(report.errors) > SHOWN_ERRORS else ""
-                raise JobFailed(report.errors[0].code, f"{name} is invalid: {shown}{more}", param)
-            if self.job.method == "dpo" and report.format != "preference":  # a valid file has one format
-                other = next(e for e in parse_file(path).examples if e.kind != "preference")  # to name its line
-                raise JobFailed("invalid_preference_data", f"{name}: a DPO job trains on preference pairs "
-                                '({"input", "preferred_output", "non_preferred_output"}); line '
-                                f"{other.line} is a {other.kind} example", param)
 
     def _step_aside(self) -> None:
         """The API changed the job (paused, cancelled) between two of our steps: let it go."""
@@ -420,13 +384,7 @@ class JobRunner:
 
     def _fail(self, code: str, message: str, param: str | None) -> None:
         with self.sessions() as s:
-            failed = queue.transition(
-                s, self.job_id, self.worker_id, queue.CLAIMABLE + ("paused",), status="failed",
-                error={"code": code, "message": message, "param": param}, finished_at=now(), estimated_finish=None,
-            )
-            if failed:
-                queue.add_event(s, self.job_id, f"Fine-tuning job failed: {message}", level="error")
-            queue.release(s, self.job_id, self.worker_id)
+            queue.fail(s, self.job_id, self.worker_id, code, message, param)
             s.commit()
 
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from .. import __version__
+from ..jobs.validation import FileValidator
 from ..monitor.retention import prune
 from ..monitor.usage import UsageRecord, record
 from ..settings import Settings, get_settings
@@ -108,7 +109,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UsageMiddleware, sessions=app.state.sessions)
     if settings.retention_days or settings.usage_retention_days:
         _prune_hourly(app, settings)
+    _validate_files(app)
     return app
+
+
+def _validate_files(app: FastAPI) -> None:
+    """New jobs' files are validated by a thread of the server (jobs.validation) while the app runs,
+    whatever the workers are doing; it first takes the jobs a stopped server left unvalidated."""
+    inner = app.router.lifespan_context
+    app.state.validator = FileValidator(app.state.sessions)
+
+    @asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            app.state.validator.start()
+            try:
+                yield state
+            finally:
+                await anyio.to_thread.run_sync(app.state.validator.stop)
+
+    app.router.lifespan_context = lifespan
 
 
 def _prune_hourly(app: FastAPI, settings: Settings) -> None:

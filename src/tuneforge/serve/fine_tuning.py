@@ -1,10 +1,11 @@
 """Fine-tuning jobs API: create, list, retrieve, cancel, pause, resume, events, checkpoints.
 
-Creating a job only writes a row (status `validating_files`); a worker process claims it, validates
-the files as the job's first phase and trains. Hyperparameters can come in the deprecated top-level
-`hyperparameters` or in `method.supervised.hyperparameters` (`method.dpo.hyperparameters` for a
-DPO job, with `beta`); both are accepted (the method's win) and the job shows the same values in
-both places, "auto" until the worker resolves them.
+Creating a job writes a row (status `validating_files`) and hands it to the server's file validator
+(jobs.validation), which moves it to `queued` within moments, or fails it for a bad file, whether or
+not a worker is free; a worker process then claims the queued job and trains. Hyperparameters can
+come in the deprecated top-level `hyperparameters` or in `method.supervised.hyperparameters`
+(`method.dpo.hyperparameters` for a DPO job, with `beta`); both are accepted (the method's win) and
+the job shows the same values in both places, "auto" until the worker resolves them.
 """
 
 from __future__ import annotations
@@ -210,8 +211,10 @@ router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 
 
 @router.post("/jobs", response_model=FineTuningJob)
-def create_route(req: JobCreate, db: DB, caller: Caller, settings: SettingsDep):
-    return create_job(db, caller, settings, req)
+def create_route(request: Request, req: JobCreate, db: DB, caller: Caller, settings: SettingsDep):
+    job = create_job(db, caller, settings, req)
+    request.app.state.validator.submit(job.id)  # after the commit: the validator's session must see the row
+    return job
 
 
 @router.get("/jobs", response_model=JobList)
