@@ -435,16 +435,17 @@ def chat(
     json_out: JsonOpt = False,
 ):
     """Ask a tuned (or base) model; prints just the answer."""
-    from .models.generate import Delta, Sampling, complete, stream
+    from .models.generate import Delta, Sampling, TorchThread, complete, stream
     from .models.load import load_any
 
     if json_out and prompt is None:
         raise ValueError("--json needs a PROMPT: the interactive chat prints text as it comes")
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)  # (checked before loading)
-    llm, tokenizer = load_any(model)
+    torch_thread = TorchThread()  # the model is loaded and run on the thread that streams (see there)
+    llm, tokenizer = torch_thread.run(load_any, model)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
-        answer = complete(llm, tokenizer, history + [{"role": "user", "content": prompt}], sampling)
+        answer = torch_thread.run(complete, llm, tokenizer, history + [{"role": "user", "content": prompt}], sampling)
         if json_out:
             _print_json(asdict(answer))
         else:
@@ -462,7 +463,7 @@ def chat(
             break
         history.append({"role": "user", "content": line})
         parts = []
-        for piece in stream(llm, tokenizer, history, sampling):
+        for piece in stream(llm, tokenizer, history, sampling, start=torch_thread.submit):
             if isinstance(piece, Delta):
                 parts.append(piece.text)
                 typer.echo(piece.text, nl=False)

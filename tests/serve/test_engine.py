@@ -112,6 +112,32 @@ def test_streamed_deltas_add_up_to_the_plain_answer(tmp_path):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and [x.token for x in a.top] == [x.token for x in b.top]
 
 
+def test_every_forward_pass_runs_on_the_engines_one_torch_thread(tmp_path):
+    """Loading, merging and generating for requests from many threads all run on one thread: a second
+    thread running torch ops slows each op of decoding (models.generate.TorchThread)."""
+    import threading
+
+    engine = Engine()
+    target = Target("tiny-llama", make_adapter(tmp_path / "a", 3))
+    ran_on: set[str] = set()
+    with engine.use(target) as (model, _):  # the merged copy, as generation will use it
+        model.register_forward_pre_hook(lambda module, args: ran_on.add(threading.current_thread().name))
+
+    def ask():
+        engine.prompt_length(target, MESSAGES)
+        engine.complete(target, [(MESSAGES, GREEDY)])
+        q = engine.stream(target, [(MESSAGES, GREEDY)])
+        while q.get(timeout=60) is not None:
+            pass
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(timeout=120)
+    assert ran_on == {"tuneforge-torch"}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_gpu_answers_when_there_is_one(tmp_path):
     engine = Engine()

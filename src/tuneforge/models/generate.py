@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,43 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(0x100 + n): b for n, b in enumerate(others)}
 
 
+class TorchThread:
+    """One daemon thread that runs every torch call handed to it, in order.
+
+    PyTorch runs CPU ops on an OpenMP thread team of the OS thread that calls them, and a team stays
+    alive with its thread. Once two threads of a process have run parallel ops, libgomp manages more
+    threads than there are cores and stops spinning between parallel regions: each of the hundreds of
+    small ops of a decoding step then waits for a futex wake-up. On 2 cores a 32-token answer of the
+    embedded model took 2.0 s from a second thread against 1.2 s where one thread alone runs torch.
+    So where answers are made beside another thread that loads or runs models (the server's request
+    threads, the chat loop), all of that work goes through one TorchThread."""
+
+    def __init__(self, name: str = "tuneforge-torch"):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=name)  # (a stop never waits on it)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, kwargs, done = self._tasks.get()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn(*args, **kwargs))
+                except BaseException as err:
+                    done.set_exception(err)
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        done: Future = Future()
+        self._tasks.put((fn, args, kwargs, done))
+        return done
+
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the thread, waited for (at once when called from the thread itself)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+
 @dataclass
 class Delta:
     """A piece of a streamed answer, and its tokens' log-probabilities when Sampling.logprobs asked."""
@@ -246,17 +284,20 @@ class _Tokens(BaseStreamer, LogitsProcessor):
 
 
 def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None = None,
-           tools=None, cancel: threading.Event | None = None) -> Iterator[Delta | Completion]:
+           tools=None, cancel: threading.Event | None = None,
+           start: Callable[[Callable[[], None]], object] | None = None) -> Iterator[Delta | Completion]:
     """Yield the answer as it is generated: a Delta for each token that completes characters (a token
     holding part of one waits for the rest), cut where a stop string appears; the final item is a
     Completion with the totals. A failure in generation is raised here, never left waiting. Setting
-    `cancel` ends the answer early (after the token in progress)."""
+    `cancel` ends the answer early (after the token in progress). Generation runs in another thread
+    while this generator reads its tokens: a new one, or `start(fn)`'s (a TorchThread's submit)."""
     s = sampling or Sampling()
     ids = input_ids(tokenizer, prompt, tools)
     tokens = _Tokens(tokenizer, s.logprobs)
     kwargs = _generate_kwargs(model, tokenizer, ids, s, first=tokens if s.logprobs is not None else None,
                               cancel=cancel)
     result: dict = {}
+    finished = threading.Event()
 
     def run():
         try:
@@ -265,9 +306,10 @@ def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None
         except BaseException as err:  # the consumer must not wait for tokens that will never come
             result["error"] = err
             tokens.end()
+        finally:
+            finished.set()
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
+    (start or _in_new_thread)(run)
     out, sent, pending, shown, counted = [], "", [], [], 0
     items = iter(tokens)
     while True:
@@ -287,9 +329,13 @@ def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None
             sent, pending, counted = text, [], len(out)
         if stopped or item is None:  # (at the end, whatever was held back goes out as it is)
             break
-    worker.join()
+    finished.wait()
     if "error" in result:
         raise result["error"]
     generated = result["ids"][0][len(ids) :].tolist()
     logprobs = shown if s.logprobs is not None else None
     yield Completion(sent, _finish_reason(tokenizer, generated, s), len(ids), len(generated), logprobs)
+
+
+def _in_new_thread(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, daemon=True, name="tuneforge-generate").start()
