@@ -7,31 +7,15 @@ import json
 import math
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from tests.serve.conftest import upload
 from tuneforge.monitor.usage import summary
-from tuneforge.serve.app import create_app
 from tuneforge.settings import get_settings
 from tuneforge.store.database import JobRow, new_id, session
 from tuneforge.store.keys import create_key
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture
-def client(monkeypatch):
-    monkeypatch.setenv("TUNEFORGE_MAX_UPLOAD_BYTES", "2000")
-    get_settings.cache_clear()
-    key = create_key("proj")
-    with TestClient(create_app(get_settings()), raise_server_exceptions=False) as c:
-        c.headers["Authorization"] = f"Bearer {key}"
-        yield c
-
-
-def upload(c, body: bytes = b'{"messages": []}\n', name: str = "a.jsonl", purpose: str | None = "fine-tune"):
-    data = {"purpose": purpose} if purpose else {}
-    return c.post("/v1/files", files={"file": (name, body)}, data=data)
 
 
 def test_errors_have_openai_shape_and_sdk_statuses(client):

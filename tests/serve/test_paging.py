@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve import test_app
-
-client = test_app.client  # the fixture: the app in-process, with a key
+from tests.serve.conftest import upload
 
 
 @pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/files", "/v1/chat/completions"])
@@ -22,8 +20,8 @@ def test_another_projects_id_is_no_cursor(client):
     would tell the caller it exists, and where it lies among its own)."""
     from tuneforge.store.keys import create_key
 
-    theirs = test_app.upload(client, b'{"messages": [{"role": "user", "content": "hi"}]}\n').json()["id"]
-    test_app.upload(client, b'{"messages": [{"role": "user", "content": "again"}]}\n')
+    theirs = upload(client, b'{"messages": [{"role": "user", "content": "hi"}]}\n').json()["id"]
+    upload(client, b'{"messages": [{"role": "user", "content": "again"}]}\n')
     assert client.get("/v1/files", params={"after": theirs}).status_code == 200  # the owner may page after it
     other = {"Authorization": f"Bearer {create_key('other')}"}
     r = client.get("/v1/files", params={"after": theirs}, headers=other)

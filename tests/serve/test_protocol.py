@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.test_app import client, upload  # noqa: F401 (the fixture)
+from tests.serve.conftest import upload
 
 
 @pytest.mark.parametrize("field,value", [
     ("n_epochs", True), ("n_epochs", "3"), ("batch_size", False), ("learning_rate_multiplier", "0.5"),
 ])
-def test_hyperparameters_are_numbers_not_booleans_or_strings(client, field, value):  # noqa: F811
+def test_hyperparameters_are_numbers_not_booleans_or_strings(client, field, value):
     file_id = upload(client).json()["id"]
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
                                                  "hyperparameters": {field: value}})

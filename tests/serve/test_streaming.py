@@ -5,14 +5,13 @@ what was made."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 
+from tests.serve.conftest import serving
 from tuneforge.serve.app import create_app
 from tuneforge.settings import get_settings
 from tuneforge.store.database import UsageRow, session
@@ -24,20 +23,9 @@ MAX_TOKENS = 1000  # the tiny model never stops on its own when greedy: ~20 s of
 @pytest.fixture
 def live():
     app = create_app(get_settings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     key = create_key("proj")
-    yield app, httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"Authorization": f"Bearer {key}"},
-                            timeout=60)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield app, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
 ASK = [{"role": "user", "content": "hi"}]

@@ -9,43 +9,20 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from openai import OpenAI
 from sqlalchemy import select
 
+from tests.serve.conftest import serving
 from tuneforge.jobs.worker import WORKER_STOPPED, run_worker
-from tuneforge.serve.app import create_app
 from tuneforge.settings import get_settings
 from tuneforge.store.database import EventRow, FileRow, JobRow, new_id, session
 from tuneforge.store.keys import create_key
 
 VALIDATED = "Files validated, moving job to queued state"
-
-
-@contextmanager
-def serving():
-    """The app on a free loopback port until the block ends (lifespan included: the validator runs)."""
-    app = create_app(get_settings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def sdk(url: str, project: str = "proj") -> OpenAI:
