@@ -139,7 +139,7 @@ def data_stored(
 ):
     """Write the server's stored chat completions (`store: true`), or with --responses its kept
     responses, as chat JSONL: training data again."""
-    from .monitor.stored import response_examples, training_examples, write_jsonl
+    from .monitor.stored import response_examples, training_examples, why_no_examples, write_jsonl
     from .store.database import session
 
     wanted = {}
@@ -150,9 +150,10 @@ def data_stored(
         wanted[key] = value
     with session(database_url) as s:
         examples = (response_examples if responses else training_examples)(s, project, model, wanted)
-    if not examples:
-        what = "completed kept responses" if responses else "stored completions that ended by themselves"
-        raise ValueError(f"no {what} match in project {project!r} (model={model}, metadata={wanted})")
+        if not examples and responses:
+            raise ValueError(f"no completed kept responses match in project {project!r} (model={model}, metadata={wanted})")
+        if not examples:
+            raise ValueError(f"{why_no_examples(s, project, model, wanted)} (project {project!r})")
     write_jsonl(examples, out)
     if json_out:
         _print_json({"out": str(out), "n_examples": len(examples)})

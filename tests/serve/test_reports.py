@@ -121,6 +121,14 @@ def test_usage_and_stored_completions_back_into_a_training_file(client):
     none = client.post("/v1/tuneforge/stored_completions/training_file", params={"metadata[rating]": "meh"})
     assert none.status_code == 400 and none.json()["error"]["code"] == "no_stored_completions"
 
+    # an answer cut at max_tokens is listed as a match but is no training data: said so, not "no match"
+    client.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, "store": True,
+                                              "metadata": {"rating": "cut"},
+                                              "messages": [{"role": "user", "content": "question 3"}]})
+    cut = client.post("/v1/tuneforge/stored_completions/training_file", params={"metadata[rating]": "cut"})
+    said = cut.json()["error"]["message"]
+    assert cut.status_code == 400 and "1 stored chat completion(s) match, but none ended by itself" in said
+
 
 def keep_response(project: str, metadata: dict, *, status: str = "completed", answer: str = "Four.",
                   instructions: str | None = "Answer briefly.") -> None:

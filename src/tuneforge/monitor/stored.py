@@ -52,6 +52,16 @@ def training_examples(s: Session, project: str = "default", model: str | None = 
     return out
 
 
+def why_no_examples(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None) -> str:
+    """Why training_examples() found nothing: no stored completion matches, or every one that does was
+    cut at max_tokens (or is empty) - which a list of the matches does not show."""
+    n = len(find_stored(s, project, model, metadata))
+    if not n:
+        return "No stored chat completion matches (store: true, with the model and metadata asked)"
+    return (f"{n} stored chat completion(s) match, but none ended by itself: an answer cut at max_tokens (or an "
+            "empty one) would teach the model to stop mid-answer. Ask again with a larger max_tokens")
+
+
 def _answer(choice: dict) -> dict | None:
     """A stored choice as the assistant message to learn: its text, or its tool calls (which the
     server returns from answers in the form training gives them, serve.chat.tool_calls_in)."""

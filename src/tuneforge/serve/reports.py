@@ -175,13 +175,13 @@ def stored_training_file(request: Request, caller: Caller, db: DB, settings: Set
     """The caller's stored chat completions (ended by themselves, of `model`, with every
     `metadata[k]=v` asked) as a chat JSONL file with purpose fine-tune: what `tuneforge data stored`
     writes, ready for a new job."""
-    from ..monitor.stored import jsonl_bytes, training_examples
+    from ..monitor.stored import jsonl_bytes, training_examples, why_no_examples
 
     wanted = metadata_filter(request)
     examples = training_examples(db, caller.project, model, wanted)  # in this request's session
     if not examples:
-        raise bad_request("No stored chat completion matches (store: true, ended by itself, with the model and "
-                          "metadata asked)", param="metadata", code="no_stored_completions")
+        raise bad_request(why_no_examples(db, caller.project, model, wanted), param="metadata",
+                          code="no_stored_completions")
     return store_file(db, caller, settings, "stored-completions.jsonl", jsonl_bytes(examples))
 
 
