@@ -179,6 +179,8 @@ def test_upload_train_chat_delete(server):
     metrics = [e for e in events if e.type == "metrics"]
     assert len(metrics) == 6
     assert {"step", "train_loss", "train_mean_token_accuracy", "total_steps"} <= set(metrics[0].data)
+    # the tokens trained so far: what the dashboard shows for a job that is running or was stopped
+    assert metrics[0].data["trained_tokens"] == done.trained_tokens  # newest first: the last step's count
     page = client.fine_tuning.jobs.list_events(job.id, limit=3)
     assert len(page.data) == 3 and page.has_more
     assert page.get_next_page().data[0].id == events[3].id  # cursor pagination

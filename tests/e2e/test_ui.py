@@ -79,6 +79,9 @@ def test_api_key_asked_once_wrong_key_is_reported(browser, server):
     pg.click("#key-save")
     expect(pg.locator("#key-error")).to_contain_text("Wrong API key")
     expect(dialog).to_be_visible()
+    pg.fill("#key-input", "   ")  # nothing pasted: said, and the wrong key's message does not stay up
+    pg.click("#key-save")
+    expect(pg.locator("#key-error")).to_contain_text("Paste an API key")
 
     pg.fill("#key-input", server.key)
     pg.click("#key-save")
@@ -200,6 +203,18 @@ def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, p
     # the chosen file's report shows under it: a chat file is flagged for DPO before any job is made
     page.select_option("#f-training_file", chats["id"])
     expect(page.locator("#create-form")).to_contain_text("Ready to train")
+    expect(page.locator("#create-form")).to_contain_text("epochs with Epochs on auto")
+    page.select_option("#f-validation_file", chats["id"])  # a validation file's summary: no epochs or time
+    expect(page.locator("#create-form")).to_contain_text("Ready to validate on")
+    page.select_option("#f-validation_file", "")
+    # the server's suffix and seed rules, said together before any request
+    page.fill("input[name=suffix]", "my bot!/x")
+    page.fill("input[name=seed]", "-5")
+    page.click("#create-submit")
+    expect(page.locator("#create-form")).to_contain_text("suffix must be 1 to 64 letters")
+    expect(page.locator("#create-form")).to_contain_text("seed must be a whole number")
+    page.fill("input[name=suffix]", "")
+    page.fill("input[name=seed]", "")
     page.click(".seg label:has(input[value=dpo])")  # the radio itself is hidden under its label
     expect(page.locator("[data-test=dpo-mismatch]")).to_contain_text("this file holds chat examples")
     page.select_option("#f-training_file", pairs["id"])

@@ -248,7 +248,9 @@ class JobRunner:
 
     def _metrics(self, row: dict) -> None:
         keys = ("step", "train_loss", "valid_loss", "train_mean_token_accuracy", "valid_mean_token_accuracy",
-                "total_steps",  # OpenAI's; DPO's own after them
+                "total_steps",  # OpenAI's; DPO's own after them, then the tokens trained so far (the
+                # dashboard's count for a job still running or stopped: OpenAI's job has it once succeeded)
+                "trained_tokens",
                 "train_reward_accuracy", "train_reward_margin", "valid_reward_accuracy", "valid_reward_margin")
         data = {k: row[k] for k in keys if row.get(k) is not None}
         msg = f"Step {row['step']}/{row['total_steps']}: training loss={row['train_loss']:.4f}"

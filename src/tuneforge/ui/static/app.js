@@ -250,7 +250,11 @@ function setupKeyDialog() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const key = input.value.trim();
-    if (!key) return;
+    if (!key) {  // (a wrong key's message must not stay up as if it were about this)
+      err.textContent = "Paste an API key: tuneforge serve prints one on a fresh install, tuneforge keys create makes another.";
+      err.hidden = false;
+      return;
+    }
     save.disabled = true;
     err.hidden = true;
     try {
@@ -510,7 +514,8 @@ async function viewCreate(root, params) {
       renderReport(select, slot);
     } catch (e) { put(slot, h("span", { class: "form-error" }, e.message)); }
   };
-  const renderReport = (select, slot) => put(slot, reportSummary(reports[select.name], select.value), mismatch(select));
+  const renderReport = (select, slot) =>
+    put(slot, reportSummary(reports[select.name], select.value, select.name === "validation_file"), mismatch(select));
   const uploadInto = (select, slot) => {
     select.addEventListener("change", () => {
       put(slot);
@@ -600,8 +605,14 @@ async function viewCreate(root, params) {
     const valid = data.get("validation_file");
     if (valid && valid !== "__upload__") body.validation_file = valid;
     const suffix = String(data.get("suffix") || "").trim();
-    if (suffix) body.suffix = suffix;
     const seed = String(data.get("seed") || "").trim();
+    const problems = [  // the server's own rules (serve.fine_tuning), said together before a round trip
+      suffix && !/^[A-Za-z0-9._-]{1,64}$/.test(suffix) ? "suffix must be 1 to 64 letters, digits, '-', '_' or '.'" : null,
+      seed && !(Number.isInteger(Number(seed)) && Number(seed) >= 0 && Number(seed) <= 2147483647)
+        ? "seed must be a whole number from 0 to 2147483647" : null,
+    ].filter(Boolean);
+    if (problems.length) return fail(`${problems.join("; ")}.`);
+    if (suffix) body.suffix = suffix;
     if (seed) body.seed = Number(seed);
     const button = document.getElementById("create-submit");
     button.disabled = true;
@@ -633,13 +644,19 @@ async function fetchReport(fileId, model, maxLength, validation = false) {
   return api(`/v1/files/${encodeURIComponent(fileId)}/report?${q}`);
 }
 
-function reportSummary(report, fileId) {
+// Token statistics' columns; on a phone the mean and p90 give way, so min, median and max fit unscrolled
+const STAT_COLUMNS = ["min", "median", "mean", "p90", "max"];
+const STAT_CLASS = { min: "num", median: "num", mean: "num hide-narrow", p90: "num hide-narrow", max: "num" };
+
+function reportSummary(report, fileId, validation = false) {
   const n = report.errors.length;
+  const ready = validation ? `Ready to validate on: ${report.n_examples} examples` : `Ready to train: ${report.n_examples} examples`;
   return h("div", { class: `callout ${report.ok ? "ok" : "bad"}`, style: "margin-top:8px" },
     h("div", {},
-      h("strong", {}, report.ok ? `Ready to train: ${report.n_examples} examples` : `${n} error${n === 1 ? "" : "s"}: this file cannot be trained on`),
-      report.ok
-        ? `${report.n_epochs} epochs · about ${fmt.duration(report.estimated_local_seconds)} here`
+      h("strong", {}, report.ok ? ready : `${n} error${n === 1 ? "" : "s"}: this file cannot be ${validation ? "used" : "trained on"}`),
+      report.ok && validation ? `${fmt.int(report.billing_tokens ?? 0)} tokens` : report.ok
+        // (the report knows the file, not the form: its epochs are the automatic ones)
+        ? `${report.n_epochs} epochs with Epochs on auto · about ${fmt.duration(report.estimated_local_seconds)} here`
         : report.errors.slice(0, 3).map((e) => `${e.line ? `line ${e.line}: ` : ""}${e.code}`).join(", "),
       " ", h("a", { href: `#/upload/${fileId}` }, "Full report →")));
 }
@@ -772,10 +789,10 @@ function reportView(file, r, model) {
         : h("p", { class: "muted" }, "No token counts: the file has no example that could be tokenized."))));
 
   if (st) {
-    const dist = (name, d) => h("tr", {}, h("td", {}, name), ...["min", "median", "mean", "p90", "max"].map((k) => h("td", { class: "num" }, fmt.int(Math.round(d[k])))));
+    const dist = (name, d) => h("tr", {}, h("td", {}, name), ...STAT_COLUMNS.map((k) => h("td", { class: STAT_CLASS[k] }, fmt.int(Math.round(d[k])))));
     frag.append(h("div", { class: "card flush" }, h("h2", {}, "Token statistics"),
       h("div", { class: "table-wrap" }, h("table", { "data-test": "token-stats" },
-        h("thead", {}, h("tr", {}, h("th", {}, "Per example"), ...["min", "median", "mean", "p90", "max"].map((k) => h("th", { class: "num" }, k)))),
+        h("thead", {}, h("tr", {}, h("th", {}, "Per example"), ...STAT_COLUMNS.map((k) => h("th", { class: STAT_CLASS[k] }, k)))),
         h("tbody", {},
           dist("Messages", st.messages_per_example),
           dist("Tokens", st.tokens_per_example),
@@ -841,7 +858,8 @@ async function viewJob(root, params, jobId) {
       h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs"),
       job.status === "paused" ? h("button", { class: "btn", type: "button", "data-action": "resume", onclick: () => act("resume") }, "Resume") : null,
       ["validating_files", "queued", "running"].includes(job.status) ? h("button", { class: "btn", type: "button", "data-action": "pause", onclick: () => act("pause") }, "Pause") : null,
-      !final ? h("button", { class: "btn danger", type: "button", "data-action": "cancel", onclick: () => confirm("Cancel this job? Its checkpoints stay usable.") && act("cancel") }, "Cancel job") : null));
+      !final ? h("button", { class: "btn danger", type: "button", "data-action": "cancel", onclick: () => confirm(checkpoints.length ? "Cancel this job? Its checkpoints stay usable."
+        : "Cancel this job? It has no checkpoint yet (one is saved at the end of each epoch): what it trained so far is lost.") && act("cancel") }, "Cancel job") : null));
   };
 
   const isDpo = () => Boolean(job.method && job.method.type === "dpo");
@@ -937,7 +955,8 @@ async function viewJob(root, params, jobId) {
         h("td", { class: "num hide-narrow" }, fmt.pct(c.metrics.train_mean_token_accuracy)),
         h("td", { class: "nowrap" }, h("div", { class: "row end" }, copyButton(c.fine_tuned_model_checkpoint, "Copy name"),
           h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}` }, "Try"))))))))
-      : h("div", { class: "empty" }, "Checkpoints appear at the end of each epoch."));
+      : h("div", { class: "empty" }, FINAL.includes(job.status) ? "No checkpoint was saved: the job ended before its first epoch did."
+        : "Checkpoints appear at the end of each epoch."));
   };
 
   // one event per training step (OpenAI's) would bury the rest: the newest step is shown, the others on request
