@@ -49,6 +49,11 @@ def test_file_report_names_the_file_as_uploaded(client, tmp_path):
     rep = client.get(f"/v1/files/{upload(client, empty)['id']}/report", params={"model": "tiny-llama"}).json()
     (error,) = rep["errors"]
     assert error["code"] == "empty_file" and error["message"].startswith("empty.jsonl") and "file-" not in error["message"]
+    csv = tmp_path / "faq.csv"
+    csv.write_text("q,a\nx,y\n")
+    rep = client.get(f"/v1/files/{upload(client, csv)['id']}/report", params={"model": "tiny-llama"}).json()
+    (error,) = rep["errors"]  # the command to convert it names the user's file and a JSONL named after it
+    assert "tuneforge data convert faq.csv -o faq.jsonl" in error["message"] and "file-" not in error["message"]
 
 
 def test_a_validation_file_may_be_small(client, tmp_path):

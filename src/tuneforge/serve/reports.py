@@ -109,8 +109,9 @@ def file_report(
                                min_examples=1 if validation else MIN_EXAMPLES).to_dict()
         stored_name = path.name
     report["path"] = row.filename  # the server's disk layout is none of the caller's business
+    converted = (f"-o {Path(stored_name).stem}.jsonl", f"-o {Path(row.filename).stem}.jsonl")  # a CSV's convert command
     for issue in report["errors"] + report["warnings"]:  # (messages that name the file name it as uploaded)
-        issue["message"] = issue["message"].replace(stored_name, row.filename)
+        issue["message"] = issue["message"].replace(stored_name, row.filename).replace(*converted)
     return {"object": "file.report", "file_id": row.id, "filename": row.filename, "model": base,
             "method": method, **report}
 
