@@ -82,6 +82,6 @@ def test_stored_completions_list_label_delete_and_become_training_data(server, t
     checked = run("data", "validate", str(out), "--base", BASE)
     assert checked.returncode == 0, checked.stdout
     missing = run("data", "stored", "-o", str(tmp_path / "none.jsonl"), "--metadata", "rating=bad")
-    assert missing.returncode == 2 and "no stored completions" in missing.stderr
+    assert missing.returncode == 2 and "No stored chat completion matches" in missing.stderr
     bad = run("data", "stored", "-o", str(tmp_path / "none.jsonl"), "--metadata", "rating")
     assert bad.returncode == 2 and "key=value" in bad.stderr
