@@ -285,6 +285,12 @@ def test_playground_chats_kept_and_rated_become_training_data(page, server):
         expect(answers).to_have_count(i + 1, timeout=60_000)
         answers.nth(i).locator(f"[data-rate={verdict}]").click()
         expect(answers.nth(i).locator(".rating")).to_have_attribute("data-rating", verdict)
+        expect(answers.nth(i).locator("[data-test=not-training-data]")).to_have_count(0)
+    page.unroute("**/v1/chat/completions")  # the random model's own answer runs to max tokens: said
+    page.fill("#pg-prompt", "kept question 2")
+    page.click("#pg-send")
+    expect(answers).to_have_count(3, timeout=60_000)
+    expect(answers.nth(2).locator("[data-test=not-training-data]")).to_contain_text("cut at max tokens")
     page.goto(server.url + "/#/monitor")
     page.fill("#stored-metadata", "source=playground, rating=good")
     page.click("#stored-make-file")

@@ -1181,6 +1181,10 @@ async function viewPlayground(root, params) {
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
       if (kept && id) out.append(rating(id));
+      if (kept && id && finish === "length") {  // (monitor.stored: an answer cut short would teach cutting short)
+        out.append(h("span", { class: "meta", "data-test": "not-training-data" },
+          "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"));
+      }
       out.dataset.done = "true";
     } catch (e) {
       pane.history.pop();
