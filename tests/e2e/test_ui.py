@@ -113,6 +113,8 @@ def test_upload_shows_report_for_good_and_bad_files(page, server, data):
         expect(row).to_have_attribute("data-code", code)
         expect(row).to_contain_text(code)
     expect(page.locator("[data-test=train-this]")).to_have_count(0)
+    # a file with errors: its count is of lines, its tokens only of what could be read - said so
+    expect(page.locator("[data-test=report-stats]")).to_contain_text("lines, those with errors included")
 
     page.set_input_files("#upload-input", str(data["good"]))
     expect(verdict).to_contain_text("Valid: 24 examples", timeout=60_000)
@@ -120,6 +122,7 @@ def test_upload_shows_report_for_good_and_bad_files(page, server, data):
     stats = page.locator("[data-test=report-stats]")
     expect(stats).to_contain_text("Epochs")
     expect(stats).to_contain_text("Local time")
+    expect(stats).not_to_contain_text("errors included")
     expect(stats).not_to_contain_text("as DPO")  # chat examples, not preference pairs
     expect(page.locator("[data-test=costs] tbody tr").first).to_contain_text("$")
     expect(page.locator("[data-test=token-stats]")).to_contain_text("Tokens")

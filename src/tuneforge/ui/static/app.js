@@ -776,9 +776,10 @@ function reportView(file, r, model) {
   frag.append(h("div", { class: "grid two" },
     h("div", { class: "card" }, h("h2", {}, "Training plan"),
       h("div", { class: "stats pairs", "data-test": "report-stats" },
-        stat("Examples", fmt.int(r.n_examples)),
+        // (with errors the count is of lines, as OpenAI's minimum counts them; tokens only of what was read)
+        stat("Examples", fmt.int(r.n_examples), r.ok ? null : "lines, those with errors included"),
         stat("Epochs", r.n_epochs ?? "—", "OpenAI's rule for this size"),
-        stat("Billing tokens", fmt.int(r.billing_tokens), "per epoch"),
+        stat("Billing tokens", fmt.int(r.billing_tokens), r.ok ? "per epoch" : "per epoch, of the examples without errors"),
         stat("Local time", fmt.duration(r.estimated_local_seconds), r.tokens_per_second ? `at ${fmt.int(Math.round(r.tokens_per_second))} tokens/s` : "no speed measured yet"),
         r.dpo_tokens != null ? stat("Local time as DPO", fmt.duration(r.estimated_local_seconds_dpo), `both answers: ${fmt.int(r.dpo_tokens)} tokens per epoch`) : null)),
     h("div", { class: "card" }, h("h2", {}, "Same job at OpenAI"),
