@@ -207,6 +207,9 @@ def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, p
     page.select_option("#f-training_file", chats["id"])
     expect(page.locator("#create-form")).to_contain_text("Ready to train")
     expect(page.locator("#create-form")).to_contain_text("epochs with Epochs on auto")
+    page.fill("input[name=n_epochs]", "2")  # the summary follows the Epochs typed
+    expect(page.locator("#create-form")).to_contain_text("Ready to train: 24 examples2 epochs · about")
+    page.fill("input[name=n_epochs]", "auto")
     page.select_option("#f-validation_file", chats["id"])  # a validation file's summary: no epochs or time
     expect(page.locator("#create-form")).to_contain_text("Ready to validate on")
     page.select_option("#f-validation_file", "")

@@ -514,8 +514,12 @@ async function viewCreate(root, params) {
       renderReport(select, slot);
     } catch (e) { put(slot, h("span", { class: "form-error" }, e.message)); }
   };
-  const renderReport = (select, slot) =>
-    put(slot, reportSummary(reports[select.name], select.value, select.name === "validation_file"), mismatch(select));
+  const typedEpochs = () => {  // the Epochs field's whole number, or null for auto (or anything else)
+    const n = Number(String(form.querySelector("input[name=n_epochs]")?.value || "auto").trim());
+    return Number.isInteger(n) && n > 0 ? n : null;
+  };
+  const renderReport = (select, slot) => put(slot,
+    reportSummary(reports[select.name], select.value, select.name === "validation_file", typedEpochs()), mismatch(select));
   const uploadInto = (select, slot) => {
     select.addEventListener("change", () => {
       put(slot);
@@ -572,6 +576,9 @@ async function viewCreate(root, params) {
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
   methodSeg.addEventListener("change", () => { if (reports.training_file) renderReport(trainSelect, trainSlot); });
+  form.querySelector("input[name=n_epochs]").addEventListener("input", () => {
+    if (reports.training_file) renderReport(trainSelect, trainSlot);  // the summary follows the Epochs typed
+  });
   modelSelect.addEventListener("change", () => { describeModel(); showReport(trainSelect, trainSlot); showReport(validSelect, validSlot); });
   showReport(trainSelect, trainSlot);  // a file chosen by the link that opened the form
   root.append(form);
@@ -648,15 +655,17 @@ async function fetchReport(fileId, model, maxLength, validation = false) {
 const STAT_COLUMNS = ["min", "median", "mean", "p90", "max"];
 const STAT_CLASS = { min: "num", median: "num", mean: "num hide-narrow", p90: "num hide-narrow", max: "num" };
 
-function reportSummary(report, fileId, validation = false) {
+function reportSummary(report, fileId, validation = false, epochs = null) {
   const n = report.errors.length;
   const ready = validation ? `Ready to validate on: ${report.n_examples} examples` : `Ready to train: ${report.n_examples} examples`;
   return h("div", { class: `callout ${report.ok ? "ok" : "bad"}`, style: "margin-top:8px" },
     h("div", {},
       h("strong", {}, report.ok ? ready : `${n} error${n === 1 ? "" : "s"}: this file cannot be ${validation ? "used" : "trained on"}`),
       report.ok && validation ? `${fmt.int(report.billing_tokens ?? 0)} tokens` : report.ok
-        // (the report knows the file, not the form: its epochs are the automatic ones)
-        ? `${report.n_epochs} epochs with Epochs on auto · about ${fmt.duration(report.estimated_local_seconds)} here`
+        // (the report's time is for its automatic epochs; Epochs typed in the form scale it)
+        ? epochs && report.n_epochs && report.estimated_local_seconds != null
+          ? `${epochs} epochs · about ${fmt.duration(report.estimated_local_seconds / report.n_epochs * epochs)} here`
+          : `${report.n_epochs} epochs with Epochs on auto · about ${fmt.duration(report.estimated_local_seconds)} here`
         : report.errors.slice(0, 3).map((e) => `${e.line ? `line ${e.line}: ` : ""}${e.code}`).join(", "),
       " ", h("a", { href: `#/upload/${fileId}` }, "Full report →")));
 }
