@@ -275,6 +275,9 @@ def test_usage_summarises_served_requests():
     assert json.loads(tf("usage", "--json").stdout)["data"][0]["requests"] == 4
     assert json.loads(tf("usage", "--json", "--days", "1").stdout)["data"][0]["requests"] == 3
     assert "--days" in tf("usage", "--days", "-1", check=False).stderr
+    assert json.loads(tf("usage", "--json", "--model", "ft:x").stdout)["data"][0]["requests"] == 4
+    only_other = json.loads(tf("usage", "--json", "--model", "ft:y").stdout)
+    assert only_other["data"] == [] and all(c["usd"] == 0 for c in only_other["openai_cost"])
 
 
 def test_data_stored_writes_kept_responses(tmp_path):

@@ -560,6 +560,7 @@ def worker(
 @user_errors
 def usage(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model (a base or an ft: name).")] = None,
     days: Annotated[float | None, typer.Option(min=0.001, help="Only the last N days (default: all time).")] = None,
     database_url: Annotated[str | None, typer.Option(envvar="TUNEFORGE_DATABASE_URL")] = None,
     json_out: JsonOpt = False,
@@ -570,6 +571,7 @@ def usage(
     from .store.database import now
 
     rows = summary(project, since=now() - days * 86400 if days else None, database_url=database_url)
+    rows = [r for r in rows if model is None or r["model"] == model]  # (one row per project and model)
     costs = openai_cost(rows)
     if json_out:
         _print_json({"data": rows, "openai_cost": costs})
