@@ -15,14 +15,18 @@ can die at any moment and the rows still say what is true:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ..store.database import EventRow, JobRow, new_id, now
+
+log = logging.getLogger("tuneforge.queue")
 
 FINAL = ("succeeded", "failed", "cancelled")
 CLAIMABLE = ("validating_files", "queued", "running")
@@ -113,6 +117,20 @@ def _take(s: Session, job_id: str, holder: str | None, beat: float | None, worke
     ).rowcount
     s.commit()
     return won == 1
+
+
+def keep_beating(sessions: sessionmaker[Session], job_id: str, worker_id: str, stop: threading.Event) -> bool:
+    """Refresh the claim every HEARTBEAT_SECONDS until `stop` is set (in a thread of the holder's own);
+    False as soon as the job is no longer this holder's. A refresh that fails (a busy database) is
+    tried again at the next beat rather than given up."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            with sessions() as s:
+                if not heartbeat(s, job_id, worker_id):
+                    return False
+        except Exception:
+            log.warning("heartbeat for %s failed", job_id, exc_info=True)
+    return True
 
 
 def heartbeat(s: Session, job_id: str, worker_id: str) -> bool:

@@ -103,7 +103,8 @@ def validate_job(sessions: sessionmaker[Session], job_id: str) -> None:
     if job is None:
         return
     stop_beating = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(sessions, job_id, holder, stop_beating), daemon=True)
+    # (the hold kept fresh while a large file is read, so no worker takes the job as abandoned)
+    beat = threading.Thread(target=queue.keep_beating, args=(sessions, job_id, holder, stop_beating), daemon=True)
     beat.start()
     try:
         validate_files(sessions, job, holder, *job_paths(sessions, job))
@@ -119,17 +120,6 @@ def validate_job(sessions: sessionmaker[Session], job_id: str) -> None:
         with sessions() as s:
             queue.release(s, job_id, holder)
             s.commit()
-
-
-def _heartbeat(sessions: sessionmaker[Session], job_id: str, holder: str, stop: threading.Event) -> None:
-    """Keep the hold fresh while a large file is read, so no worker takes the job as abandoned."""
-    while not stop.wait(queue.HEARTBEAT_SECONDS):
-        try:
-            with sessions() as s:
-                if not queue.heartbeat(s, job_id, holder):
-                    return
-        except Exception:  # a busy database: try again next beat
-            log.warning("heartbeat for %s failed", job_id, exc_info=True)
 
 
 class FileValidator:

@@ -154,14 +154,8 @@ class JobRunner:
             beat.join(timeout=5)
 
     def _heartbeat(self) -> None:
-        while not self._stop_beating.wait(queue.HEARTBEAT_SECONDS):
-            try:
-                with self.sessions() as s:
-                    if not queue.heartbeat(s, self.job_id, self.worker_id):
-                        self.lost = True
-                        return
-            except Exception:  # a busy database: try again next beat rather than die
-                log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+        if not queue.keep_beating(self.sessions, self.job_id, self.worker_id, self._stop_beating):
+            self.lost = True
 
     def _run(self) -> None:
         from ..train.checkpoint import checkpoint_dirs, read_meta
