@@ -32,17 +32,20 @@ class Rendered:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """A message's content as the chat template sees it: OpenAI content parts joined into their text,
+    tool calls (with no content) as their JSON."""
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is None and message.get("tool_calls"):
+        content = json.dumps(message["tool_calls"], ensure_ascii=False)
+    return content or ""
+
+
 def _template_ready(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat templates want plain string content: tool calls and content parts become text."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if content is None and m.get("tool_calls"):
-            content = json.dumps(m["tool_calls"], ensure_ascii=False)
-        out.append({"role": m["role"], "content": content or ""})
-    return out
+    """Chat templates want plain string content."""
+    return [{"role": m["role"], "content": message_text(m)} for m in messages]
 
 
 def _chat_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:

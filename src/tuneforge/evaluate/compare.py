@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.example import Example
-from ..data.render import Rendered, render_sequences
+from ..data.render import Rendered, message_text, render_sequences
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
 from ..models.load import load_base, load_tuned, tokenizer_from
@@ -40,21 +40,10 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "eval.json"
 
 
-def _text(message: dict) -> str:
-    """A message's content as the chat template sees it (data.render): OpenAI content parts joined into
-    their text, tool calls as their JSON - never a Python list in a report or a label."""
-    content = message.get("content")
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if content is None and message.get("tool_calls"):
-        return json.dumps(message["tool_calls"], ensure_ascii=False)
-    return content or ""
-
-
 def _answer(example: Example) -> str:
     if example.kind == "text":
         return _halves(example.text)[1]
-    return _text(example.assistant_messages()[-1])
+    return message_text(example.assistant_messages()[-1])
 
 
 def is_classification(examples) -> bool:
@@ -212,7 +201,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         "base": base_report,
         "tuned": tuned_report,
         "fit": diagnose(metrics_log.read(run_dir)),
-        "prompts": [p if isinstance(p := _prompt(e), str) else _text(p[-1]) for e in examples[:n_samples]],
+        "prompts": [p if isinstance(p := _prompt(e), str) else message_text(p[-1]) for e in examples[:n_samples]],
         "references": [_answer(e) for e in examples[:n_samples]],
     }
     (run_dir / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
