@@ -16,10 +16,11 @@ but a few MB.
 A lock serialises generation (one model answers at a time on these cores): a request holds it from
 choosing its model until its last token. All torch work - loading, merging, generating - runs on one
 thread of the engine's (models.generate.TorchThread: with a second thread running torch ops, every
-op of a decoding step pays a thread wake-up, 1.65x the time of an answer on 2 cores); the lock holder
-hands it over and waits, so the torch thread never waits on the lock. Either kind of answer can be cancelled (serve.chat does when
-the client hangs up), so a client that disconnects cannot leave the lock held: streaming generation
-runs in its own thread (which holds the lock) and hands deltas to the HTTP response through a queue.
+op of a decoding step pays a thread wake-up, ~1.6x the time of an answer on 2 cores); the lock
+holder hands it over and waits, so the torch thread never waits on the lock. Either kind of answer
+can be cancelled (serve.chat does when the client hangs up), so a client that disconnects cannot
+leave the lock held: a streamed answer is read, under the lock, by a thread of its own, which hands
+its deltas to the HTTP response through a queue.
 """
 
 from __future__ import annotations
