@@ -307,9 +307,8 @@ def complete_while_connected(engine: Engine, target: Target, work, request: Requ
     A client that gives up - the SDK's timeout, a closed connection - would otherwise keep the engine,
     and every request queued behind its lock, busy up to max_tokens for an answer nobody reads (QA:
     669 s for an abandoned 5,000-token answer; with the SDK's retries, several times over). The
-    answers are made here, in the request's worker thread (pooled: the matmul thread team it has set
-    up is reused - generating in a fresh thread per request cost ~30 ms a 64-token answer), while a
-    watcher thread asks the event loop every POLL_SECONDS whether the client is still there."""
+    request's worker thread waits here for the engine (which generates on its own torch thread),
+    while a watcher thread asks the event loop every POLL_SECONDS whether the client is still there."""
     cancel, done = threading.Event(), threading.Event()
     token = anyio.from_thread.run_sync(anyio.lowlevel.current_token)  # the watcher's way back to the loop
 
