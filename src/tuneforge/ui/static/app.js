@@ -655,17 +655,23 @@ async function fetchReport(fileId, model, maxLength, validation = false) {
 const STAT_COLUMNS = ["min", "median", "mean", "p90", "max"];
 const STAT_CLASS = { min: "num", median: "num", mean: "num hide-narrow", p90: "num hide-narrow", max: "num" };
 
+// A good file's line under its name in the create form: a validation file's size; a training file's
+// epochs and local time - the report's are for the automatic epochs, so Epochs typed scale the time.
+function summaryPlan(report, validation, epochs) {
+  if (validation) return `${fmt.int(report.billing_tokens ?? 0)} tokens`;
+  if (epochs && report.n_epochs && report.estimated_local_seconds != null) {
+    return `${epochs} epochs · about ${fmt.duration(report.estimated_local_seconds / report.n_epochs * epochs)} here`;
+  }
+  return `${report.n_epochs} epochs with Epochs on auto · about ${fmt.duration(report.estimated_local_seconds)} here`;
+}
+
 function reportSummary(report, fileId, validation = false, epochs = null) {
   const n = report.errors.length;
   const ready = validation ? `Ready to validate on: ${report.n_examples} examples` : `Ready to train: ${report.n_examples} examples`;
   return h("div", { class: `callout ${report.ok ? "ok" : "bad"}`, style: "margin-top:8px" },
     h("div", {},
       h("strong", {}, report.ok ? ready : `${n} error${n === 1 ? "" : "s"}: this file cannot be ${validation ? "used" : "trained on"}`),
-      report.ok && validation ? `${fmt.int(report.billing_tokens ?? 0)} tokens` : report.ok
-        // (the report's time is for its automatic epochs; Epochs typed in the form scale it)
-        ? epochs && report.n_epochs && report.estimated_local_seconds != null
-          ? `${epochs} epochs · about ${fmt.duration(report.estimated_local_seconds / report.n_epochs * epochs)} here`
-          : `${report.n_epochs} epochs with Epochs on auto · about ${fmt.duration(report.estimated_local_seconds)} here`
+      report.ok ? summaryPlan(report, validation, epochs)
         : report.errors.slice(0, 3).map((e) => `${e.line ? `line ${e.line}: ` : ""}${e.code}`).join(", "),
       " ", h("a", { href: `#/upload/${fileId}` }, "Full report →")));
 }
