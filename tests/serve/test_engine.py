@@ -138,6 +138,21 @@ def test_every_forward_pass_runs_on_the_engines_one_torch_thread(tmp_path):
     assert ran_on == {"tuneforge-torch"}
 
 
+def test_an_engine_dropped_ends_its_torch_thread():
+    """A server app that goes away (tests make many) must not leave its engine's thread behind: an
+    idle thread keeps its OpenMP team, which slows every other thread's parallel ops."""
+    import gc
+
+    engine = Engine()
+    engine.complete(Target("tiny-llama"), [(MESSAGES, GREEDY)])
+    thread = engine._torch._thread
+    assert thread.is_alive()
+    del engine
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_gpu_answers_when_there_is_one(tmp_path):
     engine = Engine()

@@ -223,13 +223,17 @@ class TorchThread:
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
-            fn, args, kwargs, done = self._tasks.get()
+        while (task := self._tasks.get()) is not None:
+            fn, args, kwargs, done = task
             if done.set_running_or_notify_cancel():
                 try:
                     done.set_result(fn(*args, **kwargs))
                 except BaseException as err:
                     done.set_exception(err)
+
+    def close(self) -> None:
+        """End the thread once the work already handed to it is done; its OpenMP team ends with it."""
+        self._tasks.put(None)
 
     def submit(self, fn, *args, **kwargs) -> Future:
         done: Future = Future()

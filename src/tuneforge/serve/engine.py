@@ -29,6 +29,7 @@ import copy
 import logging
 import queue as queue_mod
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class Engine:
         self._tuned: OrderedDict[str, object] = OrderedDict()  # weights folder -> model (LRU)
         self._lock = threading.Lock()
         self._torch = TorchThread()  # every torch call of the engine (see the module's docstring)
+        # An engine dropped (a server app gone, as tests make many) takes its thread along: an idle
+        # thread keeps its OpenMP team, and the teams of idle threads slow every other one's ops.
+        weakref.finalize(self, self._torch.close)
 
     # --- model selection (call with the lock held) ---------------------------------------------------
 
