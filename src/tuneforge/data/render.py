@@ -6,11 +6,20 @@ up to this assistant turn, with the generation prompt" and "conversation includi
 exactly what the model must produce at inference time - the answer and its end-of-turn token, which
 is what teaches the tuned model to stop. Each piece is tokenised on its own, which is also how
 inference sees it (the prompt is tokenised, then tokens are generated after it).
+
+Text from the data is text: a message that quotes a special token ("<|im_end|>" in a question about
+ChatML, or a user's "hi<|im_end|><|im_start|>system..." at the server) is tokenised as the plain
+characters, as OpenAI does, never as the control token; only the template's own control tokens are
+control tokens (_Conversation).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,41 +63,146 @@ def _chat_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
     )
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+# transformers applies split_special_tokens by setting it on the tokenizer's shared Rust object and then
+# encoding: two threads on one tokenizer (the server's upload reports share theirs) could otherwise
+# swap each other's setting in between and turn quoted text into control tokens after all.
+_ENCODING = threading.Lock()
+
+
+def _encode(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`; with split_special_tokens, special-token strings in it are plain text."""
+    if not text:
+        return []
+    with _ENCODING:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+
+
+def _control_tokens(tokenizer) -> tuple[tuple[str, bool, bool], ...]:
+    """(text, lstrip, rstrip) of the added tokens a tokenizer makes out of their text wherever it occurs:
+    the special ones, which are what split_special_tokens leaves as text (it still makes non-special ones)."""
+    return tuple((t.content, t.lstrip, t.rstrip) for t in tokenizer.added_tokens_decoder.values() if t.special)
+
+
+@functools.lru_cache(maxsize=8)
+def _patterns(controls: tuple[tuple[str, bool, bool], ...]) -> tuple[re.Pattern, re.Pattern]:
+    """(their text anywhere, where the tokenizer finds them in a rendered text). Longest first, as the
+    tokenizer matches; the second takes in the whitespace a token set to lstrip/rstrip absorbs, and
+    captures the token itself."""
+    controls = sorted(controls, key=lambda t: len(t[0]), reverse=True)
+    quoted = "|".join(re.escape(text) for text, _, _ in controls)
+    found = "|".join(r"\s*" * lstrip + f"({re.escape(text)})" + r"\s*" * rstrip for text, lstrip, rstrip in controls)
+    return re.compile(quoted or "(?!)"), re.compile(found or "(?!)")
+
+
+def _strings(obj) -> list[str]:
+    """Every string in messages or tools (nested dicts and lists; not the keys)."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [s for x in obj for s in _strings(x)]
+    return []
+
+
+def _swap(obj, pattern: re.Pattern, sentinels: dict[str, str]):
+    """`obj` (nested dicts and lists) with each match of `pattern` in its strings replaced by its sentinel."""
+    if isinstance(obj, str):
+        return pattern.sub(lambda m: sentinels[m.group()], obj)
+    if isinstance(obj, dict):
+        return {k: _swap(v, pattern, sentinels) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_swap(v, pattern, sentinels) for v in obj]
+    return obj
+
+
+def _unused_characters(text: str, n: int) -> list[str]:
+    """n private-use characters (plane 15) that `text` does not contain: sentinels the data cannot forge."""
+    used = set(text)
+    free = list(itertools.islice((c for c in map(chr, range(0xF0000, 0xFFFFE)) if c not in used), n))
+    if len(free) < n:
+        raise ValueError("the conversation uses every private-use character: no sentinel is left to keep its "
+                         "special-token text as text")
+    return free
+
+
+class _Conversation:
+    """A conversation as its chat template renders it, encoded so that text from the data stays text.
+
+    Tokenising a rendered template makes every special-token string in it the control token, one a
+    message quotes included. Where the messages or tools quote any, each occurrence is swapped for a
+    sentinel (a private-use character absent from the conversation) before rendering, so the control
+    tokens in the rendered text are the template's own: encode() cuts the text there and encodes the
+    text between with split_special_tokens, the quotes put back, so they become plain text tokens in
+    their context. Conversations that quote none (nearly all) render and encode exactly as before.
+    """
+
+    def __init__(self, tokenizer, messages: list[dict[str, Any]], tools=None):
+        self.tokenizer, self.messages, self.tools = tokenizer, _template_ready(messages), tools
+        self._controls = _control_tokens(tokenizer)
+        quoted, _ = _patterns(self._controls)
+        text = "\0".join(_strings([self.messages, tools]))
+        found = sorted(set(quoted.findall(text)))
+        sentinels = dict(zip(found, _unused_characters(text, len(found)))) if found else {}
+        self._restore = {ord(c): token for token, c in sentinels.items()}  # for str.translate
+        self._messages = _swap(self.messages, quoted, sentinels) if found else self.messages
+        self._tools = _swap(tools, quoted, sentinels) if found else tools
+
+    def text(self, n: int | None, add_generation_prompt: bool) -> str:
+        """The rendering of the first n messages (all: None), sentinels where the data quotes a special token."""
+        text = _chat_text(self.tokenizer, self._messages[:n], self._tools, add_generation_prompt)
+        if self._restore and text.translate(self._restore) != _chat_text(
+                self.tokenizer, self.messages[:n], self.tools, add_generation_prompt):
+            raise ValueError("the chat template alters message text, so the special-token text quoted in it "
+                             "cannot be kept as text")
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of (a piece of) a rendering from text()."""
+        if not self._restore:
+            return _encode(self.tokenizer, text)
+        _, controls = _patterns(self._controls)
+        ids, start = [], 0
+        for m in controls.finditer(text):
+            ids += _encode(self.tokenizer, text[start : m.start()].translate(self._restore), split_special_tokens=True)
+            ids.append(self.tokenizer.convert_tokens_to_ids(m.group(m.lastindex)))
+            start = m.end()
+        return ids + _encode(self.tokenizer, text[start:].translate(self._restore), split_special_tokens=True)
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, Any]], tools=None) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt (for inference)."""
-    return _encode(tokenizer, _chat_text(tokenizer, _template_ready(messages), tools, True))
+    chat = _Conversation(tokenizer, messages, tools)
+    return chat.encode(chat.text(None, True))
 
 
 def render_chat(example: Example, tokenizer) -> Rendered:
-    messages = _template_ready(example.messages)
+    chat = _Conversation(tokenizer, example.messages, example.tools)
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # template text already turned into tokens
     for i, raw in enumerate(example.messages):
         if raw["role"] != "assistant":
             continue
-        prefix = _chat_text(tokenizer, messages[:i], example.tools, True)
-        full = _chat_text(tokenizer, messages[: i + 1], example.tools, False)
+        prefix = chat.text(i, True)
+        full = chat.text(i + 1, False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise ValueError("chat template does not render conversations as growing prefixes")
-        context = _encode(tokenizer, prefix[len(done) :])
-        answer = _encode(tokenizer, full[len(prefix) :])
+        context = chat.encode(prefix[len(done) :])
+        answer = chat.encode(full[len(prefix) :])
         learn = raw.get("weight", 1) != 0
         ids += context + answer
         labels += [IGNORE] * len(context) + (answer if learn else [IGNORE] * len(answer))
         done = full
-    tail = _encode(tokenizer, _chat_text(tokenizer, messages, example.tools, False)[len(done) :])
+    tail = chat.encode(chat.text(None, False)[len(done) :])
     ids += tail
     labels += [IGNORE] * len(tail)
     return Rendered(ids, labels)
 
 
 def render_text(example: Example, tokenizer) -> Rendered:
-    ids = _encode(tokenizer, example.text or "") + [tokenizer.eos_token_id]
+    """A text for continued pre-training: all of it is data, so special-token text in it stays text."""
+    ids = _encode(tokenizer, example.text or "", split_special_tokens=True) + [tokenizer.eos_token_id]
     return Rendered(ids, list(ids))
 
 
