@@ -69,8 +69,9 @@ def _chat_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
 _ENCODING = threading.Lock()
 
 
-def _encode(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
-    """Token ids of `text`; with split_special_tokens, special-token strings in it are plain text."""
+def encode(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`; with split_special_tokens, special-token strings in it are plain text.
+    Every caller that tokenises in a process with threads goes through here (see _ENCODING)."""
     if not text:
         return []
     with _ENCODING:
@@ -160,14 +161,14 @@ class _Conversation:
     def encode(self, text: str) -> list[int]:
         """Token ids of (a piece of) a rendering from text()."""
         if not self._restore:
-            return _encode(self.tokenizer, text)
+            return encode(self.tokenizer, text)
         _, controls = _patterns(self._controls)
         ids, start = [], 0
         for m in controls.finditer(text):
-            ids += _encode(self.tokenizer, text[start : m.start()].translate(self._restore), split_special_tokens=True)
+            ids += encode(self.tokenizer, text[start : m.start()].translate(self._restore), split_special_tokens=True)
             ids.append(self.tokenizer.convert_tokens_to_ids(m.group(m.lastindex)))
             start = m.end()
-        return ids + _encode(self.tokenizer, text[start:].translate(self._restore), split_special_tokens=True)
+        return ids + encode(self.tokenizer, text[start:].translate(self._restore), split_special_tokens=True)
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, Any]], tools=None) -> list[int]:
@@ -202,7 +203,7 @@ def render_chat(example: Example, tokenizer) -> Rendered:
 
 def render_text(example: Example, tokenizer) -> Rendered:
     """A text for continued pre-training: all of it is data, so special-token text in it stays text."""
-    ids = _encode(tokenizer, example.text or "", split_special_tokens=True) + [tokenizer.eos_token_id]
+    ids = encode(tokenizer, example.text or "", split_special_tokens=True) + [tokenizer.eos_token_id]
     return Rendered(ids, list(ids))
 
 

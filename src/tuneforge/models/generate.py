@@ -19,7 +19,7 @@ from tokenizers import decoders
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..data.render import prompt_ids
+from ..data.render import encode, prompt_ids
 
 
 @dataclass
@@ -133,7 +133,7 @@ def input_ids(tokenizer, prompt: list[dict] | str | list[int], tools=None) -> li
     """Chat messages go through the chat template; a plain string or token ids (legacy completions)
     are used as they are."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return encode(tokenizer, prompt)
     if prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     return prompt_ids(tokenizer, prompt, tools)
