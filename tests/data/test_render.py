@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.data.example import Example
-from tuneforge.data.render import IGNORE, message_text, prompt_ids, render_example, render_sequences, render_text
+from tuneforge.data.render import (
+    IGNORE,
+    Rendered,
+    message_text,
+    prompt_ids,
+    render_example,
+    render_sequences,
+    render_text,
+    windows,
+)
 from tuneforge.models.tiny import tiny_tokenizer
 
 
@@ -112,6 +121,16 @@ def test_a_long_text_becomes_windows_that_train_every_token_once():
     assert all(w.labels == w.input_ids and not w.truncated for w in windows)
     assert all(len(w.input_ids) == 64 for w in windows[:-1]) and windows[-1].input_ids[-1] == tok.eos_token_id
     assert sum(w.n_loss_tokens for w in windows) == len(whole)
+
+
+def test_a_last_window_of_one_token_is_left_out():
+    """A window learns each token from those before it: a 1-token last piece would be a sequence that
+    trains nothing, yet counts towards the 10-example minimum."""
+    r = Rendered(list(range(129)), list(range(129)))
+    assert [len(w.input_ids) for w in windows(r, 64)] == [64, 64]
+    assert [len(w.input_ids) for w in windows(Rendered([1, 2, 3], [1, 2, 3]), 2)] == [2]
+    assert [len(w.input_ids) for w in windows(Rendered(list(range(130)), list(range(130))), 64)] == [64, 64, 2]
+    assert [len(w.input_ids) for w in windows(Rendered([7], [7]), 64)] == [1]  # a whole text stays
 
 
 def test_a_text_within_max_length_is_one_sequence_and_chats_still_truncate():

@@ -87,6 +87,13 @@ def test_a_long_text_counts_every_token_in_its_windows():
     assert stats.n_truncated == 0
 
 
+def test_a_texts_one_token_tail_is_not_a_sequence():
+    """render.window_spans leaves out a last window of one token (it trains nothing): stats agree."""
+    tail = Rendered(list(range(8193)), list(range(8193)))
+    stats = TokenStats.from_rendered([Example("text", text="x")], [tail], max_length=4096)
+    assert (stats.n_sequences, stats.trained_tokens, stats.n_truncated) == (2, 8192, 0)
+
+
 def test_estimate_costs_from_pricing_table():
     pricing = load_pricing()
     assert pricing["as_of"] and pricing["source"]

@@ -257,7 +257,18 @@ def render_sequences(example: Example, tokenizer, max_length: int | None = None)
 
 
 def windows(r: Rendered, max_length: int) -> list[Rendered]:
-    """`r` as consecutive, non-overlapping pieces of at most max_length tokens. A piece starts a
-    sequence of its own with no BOS added, as a whole text does (render_text adds none either)."""
-    return [Rendered(r.input_ids[i : i + max_length], r.labels[i : i + max_length])
-            for i in range(0, len(r.input_ids), max_length)]
+    """`r` as consecutive, non-overlapping pieces of at most max_length tokens (`window_spans`). A
+    piece starts a sequence of its own with no BOS added, as a whole text does (render_text adds none
+    either)."""
+    return [Rendered(r.input_ids[a:b], r.labels[a:b]) for a, b in window_spans(len(r.input_ids), max_length)]
+
+
+def window_spans(n_tokens: int, max_length: int) -> list[tuple[int, int]]:
+    """(start, end) of the windows a text of n_tokens trains as: consecutive, at most max_length
+    tokens each. A last piece of a single token is left out: a window learns each token from the ones
+    before it in the window, so alone it would be a sequence that trains nothing (and counts towards
+    the 10-example minimum). data.stats counts from these spans too."""
+    spans = [(a, min(a + max_length, n_tokens)) for a in range(0, n_tokens, max_length)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 2:
+        spans.pop()
+    return spans

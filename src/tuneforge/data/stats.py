@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .example import Example
-from .render import IGNORE, Rendered, render_example
+from .render import IGNORE, Rendered, render_example, window_spans
 
 # OpenAI bills at most this many tokens of one example (the cookbook's MAX_TOKENS_PER_EXAMPLE).
 BILLING_TOKENS_PER_EXAMPLE = 16385
@@ -74,7 +74,7 @@ class TokenStats:
             messages_per_example=distribution([len(e.messages) + len(e.chosen or []) for e in examples]),
             tokens_per_example=distribution(lengths),
             loss_tokens_per_example=distribution([sum(x != IGNORE for x in r.labels) for r in rendered]),
-            n_truncated=sum(sum(s) < n for s, n in zip(sequences, lengths)),
+            n_truncated=sum(e.kind != "text" and sum(s) < n for e, s, n in zip(examples, sequences, lengths)),
             billing_tokens=sum(map(_billed, examples, lengths, sequences)),
             trained_tokens=sum(map(sum, sequences)),
             max_length=max_length,
@@ -91,8 +91,7 @@ def sequence_lengths(example: Example, n_tokens: int, max_length: int | None) ->
         return [n_tokens]
     if example.kind != "text":
         return [min(n_tokens, max_length)]
-    full, rest = divmod(n_tokens, max_length)
-    return [max_length] * full + ([rest] if rest else [])
+    return [b - a for a, b in window_spans(n_tokens, max_length)]
 
 
 def _billed(example: Example, n_tokens: int, sequences: list[int]) -> int:
