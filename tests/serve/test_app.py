@@ -431,6 +431,78 @@ def test_a_tool_without_a_function_name_is_refused_by_field(client, tool, param)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+PARIS_AND_OSLO = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
+TWO_CALLS = json.dumps([{"function": {"name": "get_weather", "arguments": {"city": city}}} for city in ("Paris", "Oslo")])
+
+
+@pytest.fixture(scope="module")
+def two_calls_weights(tmp_path_factory):
+    """Weights that answer PARIS_AND_OSLO with TWO_CALLS: two tool calls in the form tuneforge trains
+    them (data.render), which the random tiny model never writes. The tiny model trained on that one
+    answer until its loss is near 0 (a few seconds on 2 cores; once for the module)."""
+    import torch
+
+    from tuneforge.data.render import IGNORE, prompt_ids
+    from tuneforge.models.tiny import tiny_model
+
+    model, tokenizer = tiny_model()
+    prompt = prompt_ids(tokenizer, PARIS_AND_OSLO)
+    answer = tokenizer(TWO_CALLS, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[IGNORE] * len(prompt) + answer])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 1e-3:  # well below: the server answers in bf16 where the CPU has it
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1e-3, "the tiny model did not learn its answer"
+    path = tmp_path_factory.mktemp("calls-two-tools")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calls_two_tools(two_calls_weights) -> str:
+    """The name of a fine-tuned model of project "proj" with two_calls_weights, registered as a job's is."""
+    from tuneforge.store.database import ModelRow
+
+    name = "ft:tiny-llama:tuneforge::calls2"
+    with session() as s:
+        s.add(ModelRow(id=name, project="proj", base="tiny-llama", job_id="", path=str(two_calls_weights),
+                       owned_by="tuneforge"))
+        s.commit()
+    return name
+
+
+def test_a_stored_completion_keeps_the_requests_tools_and_its_training_file_has_them(client, calls_two_tools, tmp_path):
+    """The request's tools and tool_choice come back with the stored completion (where OpenAI's
+    stored-completion examples have them), and the training file made from it has the tools beside
+    the call - a valid example of the chat format. They were dropped."""
+    from tuneforge.data.validate import validate_file
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    ask = {"model": calls_two_tools, "messages": PARIS_AND_OSLO, "tools": WEATHER, "temperature": 0, "max_tokens": 200,
+           "store": True}
+    done = client.post("/v1/chat/completions", json=ask).json()
+    assert done["choices"][0]["finish_reason"] == "tool_calls"
+    got = client.get(f"/v1/chat/completions/{done['id']}").json()
+    assert (got["tools"], got["tool_choice"]) == (WEATHER, None) and got["choices"] == done["choices"]
+    text = client.post("/v1/chat/completions", json=ask | {"tool_choice": "none", "max_tokens": 2}).json()
+    listed = {x["id"]: x for x in client.get("/v1/chat/completions").json()["data"]}
+    assert (listed[text["id"]]["tools"], listed[text["id"]]["tool_choice"]) == (WEATHER, "none")
+
+    made = client.post("/v1/tuneforge/stored_completions/training_file").json()  # the cut text answer is left out
+    body = client.get(f"/v1/files/{made['id']}/content").content
+    (example,) = [json.loads(line) for line in body.splitlines()]
+    assert example == {"messages": PARIS_AND_OSLO + [{"role": "assistant", "content": None,
+                                                      "tool_calls": done["choices"][0]["message"]["tool_calls"]}],
+                       "tools": WEATHER}
+    (tmp_path / "stored.jsonl").write_bytes(body)
+    assert not validate_file(tmp_path / "stored.jsonl", tiny_tokenizer(), min_examples=1).errors
+
+
 def test_a_checkpoints_epoch_end_validation_is_openais_full_valid_metrics():
     from tuneforge.serve.fine_tuning import _checkpoint_metrics
 

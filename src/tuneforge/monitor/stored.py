@@ -1,9 +1,10 @@
 """Served traffic back into training data: stored chat completions, or kept responses, as chat JSONL.
 
-A completion the server kept (`store: true`, serve.stored) holds the request's messages and the
-answers. Each becomes one training example - the messages as sent, then the first answer as the
-assistant turn - in OpenAI's chat format, so `tuneforge data validate` and a new fine-tuning job
-read it like any other file. Filter by model and metadata to keep what was reviewed as good.
+A completion the server kept (`store: true`, serve.stored) holds the request's messages, its tools
+and the answers. Each becomes one training example - the messages as sent, then the first answer as
+the assistant turn, and the request's tools as the example's `tools` - in OpenAI's chat format, so
+`tuneforge data validate` and a new fine-tuning job read it like any other file. Filter by model and
+metadata to keep what was reviewed as good.
 A kept response (the Responses API keeps them unless `store: false`, serve.responses) becomes its
 whole conversation: instructions as the system message, earlier turns (previous_response_id), the
 input, and the answer. Either way, only answers that ended by themselves (finish_reason "stop", a
@@ -42,14 +43,23 @@ def find_stored(s: Session, project: str, model: str | None = None, metadata: di
 
 def training_examples(s: Session, project: str = "default", model: str | None = None,
                       metadata: dict[str, str] | None = None) -> list[dict]:
-    """One {"messages": [...]} per stored completion of `project` (oldest first) that matches and
-    whose answer ended by itself."""
+    """One {"messages": [...], "tools"?: [...]} per stored completion of `project` (oldest first) that
+    matches and whose answer ended by itself."""
     out = []
     for row in find_stored(s, project, model, metadata):
         answer = _answer(row.completion["choices"][0])
         if answer is not None:
-            out.append({"messages": [_training_message(m) for m in row.messages] + [answer]})
+            out.append(_example(row, answer))
     return out
+
+
+def _example(row: StoredCompletionRow, answer: dict) -> dict:
+    """The training example of a stored completion: with the request's tools, which the chat template
+    showed the model when it answered - without them an answer calling one would teach calling a tool
+    the prompt never named. (Kept since serve.stored keeps them; an older row has none.)"""
+    example = {"messages": [_training_message(m) for m in row.messages] + [answer]}
+    tools = row.completion.get("tools")
+    return (example | {"tools": tools}) if tools else example
 
 
 def why_no_examples(s: Session, project: str, model: str | None = None, metadata: dict[str, str] | None = None) -> str:

@@ -359,8 +359,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         )
 
     def keep(results: list[Completion], db: Session) -> None:
-        sent = [m.model_dump(exclude_none=True) for m in req.messages]
-        stored.keep(db, caller.project, sent, completion(results), req.metadata)
+        stored.keep(db, caller.project, req, completion(results))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -306,7 +306,14 @@ class ChatCompletion(BaseModel):
 
 
 class StoredCompletion(ChatCompletion):
+    """A completion kept with `store: true`, as OpenAI's stored-completions endpoints return it (their
+    examples: the chat completion with `metadata`, and the request's `tools` and `tool_choice`, null
+    when it gave none). The tools are what the model was shown: a training example made from the
+    completion needs them (monitor.stored)."""
+
     metadata: dict[str, str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 StoredCompletionList = CursorPage[StoredCompletion]

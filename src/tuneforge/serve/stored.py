@@ -23,6 +23,7 @@ from .metadata import check_metadata, metadata_filter
 from .paging import check_limit, page_list
 from .protocol import (
     ChatCompletion,
+    ChatRequest,
     StoredCompletion,
     StoredCompletionDeleted,
     StoredCompletionList,
@@ -32,10 +33,16 @@ from .protocol import (
 )
 
 
-def keep(db: Session, project: str, messages: list[dict], completion: ChatCompletion,
-         metadata: dict[str, str] | None) -> None:
-    db.add(StoredCompletionRow(id=completion.id, project=project, model=completion.model, messages=messages,
-                               completion=completion.model_dump(), meta=metadata))
+def keep(db: Session, project: str, req: ChatRequest, completion: ChatCompletion) -> None:
+    """Keep the completion of a `store: true` request: its messages as sent, its metadata, and the
+    stored completion object - the completion with the request's tools and tool_choice. Those two are
+    kept in the completion's JSON, not in columns of their own: the schema is made by create_all, which
+    adds no column to an existing table, so a database from before them keeps working (its rows read
+    as having no tools)."""
+    sent = [m.model_dump(exclude_none=True) for m in req.messages]
+    kept = StoredCompletion(**completion.model_dump(), tools=req.tools, tool_choice=req.tool_choice)
+    db.add(StoredCompletionRow(id=completion.id, project=project, model=completion.model, messages=sent,
+                               completion=kept.model_dump(exclude={"metadata"}), meta=req.metadata))
     db.commit()
 
 

@@ -106,7 +106,8 @@ class StoredCompletionRow(Base):
     project: Mapped[str] = mapped_column(String(200), index=True)
     model: Mapped[str] = mapped_column(String(1000), index=True)
     messages: Mapped[list[Any]] = mapped_column(JSON)  # the request's messages, as sent
-    completion: Mapped[dict[str, Any]] = mapped_column(JSON)  # the ChatCompletion returned
+    # the ChatCompletion returned, with the request's tools and tool_choice (serve.stored.keep)
+    completion: Mapped[dict[str, Any]] = mapped_column(JSON)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
