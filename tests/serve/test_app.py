@@ -476,6 +476,35 @@ def calls_two_tools(two_calls_weights) -> str:
     return name
 
 
+def _called(client, **ask) -> list[list[str]]:
+    """Each choice's tool calls (the cities asked for), plain or streamed as the request says."""
+    r = client.post("/v1/chat/completions", json={"messages": PARIS_AND_OSLO, "tools": WEATHER, "temperature": 0,
+                                                  "max_tokens": 200} | ask)
+    assert r.status_code == 200, r.text
+    if not ask.get("stream"):
+        return [[json.loads(c["function"]["arguments"])["city"] for c in choice["message"]["tool_calls"] or []]
+                for choice in r.json()["choices"]]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    called: dict[int, list[str]] = {}
+    for choice in (c for chunk in chunks for c in chunk["choices"]):
+        for call in choice["delta"].get("tool_calls") or []:
+            called.setdefault(choice["index"], []).append(json.loads(call["function"]["arguments"])["city"])
+    return [called.get(i, []) for i in range(ask.get("n", 1))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_is_one_call_at_most_in_every_choice(client, calls_two_tools, stream):
+    """OpenAI: parallel_tool_calls false "ensures exactly zero or one tool is called". An answer of two
+    calls keeps its first, in every choice, plain or streamed (both calls were returned)."""
+    ask = {"model": calls_two_tools, "n": 2, "stream": stream}
+    assert _called(client, **ask) == [["Paris", "Oslo"]] * 2  # what the model answers
+    assert _called(client, **ask, parallel_tool_calls=True) == [["Paris", "Oslo"]] * 2
+    assert _called(client, **ask, parallel_tool_calls=False, store=True) == [["Paris"]] * 2
+    (kept,) = client.get("/v1/chat/completions").json()["data"]  # kept as it was sent
+    assert [[c["function"]["name"] for c in choice["message"]["tool_calls"]] for choice in kept["choices"]] == [
+        ["get_weather"]] * 2
+
+
 def test_a_stored_completion_keeps_the_requests_tools_and_its_training_file_has_them(client, calls_two_tools, tmp_path):
     """The request's tools and tool_choice come back with the stored completion (where OpenAI's
     stored-completion examples have them), and the training file made from it has the tools beside

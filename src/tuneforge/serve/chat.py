@@ -247,6 +247,15 @@ def tool_calls_in(text: str, tools: list[dict] | None, ids: str) -> list[dict] |
         for k, c in enumerate(calls)]
 
 
+def _answer_calls(text: str, tools: list[dict] | None, cid: str, index: int, parallel: bool) -> list[dict] | None:
+    """Choice `index`'s answer as tool calls (tool_calls_in), at most one of them when the request said
+    `parallel_tool_calls: false` - OpenAI's function-calling guide: false "ensures exactly zero or one
+    tool is called". The first is kept, in the model's own order: nothing here can stop a model that
+    writes several, only cut; a client asking for one call at a time asks again with its result."""
+    calls = tool_calls_in(text, tools, _call_ids(cid, index))
+    return calls[:1] if calls and not parallel else calls
+
+
 def _call_ids(cid: str, index: int) -> str:
     """What a chat completion's choice names its tool calls after (tool_calls_in)."""
     return f"call_{cid.removeprefix('chatcmpl-')}_{index}"
@@ -262,8 +271,8 @@ def _arguments(arguments) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
-def _choice(cid: str, index: int, r: Completion, tools: list[dict] | None) -> ChatChoice:
-    calls = tool_calls_in(r.text, tools, _call_ids(cid, index))
+def _choice(cid: str, index: int, r: Completion, tools: list[dict] | None, parallel: bool) -> ChatChoice:
+    calls = _answer_calls(r.text, tools, cid, index, parallel)
     if calls:
         return ChatChoice(index=index, message=AssistantMessage(content=None, tool_calls=calls),
                           finish_reason="tool_calls", logprobs=chat_logprobs(r.logprobs))
@@ -345,6 +354,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     _check_tools(req.tools)
     prompt_tokens, context = measure_prompt(engine, target, messages, tools=req.tools)
     calls_wanted = req.tools if req.tool_choice != "none" else None  # answers that may be tool calls
+    parallel = req.parallel_tool_calls is not False  # (OpenAI's default: true)
     choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
                         prompt_tokens, context, vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(messages, s) for s in choices]
@@ -355,7 +365,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         return ChatCompletion(
             id=cid, created=created, model=req.model, system_fingerprint=FINGERPRINT,
             usage=_usage(prompt_tokens, results),
-            choices=[_choice(cid, i, r, calls_wanted) for i, r in enumerate(results)],
+            choices=[_choice(cid, i, r, calls_wanted, parallel) for i, r in enumerate(results)],
         )
 
     def keep(results: list[Completion], db: Session) -> None:
@@ -365,7 +375,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         finished = (lambda results: in_own_session(request, keep, results)) if req.store else None
         return _sse(request, _chat_chunks(engine, target, work, cid, created, req.model, prompt_tokens,
-                                          include_usage, request, finished, req.tools, calls_wanted))
+                                          include_usage, request, finished, req.tools, calls_wanted, parallel))
     results = complete_while_connected(engine, target, work, request, prompt_tokens, req.tools)
     if results is None:
         return Response(status_code=CLIENT_GONE)
@@ -498,10 +508,11 @@ async def generated(engine: Engine, target: Target, work, request: Request, prom
 
 
 async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens, include_usage, request, finished,
-                       tools=None, calls_wanted=None):
+                       tools=None, calls_wanted=None, parallel=True):
     """The chat answer's chunks. An answer that may be a tool call (`calls_wanted`: tools were given
-    and tool_choice is not "none") is sent whole at its end, as text or as tool calls: streamed as it
-    came, the JSON of a call would reach the client as text first."""
+    and tool_choice is not "none") is sent whole at its end, as text or as tool calls (one at most
+    unless `parallel`, _answer_calls): streamed as it came, the JSON of a call would reach the client
+    as text first."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -520,7 +531,7 @@ async def _chat_chunks(engine, target, work, cid, created, model, prompt_tokens,
                 if isinstance(item, Completion):
                     results[i] = item
                     if calls_wanted:
-                        calls = tool_calls_in(item.text, calls_wanted, _call_ids(cid, i))
+                        calls = _answer_calls(item.text, calls_wanted, cid, i, parallel)
                         if calls:
                             yield chunk(i, {"tool_calls": [{"index": k} | c for k, c in enumerate(calls)]})
                             yield chunk(i, {}, "tool_calls")

@@ -251,13 +251,13 @@ class ChatRequest(SamplingParams):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool | None = None  # false: one tool call at most per answer (chat._answer_calls)
     top_logprobs: int | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # keep the completion (stored completions: list, label, turn into training data)
     # refused unless they ask for what happens anyway (chat.refuse_unsupported)
     response_format: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
