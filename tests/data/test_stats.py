@@ -43,7 +43,8 @@ def chat(system: str, user: str, answer: str) -> Example:
 
 def test_token_counts_with_the_byte_level_tokenizer():
     # ChatML: each turn is <|im_start|> role \n content <|im_end|> \n; the tiny tokenizer makes one
-    # token per byte plus one per special token. The answer's loss covers "ok" <|im_end|> "\n".
+    # token per byte plus one per special token. The answer's loss covers "ok" <|im_end|> (the "\n"
+    # after it is the template's separator: render.learned_end).
     chat_tokens = 6 + len("system\nS\nuser\nhi\nassistant\nok\n")  # 36
     examples = [chat("S", "hi", "ok"), Example("text", text="hello"), chat("S", "hi", "ok")]
     examples[2].messages[2]["weight"] = 0
@@ -52,7 +53,7 @@ def test_token_counts_with_the_byte_level_tokenizer():
     assert stats.tokens_per_example["min"] == 6  # "hello" + end of text
     assert stats.tokens_per_example["max"] == 36
     assert stats.loss_tokens_per_example["max"] == 6  # raw text trains on every token
-    assert stats.loss_tokens_per_example["median"] == 4
+    assert stats.loss_tokens_per_example["median"] == 3
     assert stats.loss_tokens_per_example["min"] == 0  # weight 0
     assert stats.messages_per_example == distribution([3, 0, 3])
     assert stats.n_truncated == 2
@@ -64,7 +65,7 @@ def test_preference_counts_prompt_and_chosen_answer():
     ex = Example("preference", [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
                  chosen=[{"role": "assistant", "content": "ok"}], rejected=[{"role": "assistant", "content": "no"}])
     stats = TokenStats.compute([ex], tiny_tokenizer())
-    assert stats.tokens_per_example["max"] == 36 and stats.loss_tokens_per_example["max"] == 4
+    assert stats.tokens_per_example["max"] == 36 and stats.loss_tokens_per_example["max"] == 3
     assert stats.messages_per_example["max"] == 3
 
 

@@ -39,8 +39,8 @@ def test_only_the_answers_tokens_are_labelled():
     for r, answer in ((chosen, "Hello there!"), (rejected, "No.")):
         labelled = tok.decode([t for t in r.labels if t != IGNORE])
         assert labelled.startswith(answer) and "Earlier" not in labelled
-    assert chosen.input_ids[: len(rejected.input_ids) - len([t for t in rejected.labels if t != IGNORE])] == \
-        rejected.input_ids[: len(rejected.input_ids) - len([t for t in rejected.labels if t != IGNORE])]
+    prompt = next(i for i, t in enumerate(rejected.labels) if t != IGNORE)  # the same prompt before both answers
+    assert chosen.input_ids[:prompt] == rejected.input_ids[:prompt] and chosen.labels[prompt] != IGNORE
 
 
 def test_packed_sequence_logps_equal_plain_transformers():

@@ -3,8 +3,9 @@
 The base model's own chat template renders the conversation. To know which tokens belong to the
 assistant, we render growing prefixes of the conversation: the text a template adds between "prompt
 up to this assistant turn, with the generation prompt" and "conversation including this turn" is
-exactly what the model must produce at inference time - the answer and its end-of-turn token, which
-is what teaches the tuned model to stop. Each piece is tokenised on its own, which is also how
+what the model must produce at inference time - the answer and its end-of-turn token, which is what
+teaches the tuned model to stop - followed by the template's separator before the next turn (ChatML's
+"\n"), which generation never reaches and so is context, not learned. Each piece is tokenised on its own, which is also how
 inference sees it (the prompt is tokenised, then tokens are generated after it).
 
 Text from the data is text: a message that quotes a special token ("<|im_end|>" in a question about
@@ -158,6 +159,16 @@ class _Conversation:
                              "cannot be kept as text")
         return text
 
+    def learned_end(self, answer: str) -> int:
+        """Where the part of an answer's rendering that the model writes ends: after its last control
+        token (its end of turn) when only whitespace follows, the template's separator before the next
+        turn (ChatML's "\n" after <|im_end|>). Generation stops at the end-of-turn token, so the tuned
+        model never writes that separator, and training on it would only pad loss and accuracy with a
+        token that is always right."""
+        _, controls = _patterns(self._controls)
+        ends = [m.end() for m in controls.finditer(answer)]
+        return ends[-1] if ends and not answer[ends[-1] :].strip() else len(answer)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of (a piece of) a rendering from text()."""
         if not self._restore:
@@ -190,10 +201,12 @@ def render_chat(example: Example, tokenizer) -> Rendered:
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise ValueError("chat template does not render conversations as growing prefixes")
         context = chat.encode(prefix[len(done) :])
-        answer = chat.encode(full[len(prefix) :])
+        answer_text = full[len(prefix) :]
+        end = chat.learned_end(answer_text)
+        answer, after = chat.encode(answer_text[:end]), chat.encode(answer_text[end:])
         learn = raw.get("weight", 1) != 0
-        ids += context + answer
-        labels += [IGNORE] * len(context) + (answer if learn else [IGNORE] * len(answer))
+        ids += context + answer + after
+        labels += [IGNORE] * len(context) + (answer if learn else [IGNORE] * len(answer)) + [IGNORE] * len(after)
         done = full
     tail = chat.encode(chat.text(None, False)[len(done) :])
     ids += tail
