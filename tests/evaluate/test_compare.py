@@ -188,3 +188,26 @@ def test_a_long_held_out_text_is_scored_in_every_window_and_sampled_within_the_f
     (sampled,) = examples
     assert text.startswith(sampled.text + " ") and len(tok(sampled.text)["input_ids"]) <= 64
     assert _prompt(sampled) == "word0 word1 word2 word3 word4"
+
+
+def test_a_damaged_run_config_is_named(tmp_path):
+    """A run folder's config.json that is not JSON (an edit gone wrong, a copy cut short) was said as
+    json's bare "Expecting property name ... (char 1)": which file?"""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"^{run / 'config.json'}: not valid JSON \(.*line 1 column 2"):
+        compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)
+    (run / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=rf"^{run / 'config.json'}: not a run's settings \(a JSON object\)"):
+        compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_damaged_weights_file_is_a_user_error_naming_it(tmp_path, method):
+    """Weights cut short (a copy that did not finish, a full disk) were a SafetensorError traceback."""
+    run = tiny_run(tmp_path, method=method)
+    weights = run / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"^{weights}: not a readable weights file \(.*\): damaged or cut short"):
+        compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)

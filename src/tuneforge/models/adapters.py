@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -63,9 +64,9 @@ def load_weights_into(model, folder: Path) -> None:
     folder = Path(folder)
     adapter = (folder / ADAPTER_FILE).exists()
     if adapter:
-        state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(folder / ADAPTER_FILE).items()}
+        state = {k.removeprefix(PEFT_PREFIX): v for k, v in _read(folder / ADAPTER_FILE).items()}
     else:
-        state = load_file(folder / FULL_FILE)
+        state = _read(folder / FULL_FILE)
     own = dict(model.named_parameters(remove_duplicate=False))
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     # an adapter holds what was trained; full weights, everything but a tied output layer
@@ -81,9 +82,25 @@ def attach(base_model, weights: Path):
     if (weights / ADAPTER_FILE).exists():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, weights)
+        try:
+            return PeftModel.from_pretrained(base_model, weights)
+        except SafetensorError as err:
+            raise _unreadable(weights / ADAPTER_FILE, err) from None
     load_weights_into(base_model, weights)
     return base_model
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: SafetensorError) -> ValueError:
+    """A weights file safetensors cannot read (a copy or save that did not finish) as a user's error
+    naming it, not safetensors' traceback."""
+    return ValueError(f"{path}: not a readable weights file ({err}): damaged or cut short")
 
 
 @torch.no_grad()

@@ -118,7 +118,12 @@ class TrainConfig:
         path = Path(run_dir) / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir}: not a tuneforge run folder (no {CONFIG_FILE})")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:  # json alone names no file: "Expecting value: line 1 ..."
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a run's settings (a JSON object)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
