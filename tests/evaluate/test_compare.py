@@ -211,3 +211,21 @@ def test_a_damaged_weights_file_is_a_user_error_naming_it(tmp_path, method):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"^{weights}: not a readable weights file \(.*\): damaged or cut short"):
         compare(run, write_chat(tmp_path / "held.jsonl", 4), n_samples=0)
+
+
+def test_a_run_without_weights_says_what_to_do(tmp_path):
+    """An unfinished run is pointed at --resume alone: no command takes the checkpoints/*/weights the
+    message also offered. A finished run whose weights went missing is not 'unfinished' (--resume
+    refuses it: 'has finished training')."""
+    import shutil
+
+    run = tiny_run(tmp_path)
+    held = write_chat(tmp_path / "held.jsonl", 4)
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(FileNotFoundError, match=rf"^{run}: the finished run's weights are missing \(no adapter/ or "
+                                                r"model/ folder holding adapter_model.safetensors or model.safetensors\)$"):
+        compare(run, held, n_samples=0)
+    (run / "result.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{run}: no trained weights yet \(the run has not finished\): "
+                                                rf"continue it with tuneforge train --resume {run}$"):
+        compare(run, held, n_samples=0)

@@ -149,8 +149,15 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: to
     cfg = TrainConfig.load(run_dir)  # says so when run_dir is not a run folder
     found = Path(weights) if weights else weights_dir(run_dir)
     if not any((found / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+        from ..train.loop import RESULT_FILE
+
+        if weights:
+            raise FileNotFoundError(f"{found}: no {ADAPTER_FILE} or {FULL_FILE}")
+        if (run_dir / RESULT_FILE).is_file():  # (--resume refuses a finished run: say what is wrong instead)
+            raise FileNotFoundError(f"{run_dir}: the finished run's weights are missing (no adapter/ or model/ "
+                                    f"folder holding {ADAPTER_FILE} or {FULL_FILE})")
         raise FileNotFoundError(f"{run_dir}: no trained weights yet (the run has not finished): continue it with "
-                                f"tuneforge train --resume {run_dir}, or name one of its checkpoints/*/weights")
+                                f"tuneforge train --resume {run_dir}")
     model, _ = load_base(cfg.base, dtype or inference_dtype())
     tokenizer = tokenizer_from(run_dir / "tokenizer")
     model = attach(model, found)
