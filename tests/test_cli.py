@@ -339,6 +339,22 @@ def test_eval_mistakes_are_one_line_without_an_empty_progress_bar(tmp_path):
         assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {says}"], proc.stderr
 
 
+def test_a_base_model_folder_given_relative_is_found_from_anywhere(tmp_path, chat_file):
+    """--base ./folder was stored as typed: eval (and chat, export, import, --resume) from any other
+    directory looked for the base there and failed ("./base: no such folder"), as --data once did."""
+    from tuneforge.models.tiny import tiny_model
+
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    tf("train", "--data", chat_file, "--out", run, "--base", "./base", "--n-epochs", "1", "--quiet", cwd=tmp_path)
+    assert json.loads((run / "config.json").read_text())["base"] == str((tmp_path / "base").resolve())
+    report = json.loads(tf("eval", run, "--data", write_chat(tmp_path / "held.jsonl", 4), "--samples", "0",
+                           "--json").stdout)  # (from the tests' directory, not tmp_path)
+    assert report["n_examples"] == 4
+
+
 def test_eval_refuses_what_it_cannot_score_and_its_json_is_valid(tmp_path, chat_file):
     from safetensors.torch import save_file
 

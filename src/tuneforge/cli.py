@@ -296,7 +296,7 @@ def train(
         _check_out(out, overwrite)
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]  # none: TrainConfig's default
         cfg = _as_options(TrainConfig)(
-            data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=base, method=method,
+            data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=_local_base(base), method=method,
             objective=objective, dpo_beta=dpo_beta,
             validation_data=str(v) if (v := _existing_file(validation_data, "--validation-data")) else None,
             validation_split=_auto_or(float, "--validation-split")(validation_split),
@@ -328,6 +328,15 @@ def train(
             valid += f", preferred answer ranked first on {final['valid_reward_accuracy']:.0%} of validation pairs"
         typer.echo(f"{result.run_dir}: {result.steps} steps, {result.trained_tokens} tokens, "
                    f"train loss {final.get('train_loss', float('nan')):.3f}{valid}")
+
+
+def _local_base(base: str) -> str:
+    """A base model given as a folder or .gguf file, made absolute as --data is: eval, chat, export,
+    import and --resume read it back from the run's config, from any directory. A name stays a name."""
+    from .models.catalogue import EMBEDDED, TINY
+
+    path = Path(base).expanduser()
+    return base if base in (EMBEDDED, TINY) or not path.exists() else str(path.resolve())
 
 
 # TrainConfig's fields whose --option is not the field's own name
