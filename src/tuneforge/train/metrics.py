@@ -15,10 +15,25 @@ def append(run_dir: Path, row: dict) -> None:
 
 
 def read(run_dir: Path) -> list[dict]:
+    """The rows logged so far. A last line without its newline is a write that a kill cut short: it
+    is left out (the resumed run rewrites the file, truncate_after), so eval and --resume still read
+    the run; a damaged line elsewhere is an error naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")  # the last item is "" when the file ends with its newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the cut-short last write
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON metrics row ({err.msg})") from None
+    return rows
 
 
 def truncate_after(run_dir: Path, step: int) -> None:
