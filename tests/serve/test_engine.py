@@ -4,6 +4,7 @@ layers, the base's untouched tensors shared, the base itself never changed, an L
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,33 @@ def test_an_engine_dropped_ends_its_torch_thread():
     gc.collect()
     thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_a_process_whose_engines_are_still_unfreed_at_exit_exits_cleanly(tmp_path):
+    """Ending a torch thread while the interpreter shuts down aborted the process ("terminate called
+    without an active exception", status 134) - as at the end of a test run, where engines in
+    reference cycles are not yet collected: only an engine dropped while the process runs ends its
+    thread."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_engine import answer, make_adapter
+from tuneforge.serve.engine import Engine, Target
+
+def serve(i):  # an engine left to the garbage collector: loaded, merged, run on both threads
+    engine = Engine(max_models=1)
+    answer(engine, Target("tiny-llama"))
+    answer(engine, Target("tiny-llama", make_adapter(Path({str(tmp_path)!r}) / f"a{{i}}", i)))
+
+for i in range(3):
+    serve(i)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -78,7 +78,9 @@ class Engine:
         self._torch = TorchThread()  # every torch call of the engine (see the module's docstring)
         # An engine dropped (a server app gone, as tests make many) takes its thread along: an idle
         # thread keeps its OpenMP team, and the teams of idle threads slow every other one's ops.
-        weakref.finalize(self, self._torch.close)
+        # Not at exit: a torch thread ending while the interpreter shuts down aborts the process
+        # ("terminate called without an active exception"); a daemon thread left waiting does not.
+        weakref.finalize(self, self._torch.close).atexit = False
 
     # --- model selection (call with the lock held) ---------------------------------------------------
 
