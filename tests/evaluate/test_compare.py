@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,6 +55,18 @@ def test_long_free_text_answers_are_not_classification():
     ex = [Example("chat", [{"role": "user", "content": "q"},
                            {"role": "assistant", "content": f"a long answer number {i} here"}])
           for i in range(8)]
+    assert not is_classification(ex)
+
+
+def test_a_converted_classification_file_is_classification_however_small():
+    """Five held-out examples over three labels: too few for the short-answers rule (at most n/2 labels),
+    but data convert's system prompt names the label set, and every answer is one of them."""
+    from tuneforge.data.convert import from_dataframe
+
+    df = pd.DataFrame({"text": ["good", "bad", "meh", "great", "awful"], "label": ["pos", "neg", "mid", "pos", "neg"]})
+    ex = [Example("chat", r["messages"]) for r in from_dataframe(df, text_col="text", label_col="label")]
+    assert is_classification(ex)
+    ex[0].messages[-1]["content"] = "positive, I think"  # an answer outside the listed labels
     assert not is_classification(ex)
 
 

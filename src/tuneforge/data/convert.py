@@ -32,6 +32,15 @@ class ConvertError(ValueError):
     pass
 
 
+def listed_labels(system: str) -> list[str] | None:
+    """The label set a classification file made here names in its system prompt (CLASSIFY_SYSTEM);
+    None for any other text."""
+    head, tail = CLASSIFY_SYSTEM.split("{labels}")
+    if not (system.startswith(head) and system.endswith(tail)) or len(system) <= len(head) + len(tail):
+        return None
+    return system[len(head) : len(system) - len(tail)].split(", ")
+
+
 def from_dataframe(
     df: pd.DataFrame,
     *,

@@ -1,6 +1,7 @@
 """Base vs tuned on the same held-out data: loss, perplexity, token accuracy, sample answers.
 
-For classification-style data (short answers from a small label set) it also scores exact-match
+For classification-style data (answers from the label set its system prompt lists, as `data convert
+--label-col` writes, or short answers from a small set) it also scores exact-match
 accuracy of greedy generations, which is what a user of a classifier cares about. For preference
 pairs (what DPO trains on) the preferred answer is the reference, and it also scores how often each
 model gives the preferred answer a higher log-probability than the other (`preference_accuracy`) and
@@ -47,11 +48,23 @@ def _answer(example: Example) -> str:
 
 
 def is_classification(examples) -> bool:
+    """Classification-style data: every answer one of the labels its system prompt lists (a file made
+    by `data convert --label-col`, whatever its size), or short answers from a small set."""
+    chats = [e for e in examples if e.kind == "chat" and e.assistant_messages()]
+    if chats and len(chats) == len(examples) and all(_answer(e).strip() in (_labels(e) or ()) for e in chats):
+        return True
     answers = [_answer(e).strip() for e in examples if e.assistant_messages()]
     if len(answers) < 4:
         return False
     labels = set(answers)
     return all(len(a.split()) <= 3 for a in answers) and len(labels) <= max(2, len(answers) // 2)
+
+
+def _labels(example: Example) -> list[str] | None:
+    from ..data.convert import listed_labels  # (pandas comes with it: only once there is a system prompt)
+
+    system = next((m for m in example.messages if m["role"] == "system"), None)
+    return listed_labels(message_text(system)) if system else None
 
 
 def _prompt(example) -> list[dict] | str:
