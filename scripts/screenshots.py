@@ -51,6 +51,11 @@ def main() -> int:
             srv.api("POST", "/v1/chat/completions", {
                 "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": rating},
                 "messages": [{"role": "user", "content": question}]})
+        srv.api("POST", "/v1/chat/completions", {  # kept with the tools it was offered: the Monitor lists them
+            "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": "needs-work"},
+            "messages": [{"role": "user", "content": "Where is my order?"}],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+                      for name in ("lookup_order", "open_ticket")]})
         other = srv.api("POST", "/v1/fine_tuning/jobs", {"model": base, "training_file": good["id"], "suffix": "draft"})
         srv.api("POST", f"/v1/fine_tuning/jobs/{other['id']}/cancel")
 

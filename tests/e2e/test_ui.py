@@ -272,6 +272,96 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
         "monitor question 0", "monitor question 2"]
 
 
+WEATHER_TOOLS = [{"type": "function", "function": {"name": name, "description": what, "parameters": {
+    "type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}}
+    for name, what, arg in (("get_weather", "Current weather", "city"), ("search_web", "Search the web", "query"))]
+PARIS_AND_OSLO = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def calls_get_weather(server, tmp_path_factory) -> str:
+    """An ft: model of the server's project that answers PARIS_AND_OSLO with two get_weather calls,
+    which the random tiny model never writes: the tiny model trained on that one answer until its loss
+    is near 0 (seconds on 2 cores), registered with `tuneforge import` as a run folder of full weights."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from tuneforge.data.render import IGNORE, prompt_ids
+    from tuneforge.models.tiny import tiny_model
+    from tuneforge.train.config import TrainConfig
+
+    calls = json.dumps([{"function": {"name": "get_weather", "arguments": {"city": city}}} for city in ("Paris", "Oslo")])
+    model, tokenizer = tiny_model()
+    prompt = prompt_ids(tokenizer, PARIS_AND_OSLO)
+    answer = tokenizer(calls, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[IGNORE] * len(prompt) + answer])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 1e-3:  # well below: the server answers in bf16 where the CPU has it
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1e-3, "the tiny model did not learn its answer"
+    run = tmp_path_factory.mktemp("calls-run")
+    model.save_pretrained(run / "model")
+    TrainConfig(data="calls.jsonl", out=str(run), base="tiny-llama", method="full").save(run)
+    out = subprocess.run([sys.executable, "-m", "tuneforge.cli", "import", str(run), "--project", "ui-e2e",
+                          "--suffix", "tools"], env=server.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_monitor_shows_the_tools_a_stored_completion_was_offered_and_its_tool_calls(page, browser, server,
+                                                                                     calls_get_weather):
+    """Reviewing kept completions to rate them: a completion whose request had tools says which (and a
+    tool_choice other than auto), and an answer of tool calls shows the calls - it showed an empty
+    answer and no tools, a blind review of exactly the answers whose tools go into the training file."""
+    from tests.conftest import tiny_ends_by_itself
+
+    kept = {"store": True, "metadata": {"run": "tools"}}
+    called = server.api("POST", "/v1/chat/completions", {"model": calls_get_weather, "messages": PARIS_AND_OSLO,
+                                                          "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 200, **kept})
+    assert called["choices"][0]["finish_reason"] == "tool_calls", called
+    said = server.api("POST", "/v1/chat/completions", {"model": "tiny-llama", "tools": WEATHER_TOOLS, "tool_choice": "none",
+                                                       "messages": [{"role": "user", "content": "Say A"}], "max_tokens": 3,
+                                                       **kept, **tiny_ends_by_itself()})
+    plain = server.api("POST", "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "Say A"}],
+                                                        "max_tokens": 3, **kept, **tiny_ends_by_itself()})
+    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in called["choices"][0]["message"]["tool_calls"]]
+    assert calls == ['get_weather({"city": "Paris"})', 'get_weather({"city": "Oslo"})']
+
+    def row(pg, done):
+        return pg.locator(f"[data-test=stored-table] tr[data-id='{done['id']}'] [data-test=stored-answer]")
+
+    page.goto(server.url + "/#/monitor")
+    page.fill("#stored-metadata", "run=tools")
+    page.click("#stored-filter")
+    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(3)
+    expect(row(page, called).locator("[data-test=stored-tools]")).to_have_text("tools: get_weather, search_web")
+    expect(row(page, called).locator("[data-test=stored-call]")).to_have_text(calls)
+    expect(row(page, said).locator("[data-test=stored-tools]")).to_have_text("tools: get_weather, search_web · tool_choice: none")
+    expect(row(page, said)).to_contain_text(said["choices"][0]["message"]["content"])
+    expect(row(page, said).locator("[data-test=stored-call]")).to_have_count(0)
+    expect(row(page, plain).locator("[data-test=stored-tools]")).to_have_count(0)
+
+    # on a phone: the tools line and each call wrap inside the window, nothing scrolls sideways
+    phone = browser.new_context(viewport={"width": 390, "height": 800})
+    phone.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(server.key)})")
+    pg = phone.new_page()
+    pg.goto(server.url + "/#/monitor")  # (unfiltered: a filter's list replacing this one would race the measuring)
+    expect(row(pg, called).locator("[data-test=stored-call]")).to_have_count(2)
+    for part in (row(pg, called).locator("[data-test=stored-tools]"), *row(pg, called).locator("[data-test=stored-call]").all()):
+        box = part.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (part.inner_text(), box)
+    overflow = pg.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 1, f"#/monitor scrolls sideways by {overflow}px at 390px"
+    phone.close()
+
+
 def test_playground_chats_kept_and_rated_become_training_data(page, server):
     """Stage 7's loop from the dashboard alone: keep the chats, rate the answers, make a training file
     of the good ones on the Monitor page."""

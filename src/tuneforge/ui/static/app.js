@@ -1277,6 +1277,36 @@ async function viewModels(root) {
 
 // -------------------------------------------------------------------------------------------- monitor
 
+/** Text cut to n characters, "…" where cut. */
+const clip = (text, n) => (text.length > n ? `${text.slice(0, n)}…` : text);
+
+/** The tools a stored completion's request offered the model, as one line: "tools: get_weather, search",
+ * and tool_choice where it is not the default ("auto", or none given). Nothing when it offered none: a
+ * reviewer rating a tool call needs to see what the model could call (the training file has them too). */
+function offeredTools(c) {
+  const names = (c.tools || []).map((t) => (t.function && t.function.name) || t.type);
+  if (!names.length) return null;
+  const choice = c.tool_choice;
+  const forced = !choice || choice === "auto" ? null
+    : typeof choice === "string" ? choice : (choice.function && choice.function.name) || JSON.stringify(choice);
+  return h("div", { class: "muted", "data-test": "stored-tools" }, `tools: ${names.join(", ")}`,
+    forced && ` · tool_choice: ${forced}`);
+}
+
+/** A stored completion's first answer: its text, and each tool call as name(arguments) - an answer of
+ * tool calls alone has no text, and showed as an empty cell. */
+function storedAnswer(choice) {
+  const message = (choice && choice.message) || {};
+  const text = message.content || "";
+  const calls = message.tool_calls || [];
+  return [
+    text && h("div", {}, clip(text, 120)),
+    calls.map((t) => h("div", { class: "mono", "data-test": "stored-call" },
+      `${(t.function && t.function.name) || t.type}(${clip((t.function && t.function.arguments) || "", 120)})`)),
+    !text && !calls.length && h("span", { class: "muted" }, "—"),
+  ];
+}
+
 /** Served traffic (usage per model) and stored completions, which can become the next training file. */
 async function viewMonitor(root) {
   root.append(pageHead("Monitor", "Traffic this project's models served, and the completions kept with store: true - the way back to training data."));
@@ -1340,7 +1370,7 @@ async function viewMonitor(root) {
       h("tbody", {}, rows.map((c) => h("tr", { "data-id": c.id },
         h("td", { class: "nowrap" }, fmt.time(c.created)), h("td", { class: "mono small break grow" }, c.model),
         h("td", { class: "small" }, Object.entries(c.metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—"),
-        h("td", { class: "small" }, ((c.choices[0] && c.choices[0].message.content) || "").slice(0, 120))))))));
+        h("td", { class: "small break grow", "data-test": "stored-answer" }, offeredTools(c), storedAnswer(c.choices[0]))))))));
   };
   const makeFile = async () => {
     try {
