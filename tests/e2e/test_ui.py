@@ -315,7 +315,7 @@ def calls_get_weather(server, tmp_path_factory) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_monitor_shows_the_tools_a_stored_completion_was_offered_and_its_tool_calls(page, browser, server,
+def test_monitor_shows_the_tools_a_stored_completion_was_offered_its_tool_calls_and_a_cut(page, browser, server,
                                                                                      calls_get_weather):
     """Reviewing kept completions to rate them: a completion whose request had tools says which (and a
     tool_choice other than auto), and an answer of tool calls shows the calls - it showed an empty
@@ -331,6 +331,9 @@ def test_monitor_shows_the_tools_a_stored_completion_was_offered_and_its_tool_ca
                                                        **kept, **tiny_ends_by_itself()})
     plain = server.api("POST", "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "Say A"}],
                                                         "max_tokens": 3, **kept, **tiny_ends_by_itself()})
+    cut = server.api("POST", "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "Say A"}],
+                                                      "max_tokens": 2, **kept})  # (the random model never ends unaided)
+    assert cut["choices"][0]["finish_reason"] == "length"
     calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in called["choices"][0]["message"]["tool_calls"]]
     assert calls == ['get_weather({"city": "Paris"})', 'get_weather({"city": "Oslo"})']
 
@@ -340,13 +343,16 @@ def test_monitor_shows_the_tools_a_stored_completion_was_offered_and_its_tool_ca
     page.goto(server.url + "/#/monitor")
     page.fill("#stored-metadata", "run=tools")
     page.click("#stored-filter")
-    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(3)
+    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(4)
     expect(row(page, called).locator("[data-test=stored-tools]")).to_have_text("tools: get_weather, search_web")
     expect(row(page, called).locator("[data-test=stored-call]")).to_have_text(calls)
     expect(row(page, said).locator("[data-test=stored-tools]")).to_have_text("tools: get_weather, search_web · tool_choice: none")
     expect(row(page, said)).to_contain_text(said["choices"][0]["message"]["content"])
     expect(row(page, said).locator("[data-test=stored-call]")).to_have_count(0)
     expect(row(page, plain).locator("[data-test=stored-tools]")).to_have_count(0)
+    # an answer cut at max_tokens is listed, and says a training file leaves it out
+    expect(row(page, cut).locator("[data-test=stored-cut]")).to_have_text("cut at max tokens: not taken into training files")
+    expect(page.locator("[data-test=stored-cut]")).to_have_count(1)
 
     # on a phone: the tools line and each call wrap inside the window, nothing scrolls sideways
     phone = browser.new_context(viewport={"width": 390, "height": 800})

@@ -1294,7 +1294,8 @@ function offeredTools(c) {
 }
 
 /** A stored completion's first answer: its text, and each tool call as name(arguments) - an answer of
- * tool calls alone has no text, and showed as an empty cell. */
+ * tool calls alone has no text, and showed as an empty cell. An answer cut at max_tokens says so: the
+ * list shows it, but a training file leaves it out (it would teach stopping mid-sentence). */
 function storedAnswer(choice) {
   const message = (choice && choice.message) || {};
   const text = message.content || "";
@@ -1304,6 +1305,8 @@ function storedAnswer(choice) {
     calls.map((t) => h("div", { class: "mono", "data-test": "stored-call" },
       `${(t.function && t.function.name) || t.type}(${clip((t.function && t.function.arguments) || "", 120)})`)),
     !text && !calls.length && h("span", { class: "muted" }, "—"),
+    choice && choice.finish_reason === "length"
+      && h("div", { class: "muted", "data-test": "stored-cut" }, "cut at max tokens: not taken into training files"),
   ];
 }
 
