@@ -203,6 +203,32 @@ def test_a_long_held_out_text_is_scored_in_every_window_and_sampled_within_the_f
     assert _prompt(sampled) == "word0 word1 word2 word3 word4"
 
 
+def test_a_held_out_text_is_sampled_from_its_text_as_plain_text(tmp_path, monkeypatch):
+    """A text trains with special-token text in it as plain text (data.render.render_text); the sample
+    of a held-out text continues its first half tokenised the same way. It went through the raw-prompt
+    path, where a quoted <|im_end|> became the end-of-turn token in the middle of the prompt."""
+    from tuneforge.data.render import encode
+    from tuneforge.evaluate import compare as compare_module
+    from tuneforge.models.generate import input_ids
+    from tuneforge.models.tiny import tiny_tokenizer
+
+    lines = [f"In ChatML a turn {i} ends with <|im_end|> and the next one starts with <|im_start|> again."
+             for i in range(14)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:12]))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[12:]))
+    train(TrainConfig(data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "run"), base="tiny-llama",
+                      n_epochs=1, validation_split=0))
+    sampled, real = [], compare_module.complete
+    monkeypatch.setattr(compare_module, "complete", lambda model, tokenizer, prompt, sampling: (
+        sampled.append(input_ids(tokenizer, prompt)), real(model, tokenizer, prompt, sampling))[1])
+    report = compare(tmp_path / "run", tmp_path / "held.jsonl", n_samples=1, max_tokens=2)
+    tok = tiny_tokenizer()
+    (prompt,) = report["prompts"]
+    assert "<|im_end|>" in prompt
+    assert sampled == [encode(tok, prompt, split_special_tokens=True)] * 2  # base and tuned
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in sampled[0]
+
+
 def test_a_damaged_run_config_is_named(tmp_path):
     """A run folder's config.json that is not JSON (an edit gone wrong, a copy cut short) was said as
     json's bare "Expecting property name ... (char 1)": which file?"""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..data.example import Example
-from ..data.render import Rendered, message_text, render_sequences
+from ..data.render import Rendered, encode, message_text, render_sequences
 from ..data.validate import load_examples
 from ..models.generate import Sampling, complete
 from ..models.load import load_base, load_tuned, tokenizer_from
@@ -76,6 +76,16 @@ def _prompt(example) -> list[dict] | str:
     return example.messages[:last]
 
 
+def _sample_prompt(example, tokenizer) -> list[dict] | list[int] | str:
+    """What a sample answers (_prompt) as generation is given it: a text's first half as its token ids,
+    tokenised as the text trained (render_text: special-token text in it is plain text) - as a string
+    it would be a raw prompt, where a quoted <|im_end|> is the control token."""
+    prompt = _prompt(example)
+    if isinstance(prompt, str):
+        return encode(tokenizer, prompt, split_special_tokens=True) or prompt  # ("": as before)
+    return prompt
+
+
 def _halves(text: str) -> tuple[str, str]:
     """A text cut between words near its middle: (what the model is given, what it should write)."""
     words = text.split(" ")
@@ -104,13 +114,14 @@ def _score(model, tokenizer, rendered, examples, pairs, n_samples, classify, max
     if classify:
         hits = 0
         for e in examples:
-            answer = complete(model, tokenizer, _prompt(e), Sampling(max_tokens=16)).text
+            answer = complete(model, tokenizer, _sample_prompt(e, tokenizer), Sampling(max_tokens=16)).text
             hits += answer.strip() == _answer(e).strip()
             tick()
         report["exact_match"] = hits / len(examples)
     report["samples"] = []
     for e in examples[:n_samples]:
-        report["samples"].append(complete(model, tokenizer, _prompt(e), Sampling(max_tokens=max_tokens)).text)
+        prompt = _sample_prompt(e, tokenizer)
+        report["samples"].append(complete(model, tokenizer, prompt, Sampling(max_tokens=max_tokens)).text)
         tick()
     return report
 
