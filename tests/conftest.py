@@ -68,6 +68,35 @@ def chat_file(tmp_path) -> Path:
     return write_chat(tmp_path / "train.jsonl", 24)
 
 
+PARIS_AND_OSLO = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
+TWO_CALLS = json.dumps([{"function": {"name": "get_weather", "arguments": {"city": city}}} for city in ("Paris", "Oslo")])
+
+
+def tiny_model_calling_two_tools():
+    """The tiny model trained to answer PARIS_AND_OSLO with TWO_CALLS - two tool calls in the form
+    tuneforge trains them (data.render), which the random model never writes - until its loss on that
+    one answer is near 0 (seconds on 2 cores)."""
+    import torch
+
+    from tuneforge.data.render import IGNORE, prompt_ids
+    from tuneforge.models.tiny import tiny_model
+
+    model, tokenizer = tiny_model()
+    prompt = prompt_ids(tokenizer, PARIS_AND_OSLO)
+    answer = tokenizer(TWO_CALLS, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[IGNORE] * len(prompt) + answer])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 1e-3:  # well below: the server answers in bf16 where the CPU has it
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1e-3, "the tiny model did not learn its answer"
+    return model
+
+
 def tiny_ends_by_itself() -> dict:
     """Chat request fields that make the random tiny model end its answer by itself (finish_reason
     "stop"), which it never does unaided: greedy, "A" biased above every token and its end-of-turn

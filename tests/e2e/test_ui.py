@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import PARIS_AND_OSLO, tiny_model_calling_two_tools
 from tuneforge.ui.harness import BAD_FILE_ERRORS, LiveServer, chromium_path, write_bad_file, write_good_file
 
 pytestmark = pytest.mark.slow
@@ -275,7 +276,6 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
 WEATHER_TOOLS = [{"type": "function", "function": {"name": name, "description": what, "parameters": {
     "type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}}
     for name, what, arg in (("get_weather", "Current weather", "city"), ("search_web", "Search the web", "query"))]
-PARIS_AND_OSLO = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
 
 
 @pytest.fixture(scope="module")
@@ -286,26 +286,9 @@ def calls_get_weather(server, tmp_path_factory) -> str:
     import subprocess
     import sys
 
-    import torch
-
-    from tuneforge.data.render import IGNORE, prompt_ids
-    from tuneforge.models.tiny import tiny_model
     from tuneforge.train.config import TrainConfig
 
-    calls = json.dumps([{"function": {"name": "get_weather", "arguments": {"city": city}}} for city in ("Paris", "Oslo")])
-    model, tokenizer = tiny_model()
-    prompt = prompt_ids(tokenizer, PARIS_AND_OSLO)
-    answer = tokenizer(calls, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[IGNORE] * len(prompt) + answer])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, labels=labels).loss
-        if loss.item() < 1e-3:  # well below: the server answers in bf16 where the CPU has it
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1e-3, "the tiny model did not learn its answer"
+    model = tiny_model_calling_two_tools()
     run = tmp_path_factory.mktemp("calls-run")
     model.save_pretrained(run / "model")
     TrainConfig(data="calls.jsonl", out=str(run), base="tiny-llama", method="full").save(run)

@@ -9,6 +9,7 @@ import math
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import PARIS_AND_OSLO, tiny_model_calling_two_tools
 from tests.serve.conftest import upload
 from tuneforge.monitor.usage import summary
 from tuneforge.settings import get_settings
@@ -431,33 +432,11 @@ def test_a_tool_without_a_function_name_is_refused_by_field(client, tool, param)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-PARIS_AND_OSLO = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
-TWO_CALLS = json.dumps([{"function": {"name": "get_weather", "arguments": {"city": city}}} for city in ("Paris", "Oslo")])
-
-
 @pytest.fixture(scope="module")
 def two_calls_weights(tmp_path_factory):
-    """Weights that answer PARIS_AND_OSLO with TWO_CALLS: two tool calls in the form tuneforge trains
-    them (data.render), which the random tiny model never writes. The tiny model trained on that one
-    answer until its loss is near 0 (a few seconds on 2 cores; once for the module)."""
-    import torch
-
-    from tuneforge.data.render import IGNORE, prompt_ids
-    from tuneforge.models.tiny import tiny_model
-
-    model, tokenizer = tiny_model()
-    prompt = prompt_ids(tokenizer, PARIS_AND_OSLO)
-    answer = tokenizer(TWO_CALLS, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[IGNORE] * len(prompt) + answer])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, labels=labels).loss
-        if loss.item() < 1e-3:  # well below: the server answers in bf16 where the CPU has it
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1e-3, "the tiny model did not learn its answer"
+    """Weights that answer PARIS_AND_OSLO with TWO_CALLS (tests.conftest.tiny_model_calling_two_tools);
+    trained once for the module."""
+    model = tiny_model_calling_two_tools()
     path = tmp_path_factory.mktemp("calls-two-tools")
     model.save_pretrained(path)
     return path
