@@ -250,6 +250,18 @@ def test_messages_openai_accepts_are_answered(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
 
 
+def test_a_response_echoes_the_tool_settings_it_was_sent(client):
+    """The response object says the request's tool_choice and parallel_tool_calls (it said "auto" and
+    true whatever was sent), stored and retrieved alike."""
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "tool_choice": "none", "parallel_tool_calls": False}
+    made = client.post("/v1/responses", json=ask).json()
+    assert (made["tool_choice"], made["parallel_tool_calls"]) == ("none", False)
+    kept = client.get(f"/v1/responses/{made['id']}").json()
+    assert (kept["tool_choice"], kept["parallel_tool_calls"]) == ("none", False)
+    default = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2}).json()
+    assert (default["tool_choice"], default["parallel_tool_calls"]) == ("auto", True)
+
+
 def test_logprobs_are_the_models_own_and_cover_the_answer(client):
     ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
     r = client.post("/v1/chat/completions", json=ask | {"logprobs": True, "top_logprobs": 3}).json()

@@ -202,7 +202,8 @@ class _Answer:
             max_output_tokens=req.max_output_tokens, model=req.model, output=[],
             previous_response_id=req.previous_response_id, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, store=req.store is not False,
-            truncation=req.truncation or "disabled",
+            truncation=req.truncation or "disabled", tool_choice=req.tool_choice or "auto",
+            parallel_tool_calls=req.parallel_tool_calls is not False,  # echoed as sent, as OpenAI's object does
             metadata=req.metadata or {}, user=req.user,
         )
 
