@@ -194,6 +194,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     if Path(cfg.data).resolve() == Path(data).resolve():
         log.warning("%s is the run's training file: these numbers measure how well it was learned, not how "
                     "the model does on data it has not seen", data)
+    fit = diagnose(metrics_log.read(run_dir))  # (a damaged metrics file is said now, not after the scoring)
     tokenizer = _run_tokenizer(run_dir)
     loaded, examples, rendered = _held_out(data, tokenizer, cfg.max_length)
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
@@ -224,7 +225,7 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         "preference_pairs": len(pairs),
         "base": base_report,
         "tuned": tuned_report,
-        "fit": diagnose(metrics_log.read(run_dir)),
+        "fit": fit,
         "prompts": [p if isinstance(p := _prompt(e), str) else message_text(p[-1]) for e in examples[:n_samples]],
         "references": [_answer(e) for e in examples[:n_samples]],
     }
