@@ -268,3 +268,16 @@ def test_a_run_without_weights_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^{run}: no trained weights yet \(the run has not finished\): "
                                                 rf"continue it with tuneforge train --resume {run}$"):
         compare(run, held, n_samples=0)
+
+
+def test_the_fit_verdict_reads_the_base_models_validation_loss(tmp_path):
+    """A one-epoch run with validation data has a verdict (it was always 'unknown'); a damaged
+    baseline.json is named, before any model loads."""
+    held = write_chat(tmp_path / "held.jsonl", 4)
+    run = tiny_run(tmp_path, validation_data=str(held))
+    base = json.loads((run / "baseline.json").read_text())["loss"]
+    fit = compare(run, held, n_samples=0)["fit"]
+    assert fit["verdict"] != "unknown" and fit["base_valid_loss"] == pytest.approx(base)
+    (run / "baseline.json").write_text('{"loss": ')
+    with pytest.raises(ValueError, match=rf"^{run / 'baseline.json'}: damaged \(.*\); delete it"):
+        compare(run, held, n_samples=0)

@@ -39,3 +39,31 @@ def test_a_loss_that_became_nan_is_divergence_not_a_good_fit():
     fit = diagnose(curves)
     assert fit["verdict"] == "diverged"
     assert fit["reason"] == "training loss became nan at step 6: try a lower learning rate"
+
+
+def one_epoch(train_losses, valid_loss):
+    """A one-epoch run's rows: a training loss per step, one validation pass at the end."""
+    out = [{"step": s, "epoch": 1, "train_loss": t} for s, t in enumerate(train_losses, 1)]
+    out[-1]["valid_loss"] = valid_loss
+    return out
+
+
+def test_a_one_epoch_run_is_judged_against_the_base_models_validation_loss():
+    """One epoch has one validation pass: without the base model's loss (baseline.json) every such run,
+    the commonest kind, was 'unknown'."""
+    falling = one_epoch([3.0, 2.6, 2.2, 2.0], 2.4)
+    assert diagnose(falling)["verdict"] == "unknown"
+    fit = diagnose(falling, baseline=3.0)
+    assert (fit["verdict"], fit["base_valid_loss"], fit["valid_losses"]) == ("underfitting", 3.0, [2.4])
+    assert fit["reason"] == "validation loss was still falling fast at the end: more epochs may help"
+    worse = diagnose(one_epoch([3.0, 2.0, 1.0, 0.5], 3.4), baseline=3.0)
+    assert worse["verdict"] == "overfitting"
+    assert worse["reason"].startswith("validation loss rose from the base model's 3.000 to 3.400")
+    still = diagnose(one_epoch([3.0, 2.9, 2.9, 2.8], 2.95), baseline=3.0)
+    assert still["verdict"] == "underfitting"
+    assert still["reason"].startswith("validation loss stayed within 3% of the base model's 3.000")
+
+
+def test_the_base_models_loss_leaves_a_multi_epoch_verdict_alone_when_training_moved_it():
+    curves = rows([3.0, 2.0, 1.8], [2.6, 2.3, 2.28])
+    assert diagnose(curves, baseline=3.1)["verdict"] == diagnose(curves)["verdict"] == "good_fit"

@@ -32,6 +32,7 @@ from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
 from ..train.device import pick_device
+from ..train.loop import BASELINE_FILE
 from .fit import diagnose
 from .metrics import EVAL_BATCH_SIZE, EVAL_ROW_TOKENS, evaluate_loss
 from .report import json_safe
@@ -183,6 +184,19 @@ def _load_tuned(run_dir: Path, base: str):
                          f"{mismatches[0].rstrip('.')}{more}") from None
 
 
+def _base_valid_loss(run_dir: Path) -> float | None:
+    """The untrained model's validation loss that training measured before step 1; None when the run
+    had no validation data."""
+    path = run_dir / BASELINE_FILE
+    if not path.exists():
+        return None
+    try:
+        return float(json.loads(path.read_text())["loss"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: damaged ({e!r}); delete it to evaluate without the base model's "
+                         "validation loss") from None
+
+
 def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_tokens: int = 96,
             on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Score base and tuned. `on_progress(done, total)` hears (0, total) once the models are loaded and
@@ -194,7 +208,8 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     if Path(cfg.data).resolve() == Path(data).resolve():
         log.warning("%s is the run's training file: these numbers measure how well it was learned, not how "
                     "the model does on data it has not seen", data)
-    fit = diagnose(metrics_log.read(run_dir))  # (a damaged metrics file is said now, not after the scoring)
+    # (a damaged metrics file is said now, not after the scoring)
+    fit = diagnose(metrics_log.read(run_dir), _base_valid_loss(run_dir))
     tokenizer = _run_tokenizer(run_dir)
     loaded, examples, rendered = _held_out(data, tokenizer, cfg.max_length)
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
