@@ -259,9 +259,20 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
     expect(page.locator("[data-test=openai-cost]")).to_contain_text("gpt-4o-mini $")
     page.select_option("#usage-days", "7")
     expect(chart).to_have_attribute("data-bars", re.compile(r"^[78]$"))  # days now
+    # a rater sees each answer's question, and rates on the Monitor: the second answer becomes good
+    page.fill("#stored-metadata", "run=monitor")
+    page.click("#stored-filter")
+    rows = page.locator("[data-test=stored-table] tbody tr")
+    expect(rows).to_have_count(3)
+    second = rows.filter(has_text="monitor question 1")
+    expect(second.locator("[data-test=stored-question]")).to_have_text("monitor question 1")
+    second.locator("[data-rate=good]").click()
+    expect(second.locator(".rating")).to_have_attribute("data-rating", "good")
+    expect(second.locator("[data-test=stored-metadata]")).to_have_text("rating=good, run=monitor")  # run kept
     page.fill("#stored-metadata", "run=monitor, rating=good")
     page.click("#stored-filter")
-    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(2)
+    expect(page.locator("[data-test=stored-table] tbody tr")).to_have_count(3)
+    expect(page.locator("[data-test=stored-table] .rating [data-rate=good].active")).to_have_count(3)
     page.click("#stored-make-file")
     page.click("[data-test=train-on-it]")
     page.wait_for_url(re.compile(r".*#/jobs/new\?file=file-.*"))
@@ -270,7 +281,7 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
     content = urllib.request.urlopen(urllib.request.Request(
         f"{server.url}/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {server.key}"})).read().decode()
     assert [json.loads(x)["messages"][0]["content"] for x in content.splitlines()] == [
-        "monitor question 0", "monitor question 2"]
+        "monitor question 0", "monitor question 1", "monitor question 2"]
 
 
 WEATHER_TOOLS = [{"type": "function", "function": {"name": name, "description": what, "parameters": {

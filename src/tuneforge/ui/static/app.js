@@ -1153,23 +1153,6 @@ async function viewPlayground(root, params) {
     pane.messages.scrollTop = pane.messages.scrollHeight;
     return el;
   };
-  // a kept answer's rating, as its stored metadata: the Monitor's filter (rating=good) picks the training examples
-  const rating = (id) => {
-    const row = h("span", { class: "rating", "data-completion": id });
-    const rate = async (value, btn) => {
-      try {
-        await api(`/v1/chat/completions/${id}`, { method: "POST", json: { metadata: { source: "playground", rating: value } } });
-        for (const b of row.querySelectorAll("button")) b.classList.toggle("active", b === btn);
-        row.dataset.rating = value;
-      } catch (e) { toast(e.message, true); }
-    };
-    for (const [value, label] of [["good", "Good"], ["bad", "Needs work"]]) {
-      const btn = h("button", { type: "button", class: "btn small ghost", "data-rate": value }, label);
-      btn.addEventListener("click", () => rate(value, btn));
-      row.append(btn);
-    }
-    return row;
-  };
   const runPane = async (pane, text, signal) => {
     pane.history.push({ role: "user", content: text });
     bubble(pane, "user", text);
@@ -1196,7 +1179,7 @@ async function viewPlayground(root, params) {
       pane.history.push({ role: "assistant", content: answer });
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
-      if (kept && id) out.append(rating(id));
+      if (kept && id) out.append(ratingButtons(id, { source: "playground" }));
       if (kept && id && finish === "length") {  // (monitor.stored: an answer cut short would teach cutting short)
         out.append(h("span", { class: "meta", "data-test": "not-training-data" },
           "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"));
@@ -1293,6 +1276,42 @@ function offeredTools(c) {
     forced && ` · tool_choice: ${forced}`);
 }
 
+/** Good / Needs work buttons that rate a stored completion: the rating is its metadata (the Monitor's
+ * filter rating=good picks the training examples). The update replaces the whole metadata (as at
+ * OpenAI), so the keys it had are sent again; `onRated` hears the new metadata. */
+function ratingButtons(id, metadata, onRated) {
+  const row = h("span", { class: "rating", "data-completion": id });
+  if (metadata.rating) row.dataset.rating = metadata.rating;
+  const rate = async (value, btn) => {
+    try {
+      const done = await api(`/v1/chat/completions/${id}`, { method: "POST", json: { metadata: { ...metadata, rating: value } } });
+      metadata = done.metadata || {};
+      for (const b of row.querySelectorAll("button")) b.classList.toggle("active", b === btn);
+      row.dataset.rating = value;
+      if (onRated) onRated(metadata);
+    } catch (e) { toast(e.message, true); }
+  };
+  for (const [value, label] of [["good", "Good"], ["bad", "Needs work"]]) {
+    const btn = h("button", { type: "button", class: `btn small ghost${metadata.rating === value ? " active" : ""}`, "data-rate": value }, label);
+    btn.addEventListener("click", () => rate(value, btn));
+    row.append(btn);
+  }
+  return row;
+}
+
+/** A message's text: content as a string, or the text of its parts. */
+const messageText = (m) => (typeof m.content === "string" ? m.content
+  : (m.content || []).filter((p) => p.type === "text").map((p) => p.text).join(" "));
+
+/** What a stored completion answered: the request's last user message (a rater judges the answer by
+ * the question), or its last message with its role when the turn was no user's (a tool result). */
+async function storedQuestion(id) {
+  const messages = (await api(`/v1/chat/completions/${id}/messages?order=desc&limit=100`)).data;
+  const user = messages.find((m) => m.role === "user");
+  if (user) return clip(messageText(user), 160);
+  return messages.length ? `${messages[0].role}: ${clip(messageText(messages[0]), 160)}` : "—";
+}
+
 /** A stored completion's first answer: its text, and each tool call as name(arguments) - an answer of
  * tool calls alone has no text, and showed as an empty cell. An answer cut at max_tokens says so: the
  * list shows it, but a training file leaves it out (it would teach stopping mid-sentence). */
@@ -1368,12 +1387,21 @@ async function viewMonitor(root) {
     q.set("limit", "100");
     const rows = (await api(`/v1/chat/completions?${q}`)).data;
     if (!rows.length) { put(storedBody, h("p", { class: "muted" }, "No stored completion matches. Ask with store: true (and metadata) to keep one.")); return; }
-    put(storedBody, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "stored-table" },
-      h("thead", {}, h("tr", {}, h("th", {}, "Created"), h("th", {}, "Model"), h("th", {}, "Metadata"), h("th", {}, "Answer"))),
-      h("tbody", {}, rows.map((c) => h("tr", { "data-id": c.id },
+    const metaText = (metadata) => Object.entries(metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—";
+    const row = (c) => {
+      const question = h("td", { class: "small break grow", "data-test": "stored-question" }, h("span", { class: "muted" }, "…"));
+      storedQuestion(c.id).then((text) => put(question, text), (e) => put(question, h("span", { class: "muted" }, e.message)));
+      const shown = h("div", { "data-test": "stored-metadata" }, metaText(c.metadata));
+      return h("tr", { "data-id": c.id },
         h("td", { class: "nowrap" }, fmt.time(c.created)), h("td", { class: "mono small break grow" }, c.model),
-        h("td", { class: "small" }, Object.entries(c.metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—"),
-        h("td", { class: "small break grow", "data-test": "stored-answer" }, offeredTools(c), storedAnswer(c.choices[0]))))))));
+        question,
+        h("td", { class: "small break grow", "data-test": "stored-answer" }, offeredTools(c), storedAnswer(c.choices[0])),
+        h("td", { class: "small" }, shown, ratingButtons(c.id, c.metadata || {}, (m) => put(shown, metaText(m)))));
+    };
+    put(storedBody, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "stored-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Created"), h("th", {}, "Model"), h("th", {}, "Question"), h("th", {}, "Answer"),
+        h("th", {}, "Metadata · rating"))),
+      h("tbody", {}, rows.map(row)))));
   };
   const makeFile = async () => {
     try {
