@@ -47,12 +47,12 @@ def main() -> int:
         if job["status"] != "succeeded":
             say(f"the demo job ended {job['status']}: {job.get('error')}")
             return 1
-        for question, rating in (("How do I reset my password?", "good"), ("Can I change my plan?", "needs-work")):
+        for question, rating in (("How do I reset my password?", "good"), ("Can I change my plan?", "bad")):
             srv.api("POST", "/v1/chat/completions", {
                 "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": rating},
                 "messages": [{"role": "user", "content": question}]})
         srv.api("POST", "/v1/chat/completions", {  # kept with the tools it was offered: the Monitor lists them
-            "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": "needs-work"},
+            "model": job["fine_tuned_model"], "max_tokens": 40, "store": True, "metadata": {"rating": "bad"},
             "messages": [{"role": "user", "content": "Where is my order?"}],
             "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
                       for name in ("lookup_order", "open_ticket")]})
@@ -84,7 +84,7 @@ def main() -> int:
                 shot("upload-report", f"upload/{good['id']}?model={base}", "[data-test=report-stats]")
                 shot("job-detail", f"jobs/{job['id']}", "[data-test=loss-chart] path[data-series=train]")
                 shot("models", "models", "[data-test=models-table]")
-                shot("monitor", "monitor", "[data-test=stored-table]")
+                shot("monitor", "monitor", "[data-test=stored-question]:not(:has(.muted))")  # questions loaded
 
                 def chat():
                     page.check("#pg-compare")
