@@ -400,6 +400,42 @@ def test_playground_chats_kept_and_rated_become_training_data(page, server):
     assert [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"] == ["kept question 0"]
 
 
+def test_playground_offers_tools_shows_the_calls_and_sends_their_results(page, server, calls_get_weather):
+    """A model tuned for function calling is tried in the Playground: the tools box's tools go with the
+    request, the answer's calls show as name(arguments), and the results typed in go back as tool
+    messages, each naming its call, and the model answers again."""
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + f"/#/playground?model={calls_get_weather}")
+    page.fill("#pg-tools", "not json")
+    page.fill("#pg-prompt", PARIS_AND_OSLO[0]["content"])
+    page.click("#pg-send")
+    expect(page.locator(".toast")).to_contain_text("Tools: not JSON")
+    assert not sent
+    page.fill("#pg-tools", json.dumps(WEATHER_TOOLS))
+    page.fill("#pg-temperature", "0")
+    page.click("#pg-send")
+    first = page.locator(".msg.assistant[data-done=true]").first
+    expect(first).to_be_visible(timeout=60_000)  # (the model loads on its first request)
+    expect(first.locator("[data-test=pg-call]")).to_have_text(['get_weather({"city": "Paris"})', 'get_weather({"city": "Oslo"})'])
+    assert sent[0]["tools"] == WEATHER_TOOLS
+    page.fill("#pg-prompt", "and Rome?")
+    page.click("#pg-send")  # the calls wait for their results
+    expect(page.locator(".toast")).to_contain_text("Send the results of the tool calls first")
+    results = first.locator("[data-test=pg-tool-result]")
+    results.nth(0).fill("14 C, rain")
+    results.nth(1).fill("3 C, snow")
+    first.locator("[data-test=pg-send-results]").click()
+    expect(page.locator(".msg.tool")).to_have_text(["get_weather → 14 C, rain", "get_weather → 3 C, snow"])
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(2, timeout=60_000)
+    messages = sent[-1]["messages"]
+    calls = messages[1]["tool_calls"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [(m["tool_call_id"], m["content"]) for m in messages[2:]] == [(calls[0]["id"], "14 C, rain"),
+                                                                         (calls[1]["id"], "3 C, snow")]
+    assert calls[0]["id"] != calls[1]["id"] and calls[1]["function"]["arguments"] == '{"city": "Oslo"}'
+
+
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
     page.goto(server.url + "/#/jobs")

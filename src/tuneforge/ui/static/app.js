@@ -1036,6 +1036,7 @@ async function streamChat(body, onDelta, signal) {
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = "", finish = null, usage = null, id = null;
+  const calls = [];  // tool calls, assembled from their deltas by index (arguments arrive in pieces)
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -1046,7 +1047,7 @@ async function streamChat(body, onDelta, signal) {
       buf = buf.slice(idx + 1);
       if (!line.startsWith("data:")) continue;
       const data = line.slice(5).trim();
-      if (data === "[DONE]") return { finish, usage, id };
+      if (data === "[DONE]") return { finish, usage, id, calls };
       let chunk;
       try { chunk = JSON.parse(data); } catch { continue; }
       if (chunk.error) throw new ApiError(500, chunk);
@@ -1054,11 +1055,25 @@ async function streamChat(body, onDelta, signal) {
       if (chunk.usage) usage = chunk.usage;
       for (const c of chunk.choices || []) {
         if (c.delta && c.delta.content) onDelta(c.delta.content);
+        for (const t of (c.delta && c.delta.tool_calls) || []) {
+          const call = calls[t.index] || (calls[t.index] = { id: t.id, type: "function", function: { name: "", arguments: "" } });
+          if (t.function && t.function.name) call.function.name += t.function.name;
+          if (t.function && t.function.arguments) call.function.arguments += t.function.arguments;
+        }
         if (c.finish_reason) finish = c.finish_reason;
       }
     }
   }
-  return { finish, usage, id };
+  return { finish, usage, id, calls };
+}
+
+/** The Playground's tools box: nothing when empty, else a JSON array of tools (OpenAI's shape). */
+function parseTools(text) {
+  if (!text.trim()) return null;
+  let tools;
+  try { tools = JSON.parse(text); } catch (e) { throw new Error(`Tools: not JSON (${e.message})`); }
+  if (!Array.isArray(tools)) throw new Error('Tools: a JSON array of tools, e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]');
+  return tools;
 }
 
 async function viewPlayground(root, params) {
@@ -1094,6 +1109,9 @@ async function viewPlayground(root, params) {
   const maxTokens = h("input", { type: "number", id: "pg-max-tokens", min: 1, max: 4096, value: 256 });
   // kept chats (store: true) can be rated, and the Monitor turns the good ones into the next training file
   const keep = h("input", { type: "checkbox", id: "pg-store" });
+  // tools the model may call: a call is shown, and its result typed in continues the chat
+  const toolsBox = h("textarea", { id: "pg-tools", rows: 3, class: "mono small", spellcheck: "false",
+    placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' });
   const compareField = h("label", { class: "field", hidden: true }, h("span", {}, "Compare with"), modelB);
 
   root.append(pageHead("Playground", "Chat with any model: a base model, a fine-tuned one or one of its checkpoints."));
@@ -1113,6 +1131,7 @@ async function viewPlayground(root, params) {
       h("label", { class: "field" }, h("span", {}, "System prompt"), system),
       h("label", { class: "field" }, h("span", { class: "range-head" }, "Temperature", tempOut), temp),
       h("label", { class: "field" }, h("span", {}, "Max tokens"), maxTokens),
+      h("label", { class: "field" }, h("span", {}, "Tools ", h("span", { class: "hint" }, "JSON, optional")), toolsBox),
       h("label", { class: "check", style: "margin-top:12px", title: "store: true, with metadata source=playground; rate each answer, then make a training file on the Monitor page" },
         keep, "Keep chats to rate them (store)")),
     h("div", {}, chats, composer)));
@@ -1153,30 +1172,53 @@ async function viewPlayground(root, params) {
     pane.messages.scrollTop = pane.messages.scrollHeight;
     return el;
   };
-  const runPane = async (pane, text, signal) => {
-    pane.history.push({ role: "user", content: text });
-    bubble(pane, "user", text);
+  // the results the user types for an answer's tool calls, sent as tool messages: the chat goes on
+  const resultsForm = (pane, calls) => {
+    const inputs = calls.map((c) => h("input", { type: "text", "data-test": "pg-tool-result", "data-call": c.id,
+      placeholder: `result of ${c.function.name}`, autocomplete: "off" }));
+    const submit = h("button", { type: "submit", class: "btn small primary", "data-test": "pg-send-results" }, "Send results");
+    const form = h("form", { class: "tool-results" }, inputs, submit);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      if (send.disabled) return;
+      form.remove();
+      pane.pending = false;
+      calls.forEach((c, i) => {
+        pane.history.push({ role: "tool", tool_call_id: c.id, content: inputs[i].value });
+        bubble(pane, "tool", `${c.function.name} → ${inputs[i].value}`);
+      });
+      send.disabled = true;
+      controller = new AbortController();
+      await answer(pane, controller.signal);
+      send.disabled = false;
+    });
+    return form;
+  };
+  const answer = async (pane, signal) => {
     // until the first token: a model asked for the first time is loaded (and a GGUF converted) first
     const out = bubble(pane, "assistant streaming", h("span", { class: "meta waiting" }, "waiting for the model…"));
     out.dataset.model = pane.select.value;
     const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...pane.history];
-    let answer = "";
+    let text = "";
     const started = performance.now();
     try {
       const kept = keep.checked;
-      const { finish, usage, id } = await streamChat({
+      const tools = parseTools(toolsBox.value);
+      const { finish, usage, id, calls } = await streamChat({
         model: pane.select.value, messages,
         temperature: Number(temp.value), max_tokens: Number(maxTokens.value),
         stream_options: { include_usage: true },
+        ...(tools ? { tools } : {}),
         ...(kept ? { store: true, metadata: { source: "playground" } } : {}),
       }, (piece) => {
         const waiting = out.querySelector(".waiting");
         if (waiting) waiting.remove();
-        answer += piece;
-        out.firstChild ? (out.firstChild.textContent = answer) : out.append(document.createTextNode(answer));
+        text += piece;
+        out.firstChild ? (out.firstChild.textContent = text) : out.append(document.createTextNode(text));
         pane.messages.scrollTop = pane.messages.scrollHeight;
       }, signal);
-      pane.history.push({ role: "assistant", content: answer });
+      pane.history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
+      for (const c of calls) out.append(h("div", { class: "mono small", "data-test": "pg-call" }, `${c.function.name}(${c.function.arguments})`));
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
       if (kept && id) out.append(ratingButtons(id, { source: "playground" }));
@@ -1184,16 +1226,23 @@ async function viewPlayground(root, params) {
         out.append(h("span", { class: "meta", "data-test": "not-training-data" },
           "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"));
       }
+      if (calls.length) { pane.pending = true; out.append(resultsForm(pane, calls)); }
       out.dataset.done = "true";
+      return true;
     } catch (e) {
-      pane.history.pop();
       out.remove();
       if (e.name !== "AbortError") bubble(pane, "error", e.message);
+      return false;
     } finally {
       out.classList.remove("streaming");
       const waiting = out.querySelector(".waiting");
       if (waiting) waiting.remove();
     }
+  };
+  const runPane = async (pane, text, signal) => {
+    pane.history.push({ role: "user", content: text });
+    bubble(pane, "user", text);
+    if (!(await answer(pane, signal))) pane.history.pop();  // (a failed answer: its question is asked again)
   };
   composer.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -1201,10 +1250,12 @@ async function viewPlayground(root, params) {
     if (!text || send.disabled) return;
     const n = Number(maxTokens.value);
     if (!Number.isInteger(n) || n < 1) { toast("Max tokens must be a whole number of at least 1", true); maxTokens.focus(); return; }
+    try { parseTools(toolsBox.value); } catch (e) { toast(e.message, true); toolsBox.focus(); return; }
+    const active = compare.checked ? panes : [panes[0]];
+    if (active.some((p) => p.pending)) { toast("Send the results of the tool calls first (or Clear)", true); return; }
     prompt.value = "";
     send.disabled = true;
     controller = new AbortController();
-    const active = compare.checked ? panes : [panes[0]];
     await Promise.all(active.map((p) => runPane(p, text, controller.signal)));
     send.disabled = false;
     prompt.focus();
@@ -1214,7 +1265,7 @@ async function viewPlayground(root, params) {
   });
   clear.addEventListener("click", () => {
     if (controller) controller.abort();
-    for (const p of panes) { p.history = []; put(p.messages, h("div", { class: "muted small empty-hint" }, "Messages appear here.")); }
+    for (const p of panes) { p.history = []; p.pending = false; put(p.messages, h("div", { class: "muted small empty-hint" }, "Messages appear here.")); }
   });
   return () => controller && controller.abort();
 }
