@@ -69,6 +69,18 @@ def test_upload_is_streamed_with_a_limit(client):
     assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b'{"a": 1}\n'
 
 
+def test_an_upload_field_the_server_does_not_act_on_is_refused_by_name(client):
+    """Form fields were dropped unread: `expires_after` (the SDK's expires_after[anchor], [seconds])
+    left a file asked to expire kept for ever, and a misspelt field went unseen."""
+    for data, param, code in [({"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+                               "expires_after", "unsupported_parameter"),
+                              ({"purpos": "batch"}, "purpos", "unknown_parameter")]:
+        r = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune"} | data)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert r.json()["error"]["code"] == code
+    assert list(get_settings().files_dir.glob("*")) == [] and client.get("/v1/files").json()["data"] == []
+
+
 def test_file_listing_pages_with_a_cursor(client):
     ids = [upload(client, name=f"{i}.jsonl").json()["id"] for i in range(5)]
     first = client.get("/v1/files", params={"limit": 2}).json()
@@ -118,6 +130,11 @@ def test_job_hyperparameters_are_mirrored_and_checked(client):
     bad = client.post("/v1/fine_tuning/jobs", json=body | {"hyperparameters": {"n_epochs": 1}, "method": {
         "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "hyperparameters.n_epochs"
+    # settings under another method's key than method.type's were dropped unread (a job of 'auto' epochs)
+    for method, param in [({"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 5}}}, "method.supervised"),
+                          ({"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.5}}}, "method.dpo")]:
+        bad = client.post("/v1/fine_tuning/jobs", json=body | {"method": method})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
     # tuneforge's extensions travel in metadata, and are checked there
     qlora = client.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"tuneforge.quantize": "nf4"}})
     if importlib.util.find_spec("bitsandbytes") is None:  # (an install without the qlora extra)
@@ -199,6 +216,44 @@ def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):
     for extra in [{"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"modalities": ["text"]},
                   {"service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "u1"}]:
         assert client.post("/v1/chat/completions", json=ask | extra).status_code == 200
+
+
+def test_max_completion_tokens_is_checked_and_named_as_sent(client):
+    """max_completion_tokens: 0 was taken as "not given" (an answer up to the 1,024-token default), and
+    its refusals named max_tokens, which the request did not send."""
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
+    for limit in (0, -1, 10**6):
+        r = client.post("/v1/chat/completions", json=ask | {"max_completion_tokens": limit})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+    r = client.post("/v1/chat/completions", json=ask | {"max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/chat/completions", json=ask | {"max_completion_tokens": 2, "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize("path,ask", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": "hi"}),
+])
+def test_a_seed_beyond_64_bits_is_a_400_naming_it(client, path, ask):
+    """OpenAI's seed is an int64: one beyond it was a 500 (torch's generator overflowed), which the SDK
+    retries twice before raising an error that does not say what was wrong."""
+    ask = {"model": "tiny-llama", "max_tokens": 2} | ask
+    for seed in (2**64, -2**63 - 1, 10**30):
+        r = client.post(path, json=ask | {"seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    for seed in (2**63 - 1, -2**63):  # the ends of the range, n choices seeded seed, seed+1, ... included
+        assert client.post(path, json=ask | {"seed": seed, "n": 2}).status_code == 200
+
+
+def test_responses_refuse_text_verbosity_as_chat_refuses_verbosity(client):
+    """`text.verbosity` was dropped unread by the Responses API while chat's `verbosity` is refused."""
+    r = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "text": {"verbosity": "low"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text.verbosity", r.text
+    assert r.json()["error"]["code"] == "unsupported_parameter"
+    ok = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2,
+                                            "text": {"format": {"type": "text"}}})
+    assert ok.status_code == 200, ok.text
 
 
 def test_logit_bias_forces_and_bans_tokens(client):

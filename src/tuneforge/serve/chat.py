@@ -76,6 +76,10 @@ def samplings(req: SamplingParams, max_tokens: int | None, default_max: int, pro
         if not -2 <= value <= 2:
             raise bad_request(f"{name} must be between -2 and 2, got {value}", param=name, code="invalid_value")
         penalties[name] = value
+    if req.seed is not None and not -2**63 <= req.seed < 2**63:
+        # OpenAI's seed is an int64; torch's generator takes no more (a larger one was a 500)
+        raise bad_request(f"seed must be a 64-bit integer (from {-2**63} to {2**63 - 1}), got {req.seed}",
+                          param="seed", code="invalid_value")
     bias = _logit_bias(req.logit_bias, vocab_size)
     top = _logprobs(req)
     room = context - prompt_tokens
@@ -355,8 +359,12 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
     prompt_tokens, context = measure_prompt(engine, target, messages, tools=req.tools)
     calls_wanted = req.tools if req.tool_choice != "none" else None  # answers that may be tool calls
     parallel = req.parallel_tool_calls is not False  # (OpenAI's default: true)
-    choices = samplings(req, req.max_completion_tokens or req.max_tokens, DEFAULT_CHAT_MAX_TOKENS,
-                        prompt_tokens, context, vocab_size=engine.vocab_size(target) if req.logit_bias else None)
+    # max_completion_tokens (max_tokens' successor) wins when given - 0 included, which is an error, not
+    # "no limit" - and a refusal names the one the request used
+    limit_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    choices = samplings(req, getattr(req, limit_name), DEFAULT_CHAT_MAX_TOKENS, prompt_tokens, context,
+                        names=(limit_name, "messages"),
+                        vocab_size=engine.vocab_size(target) if req.logit_bias else None)
     work = [(messages, s) for s in choices]
     check_metadata(req.metadata)
     cid, created = "chatcmpl-" + new_id("", 29), int(time.time())

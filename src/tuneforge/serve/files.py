@@ -16,7 +16,7 @@ from ..store import blobs
 from ..store.database import FileRow, JobRow, new_id
 from ..store.keys import Principal
 from .deps import DB, Caller, SettingsDep
-from .errors import APIError, bad_request, conflict, not_found
+from .errors import APIError, bad_request, conflict, not_found, unsupported
 from .paging import check_limit, page
 from .protocol import FileDeleted, FileList, FileObject, FilePurpose
 
@@ -45,6 +45,16 @@ def _keep_extension(path: Path, filename: str | None) -> Path:
     return final
 
 
+def _refuse_unknown_fields(fields: dict[str, str]) -> None:
+    """A form field other than file and purpose is refused by name, as a JSON body's unknown parameter
+    is (protocol.Request): dropped, `expires_after` (the SDK sends `expires_after[seconds]`) would
+    leave a file a user asked to have deleted kept for ever - nothing here deletes files by itself."""
+    for name in sorted(set(fields) - {"file", "purpose"}):
+        if name == "expires_after" or name.startswith("expires_after["):
+            raise unsupported("expires_after (files that expire) is", "expires_after")
+        raise bad_request(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+
+
 # --- handlers ---------------------------------------------------------------------------------------
 
 
@@ -64,6 +74,7 @@ async def create_file(request: Request, db: Session, caller: Principal, settings
     try:
         if up.path is None:
             raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+        _refuse_unknown_fields(up.fields)
         purpose = up.fields.get("purpose")
         if not purpose:
             raise bad_request("Missing required parameter: 'purpose'.", param="purpose",

@@ -97,6 +97,12 @@ def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
         if kind not in ("supervised", "dpo"):
             raise bad_request(f"method.type '{kind}' is not supported by this server; use 'supervised' or 'dpo'",
                               param="method.type", code="unsupported_method")
+        for other in ("supervised", "dpo", "reinforcement"):
+            # settings under another method's key would be dropped unread (n_epochs in method.supervised
+            # of a DPO job trained with 'auto' epochs)
+            if other != kind and getattr(req.method, other) is not None:
+                raise bad_request(f"method.{other} is given but method.type is '{kind}'; give its settings in "
+                                  f"method.{kind}", param=f"method.{other}", code="invalid_value")
         inner = getattr(req.method, kind)
         if inner is not None and inner.hyperparameters is not None:
             prefix = f"method.{kind}.hyperparameters"

@@ -95,6 +95,8 @@ def _refuse_unsupported(req: ResponseRequest) -> None:
         raise unsupported("background mode is", "background")
     if ((req.text or {}).get("format") or {}).get("type", "text") != "text":
         raise unsupported("text.format other than 'text' (structured output) is", "text.format")
+    if (req.text or {}).get("verbosity") is not None:  # refused as chat's top-level verbosity is
+        raise unsupported("text.verbosity is", "text.verbosity")
     if set(req.include or []) - {LOGPROBS}:
         raise unsupported(f"include other than {LOGPROBS!r} is", "include")
     checked_top(req.top_logprobs, 20, "top_logprobs")
