@@ -91,3 +91,25 @@ def test_empty_stop_strings_are_ignored(stop):
     streamed = list(stream(model, tok, ask, Sampling(max_tokens=12, stop=stop)))[-1]
     for answer in (done, streamed):
         assert (answer.text, answer.finish_reason, answer.completion_tokens) == (plain.text, "length", 12)
+
+
+def test_a_stream_never_sends_the_start_of_a_stop_string_and_ends_as_the_whole_answer_does():
+    """A stop string of several tokens: its first characters were streamed before the rest said it was
+    one (they cannot be taken back), so the streamed answer ended with them and the whole one did not;
+    the log-probabilities are of the tokens that make up the answer's text, in both."""
+    from tuneforge.models.generate import Delta, stream
+
+    model, tok = tiny_model(seed=0)
+    ask = [{"role": "user", "content": "hi"}]
+    hot = {"max_tokens": 24, "temperature": 1.0, "seed": 0}
+    text = complete(model, tok, ask, Sampling(**hot)).text
+    at = next(i for i in range(3, len(text) - 2) if text[i:i + 2].isascii() and text.index(text[i:i + 2]) == i)
+    s = Sampling(**hot, stop=["never said", text[at:at + 2]], logprobs=0)
+    done = complete(model, tok, ask, s)
+    items = list(stream(model, tok, ask, s))
+    streamed = "".join(d.text for d in items if isinstance(d, Delta))
+    assert done.text == streamed == items[-1].text == text[:at]
+    assert [t.bytes for t in items[-1].logprobs] == [t.bytes for d in items[:-1] for t in d.logprobs] \
+        == [t.bytes for t in done.logprobs]
+    assert b"".join(t.bytes for t in done.logprobs).decode("utf-8", errors="replace") == done.text
+    assert (done.finish_reason, items[-1].finish_reason) == ("stop", "stop")

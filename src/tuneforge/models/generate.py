@@ -146,10 +146,30 @@ def _finish_reason(tokenizer, out: list[int], s: Sampling) -> str:
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
-    for s in stop or []:
-        if s and s in text:
-            return text[: text.index(s)], True
-    return text, False
+    """The text before the first stop string in it (the earliest, whichever of them it is)."""
+    found = [text.index(s) for s in stop or [] if s and s in text]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def _held_back(text: str, stop: list[str] | None) -> int:
+    """How many characters at the end of `text` could be the start of a stop string: a stream holds
+    them until the next tokens say (sent, they could not be taken back when the stop string completes)."""
+    ends = [k for s in stop or [] for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])]
+    return max(ends, default=0)
+
+
+def _tokens_making(tokenizer, out: list[int], length: int) -> int:
+    """How many of the answer tokens `out` make up its first `length` characters: the fewest whose text
+    is that long, and the tokens that finish a character split between them (a part of a character
+    decodes as U+FFFD, one character long already). Binary search: the text only grows with tokens."""
+    text = lambda n: tokenizer.decode(out[:n], skip_special_tokens=True)  # noqa: E731
+    lo, hi = 0, len(out)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if len(text(mid)) < length else (lo, mid)
+    while lo < len(out) and text(lo).endswith("\ufffd") and len(text(lo + 1)) == len(text(lo)):
+        lo += 1
+    return lo
 
 
 @torch.no_grad()
@@ -164,13 +184,9 @@ def complete(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | No
     out = model.generate(**kwargs, streamer=tokens)[0][len(ids) :].tolist()
     text, _ = _cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), s.stop)
     logprobs = None
-    if tokens is not None:
-        logprobs, shown, length = [], 0, len(text.encode())
-        for token, entry in tokens:  # (generate() has ended the queue) the tokens that make up `text`
-            if shown >= length or token in tokenizer.all_special_ids:
-                break
-            logprobs.append(entry)
-            shown += len(entry.bytes)
+    if tokens is not None:  # (generate() has ended the queue) the tokens that make up `text`
+        made = _tokens_making(tokenizer, out, len(text))
+        logprobs = [entry for (token, entry), _ in zip(tokens, range(made)) if token not in tokenizer.all_special_ids]
     return Completion(text, _finish_reason(tokenizer, out, s), len(ids), len(out), logprobs)
 
 
@@ -314,30 +330,34 @@ def stream(model, tokenizer, prompt: list[dict] | str, sampling: Sampling | None
             finished.set()
 
     (start or _in_new_thread)(run)
-    out, sent, pending, shown, counted = [], "", [], [], 0
+    out, entries, sent, counted = [], [], "", 0
     items = iter(tokens)
     while True:
         item = next(items, None)
         if item is not None:
             token, entry = item
             out.append(token)
-            if entry is not None:
-                pending.append(entry)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if item is not None and text.endswith("\ufffd"):  # part of a character: wait for its other bytes
+            entries.append(entry)
+        whole = tokenizer.decode(out, skip_special_tokens=True)
+        if item is not None and whole.endswith("\ufffd"):  # part of a character: wait for its other bytes
             continue
-        text, stopped = _cut_at_stop(text, s.stop)
+        text, stopped = _cut_at_stop(whole, s.stop)
+        if item is not None and not stopped:  # (at the end, what was held back goes out as it is)
+            text = text[: len(text) - _held_back(text, s.stop)]
         if len(text) > len(sent):
-            yield Delta(text[len(sent) :], pending if s.logprobs is not None else None, len(out) - counted)
-            shown += pending
-            sent, pending, counted = text, [], len(out)
-        if stopped or item is None:  # (at the end, whatever was held back goes out as it is)
+            made = len(out) if text == whole else _tokens_making(tokenizer, out, len(text))
+            logprobs = None if s.logprobs is None else [
+                e for t, e in zip(out[counted:made], entries[counted:made]) if t not in tokenizer.all_special_ids]
+            yield Delta(text[len(sent) :], logprobs, made - counted)
+            sent, counted = text, made
+        if stopped or item is None:
             break
     finished.wait()
     if "error" in result:
         raise result["error"]
     generated = result["ids"][0][len(ids) :].tolist()
-    logprobs = shown if s.logprobs is not None else None
+    logprobs = [e for t, e in zip(out[:counted], entries) if t not in tokenizer.all_special_ids] \
+        if s.logprobs is not None else None
     yield Completion(sent, _finish_reason(tokenizer, generated, s), len(ids), len(generated), logprobs)
 
 
