@@ -141,6 +141,8 @@ def test_an_unknown_base_bad_data_or_an_unusable_out_are_refused_before_the_mode
         (("--data", chat_file, "--base", "no-such-model", "--out", tmp_path / "r"), "unknown base model 'no-such-model'"),
         (("--data", bad, "--base", "tiny-llama", "--out", tmp_path / "r"), "line 25, field messages[0].role"),
         (("--data", chat_file, "--base", "tiny-llama", "--out", tmp_path / "afile" / "run"), "afile is a file"),
+        (("--data", chat_file, "--base", "tiny-llama", "--out", tmp_path / "r", "--objective", "dpo"),
+         "line 1: DPO trains on preference pairs"),
     ]:
         proc = tf("train", *args, check=False)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -206,6 +208,25 @@ def test_resume_of_a_folder_that_is_no_run_says_so(tmp_path):
     assert "never-trained: not a tuneforge run folder (no config.json)" in proc.stderr
 
 
+def test_resume_of_a_run_whose_training_file_is_gone_names_it(tmp_path, chat_file):
+    from tuneforge.train.config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(data=str(tmp_path / "moved.jsonl"), out=str(run), base="tiny-llama").save(run)
+    proc = tf("train", "--resume", run, check=False)  # was a bare "[Errno 2] No such file or directory: ..."
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"the run's training file {tmp_path / 'moved.jsonl'} is gone" in proc.stderr, proc.stderr
+    assert "Loading base model" not in proc.stderr
+
+
+def test_convert_given_a_jsonl_file_says_it_is_no_csv(tmp_path, chat_file):
+    proc = tf("data", "convert", chat_file, "--prompt-col", "q", "--completion-col", "a", "-o", tmp_path / "o.jsonl",
+              check=False)  # was "column 'q' not found; columns there: {"messages": [{"role": "system", ..."
+    assert proc.returncode == 2 and "is JSON, not a CSV" in proc.stderr and "data validate" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     data = write_chat(tmp_path / "train.jsonl", 40)
     run = tmp_path / "run"
@@ -222,6 +243,35 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert f"tuneforge train --resume {run}" in err
     state = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())
     assert state["kind"] == "interrupt" and state["state"]["global_step"] >= 3
+
+
+@pytest.mark.parametrize("folder_made", [False, True])
+def test_a_kill_before_the_first_step_says_what_is_left_with_a_kill_s_status(tmp_path, chat_file, monkeypatch,
+                                                                              folder_made):
+    # while the base loads, the data is tokenised or DPO's reference is computed, the loop's own handler
+    # is not yet there: the process ended with 130 and not a word, whatever signal stopped it
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+    from tuneforge.train import loop
+
+    def killed_while_loading(cfg, **kw):
+        if folder_made:
+            Path(cfg.out).mkdir()
+            cfg.save(Path(cfg.out))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+
+    monkeypatch.setattr(loop, "train", killed_while_loading)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(app, ["train", "--data", str(chat_file), "--out", str(tmp_path / "run"),
+                                          "--base", "tiny-llama", "--json"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 128 + signal.SIGTERM and result.stdout == ""
+    said = f"Continue with: tuneforge train --resume {tmp_path / 'run'}" if folder_made else "nothing was written"
+    assert said in result.stderr, result.stderr
 
 
 def test_export_writes_a_loadable_merged_model(tmp_path, chat_file):

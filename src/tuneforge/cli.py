@@ -179,6 +179,9 @@ def data_convert(
     from .data.convert import from_csv, write_jsonl
 
     source = _existing_file(file, "FILE")
+    if source.suffix.lower() in (".jsonl", ".json"):  # read as a CSV, its first line was one "column" name
+        raise ValueError(f"{file} is JSON, not a CSV: convert reads tables; check a JSONL training file with "
+                         f"tuneforge data validate {file}")
     if out.resolve() == source:
         raise ValueError(f"-o {out} is the CSV file being converted: write the JSONL somewhere else")
     if out.is_dir():
@@ -290,6 +293,10 @@ def train(
         cfg = TrainConfig.load(resume)
         if (resume / RESULT_FILE).is_file():
             raise ValueError(f"{resume} has finished training: nothing to resume (train again with --overwrite)")
+        for name, path in (("training", cfg.data), ("validation", cfg.validation_data)):
+            if path and not Path(path).is_file():  # (kept absolute in the run's config) moved or deleted since
+                raise FileNotFoundError(f"{resume}: the run's {name} file {path} is gone: put it back there "
+                                        "to continue the run (its examples are read again)")
     else:
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
@@ -315,6 +322,15 @@ def train(
         progress.close()
         if _rank() == 0:
             _say(f"stopped: {stop}. Continue with: tuneforge train --resume {cfg.out}")
+        raise typer.Exit(128 + _stopped_by[0]) from None
+    except KeyboardInterrupt:  # before the steps (loading, tokenising, baseline) or after the last one:
+        progress.close()  # the loop saves nothing then, but the user is told what is left, by the same status
+        if _rank() == 0:
+            from .train.config import CONFIG_FILE
+
+            started = (Path(cfg.out) / CONFIG_FILE).is_file()
+            _say(f"stopped: interrupted. Continue with: tuneforge train --resume {cfg.out}" if started else
+                 "stopped: interrupted before the run folder was made; nothing was written")
         raise typer.Exit(128 + _stopped_by[0]) from None
     progress.close()
     if _rank() != 0:

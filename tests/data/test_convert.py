@@ -147,6 +147,21 @@ def test_csv_parser_errors_name_the_line_of_the_file(tmp_path, content, problem)
         from_csv(path, prompt_col="q", completion_col="a")
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs_is_read_as_such(tmp_path, sep):
+    # Excel's "CSV" in most of Europe: read with commas it was one column named "Frage;Antwort", or (a
+    # comma in a value) a parser error on a row that has none of the file's own separators out of place
+    path = tmp_path / "d.csv"
+    path.write_bytes(f'\ufeffFrage{sep}Antwort\r\nWas ist 1,5 plus 1?{sep}"2,5{sep} sagt man"\r\nHallo{sep}Gut\r\n'
+                     .encode())
+    rows = from_csv(path, prompt_col="Frage", completion_col="Antwort")
+    assert [[m["content"] for m in r["messages"]] for r in rows] == [["Was ist 1,5 plus 1?", f"2,5{sep} sagt man"],
+                                                                     ["Hallo", "Gut"]]
+    path.write_text(f'q{sep}a\n"multi\nline"{sep}a0\nq2{sep}a2{sep}x\n')
+    with pytest.raises(ConvertError, match="not a valid CSV: line 4 has 3 fields where the header has 2"):
+        from_csv(path, prompt_col="q", completion_col="a")
+
+
 def test_duplicated_column_in_use_is_refused():
     df = pd.DataFrame([["a", "b", "c"]], columns=["q", "q", "a"])
     with pytest.raises(ConvertError, match="column 'q' appears 2 times"):

@@ -256,3 +256,13 @@ def test_instruction_markers_in_any_case_and_on_one_line(tmp_path):
     parsed = parse_file(path)
     assert parsed.issues == []
     assert [[m["content"] for m in e.messages] for e in parsed.examples] == [["q1", "a1"], ["q2", "a2"], ["q3", "a3"]]
+
+
+def test_instruction_markers_indented_or_spaced_before_the_colon_are_markers(tmp_path):
+    # missed, such a file was read as raw text: the markers themselves trained as a document
+    path = tmp_path / "chat.txt"
+    path.write_text("  ###Human: q1\n  ###Assistant: a1\n\n###Human : q2\n### Assistant :  a2\n\n"
+                    "\t###Human: q3 ### Assistant : a3\n")
+    parsed = parse_file(path)
+    assert parsed.format == "instruction_txt" and parsed.issues == []
+    assert [[m["content"] for m in e.messages] for e in parsed.examples] == [["q1", "a1"], ["q2", "a2"], ["q3", "a3"]]

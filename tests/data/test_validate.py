@@ -241,8 +241,23 @@ def test_a_json_array_is_one_error_not_one_per_line(tmp_path):
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = tmp_path / "array.jsonl"
     path.write_text(json.dumps([chat] * 12, indent=2))
-    (error,) = validate_file(path).errors
+    report = validate_file(path)
+    (error,) = report.errors
     assert error.code == "invalid_json" and "one JSON array" in error.message and error.line is None
+    assert report.n_examples == 12  # the array's items, not the pretty-printed lines
+    path.write_text(json.dumps([chat] * 3))  # on one line: no "fewer than 10 examples" beside it
+    assert [e.code for e in validate_file(path).errors] == ["invalid_json"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_one_error_naming_the_encoding(tmp_path, encoding):
+    # as Windows' Notepad saves "Unicode": each line read as UTF-8 was an invalid_json of its own
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for name in ("data.jsonl", "data.txt"):
+        path = tmp_path / name
+        path.write_bytes("".join(json.dumps(chat) + "\n" for _ in range(12)).encode(encoding))
+        (error,) = validate_file(path).errors
+        assert error.code == "invalid_encoding" and "UTF-16" in error.message and error.line is None
 
 
 def test_a_pretty_printed_object_is_one_error_but_a_single_bad_line_keeps_its_own(tmp_path):

@@ -102,6 +102,20 @@ def test_a_damaged_optimizer_state_is_named_and_nothing_is_lost(tmp_path, chat_f
     assert (stopped.value.checkpoint / "weights" / "adapter_model.safetensors").exists()
 
 
+def test_a_run_folder_moved_while_stopped_resumes_where_it_now_is(tmp_path, chat_file):
+    cfg = config(tmp_path, chat_file, n_epochs=2)
+    with pytest.raises(TrainingStopped):
+        train(cfg, should_stop=lambda: "paused" if len(metrics_log.read(tmp_path / "run")) == 5 else None)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+    said = []
+    result = train(TrainConfig.load(moved), on_event=lambda e: said.append(e.get("message")), resume=True)
+    assert "Resumed from checkpoint at step 5" in said  # not a new run from step 1 at the old path
+    assert not (tmp_path / "run").exists()
+    assert result.run_dir == str(moved) and [r["step"] for r in metrics_log.read(moved)] == list(range(1, 13))
+
+
 def test_full_fine_tuning_and_reload(tmp_path, chat_file):
     result = train(config(tmp_path, chat_file, method="full", n_epochs=1))
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -74,21 +74,22 @@ def _convert(df: pd.DataFrame, from_file: bool, *, prompt_col=None, completion_c
     return [{"text": row[text_col]} for row in cells]
 
 
-def _csv_problem(message: str, path: str | Path) -> str:
+def _csv_problem(message: str, path: str | Path, sep: str = ",") -> str:
     """pandas' parser message, said with the file's own line numbers (the header is line 1)."""
     if m := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
-        return f"{_line(path, int(m[2]))} has {m[3]} fields where the header has {m[1]} (a comma in a value needs quotes)"
+        what = {",": "a comma", ";": "a semicolon", "\t": "a tab"}[sep]
+        return f"{_line(path, int(m[2]), sep)} has {m[3]} fields where the header has {m[1]} ({what} in a value needs quotes)"
     if m := re.search(r"EOF inside string starting at row (\d+)", message):  # row counts from 0
-        return f"a quote opened in the row starting on {_line(path, int(m[1]) + 1)} is never closed"
+        return f"a quote opened in the row starting on {_line(path, int(m[1]) + 1, sep)} is never closed"
     return message.strip()
 
 
-def _line(path: str | Path, record: int) -> str:
+def _line(path: str | Path, record: int, sep: str = ",") -> str:
     """ "line N" for pandas' line `record`, which counts a quoted cell's line breaks as none: the file's line."""
     limit = csv.field_size_limit(2**31 - 1)  # a long cell before the bad row is no error here
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)  # quotes as pandas reads them, and a blank line is a record too (as in pandas)
+            reader = csv.reader(f, delimiter=sep)  # quotes as pandas reads them, and a blank line is a record too (as in pandas)
             if sum(1 for _ in itertools.islice(reader, record - 1)) == record - 1:
                 return f"line {reader.line_num + 1}"
     except (OSError, csv.Error):
@@ -100,11 +101,33 @@ def _line(path: str | Path, record: int) -> str:
 
 def from_csv(path: str | Path, **columns: Any) -> list[dict[str, Any]]:
     """Rows of a UTF-8 CSV (a leading BOM, as Excel writes, is fine); see from_dataframe."""
+    sep = _separator(path)
+    df = _read_csv(path, sep)
+    df = df.iloc[1:].set_axis(list(df.iloc[0]), axis=1)
+    try:
+        return _convert(df, True, **columns)
+    except ConvertError as err:
+        raise ConvertError(f"{path}: {err}") from None
+
+
+def _separator(path: str | Path) -> str:
+    """The field separator: a comma, unless the header is one column holding a semicolon or a tab -
+    Excel writes "CSV" with semicolons where the decimal separator is a comma (most of Europe), and
+    tab-separated exports are common. Read as commas, such a file was one column named "q;a"."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeError, csv.Error):
+        return ","  # read_csv says what is wrong with the file
+    return next((c for c in ";\t" if c in header[0]), ",") if len(header) == 1 else ","
+
+
+def _read_csv(path: str | Path, sep: str) -> pd.DataFrame:
     try:
         # dtype=str and no NA parsing: "NA", "null" or "01" in a cell are text, not missing/numbers.
         # header=None: the header is read as a row, so pandas checks every row's field count against it; with
         # header=0 a first data row one field longer than the header silently became the index, shifting the columns.
-        df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConvertError(f"{path}: no such file") from None
     except UnicodeDecodeError:
@@ -112,12 +135,7 @@ def from_csv(path: str | Path, **columns: Any) -> list[dict[str, Any]]:
     except pd.errors.EmptyDataError:
         raise ConvertError(f"{path} is empty") from None
     except pd.errors.ParserError as err:
-        raise ConvertError(f"{path} is not a valid CSV: {_csv_problem(str(err), path)}") from None
-    df = df.iloc[1:].set_axis(list(df.iloc[0]), axis=1)
-    try:
-        return _convert(df, True, **columns)
-    except ConvertError as err:
-        raise ConvertError(f"{path}: {err}") from None
+        raise ConvertError(f"{path} is not a valid CSV: {_csv_problem(str(err), path, sep)}") from None
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:

@@ -42,10 +42,11 @@ RECORD_KEYS = {
     "text": ("text",),
 }
 SUPPORTED_SUFFIXES = (".jsonl", ".txt")
-# `###Human:` / `###Assistant:` starting a line, in any case ("### human:" too)
-MARKER = re.compile(r"^###\s*(Human|Assistant):[ \t]?(.*)$", re.IGNORECASE)
+# `###Human:` / `###Assistant:` starting a line, in any case and with the spacing hand-edited files
+# have ("### human :", an indented marker): missed, the whole file would train as raw text, silently
+MARKER = re.compile(r"^[ \t]*###[ \t]*(Human|Assistant)[ \t]*:[ \t]?(.*)$", re.IGNORECASE)
 # an answer's marker after the question on the same line: "###Human: q ###Assistant: a"
-INLINE_ANSWER = re.compile(r"[ \t]+(?=###\s*Assistant:)", re.IGNORECASE)
+INLINE_ANSWER = re.compile(r"[ \t]+(?=###[ \t]*Assistant[ \t]*:)", re.IGNORECASE)
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -82,7 +83,11 @@ def parse_file(path: str | Path) -> Parsed:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         return Parsed(suffix.lstrip(".") or "unknown", [], [_unsupported(path, suffix)])
-    lines, encoding_issues = _decode_lines(path.read_bytes())
+    data = path.read_bytes()
+    if _utf16(data):  # said once: each line decoded as UTF-8 would be an invalid_json of its own
+        msg = "the file is UTF-16 text (Windows' \"Unicode\"), not UTF-8; save it as UTF-8"
+        return Parsed(suffix.lstrip("."), [], [Issue("invalid_encoding", msg)])
+    lines, encoding_issues = _decode_lines(data)
     if not any(text.strip() for text in lines):
         return Parsed(suffix.lstrip("."), [], encoding_issues + [Issue("empty_file", f"{path.name} has no examples")])
     if suffix == ".jsonl":
@@ -101,6 +106,12 @@ def _unsupported(path: Path, suffix: str) -> Issue:
         hint = "use .jsonl (one JSON object per line) or .txt"
     what = f"a {suffix} file" if suffix else "a file without an extension"
     return Issue("unsupported_format", f"{what} is not a training format; {hint}")
+
+
+def _utf16(data: bytes) -> bool:
+    """UTF-16: its byte-order mark, or the NUL byte beside the first character (ASCII in UTF-16
+    without a mark); UTF-8 text has no NUL bytes."""
+    return data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:2]
 
 
 def _decode_lines(data: bytes) -> tuple[list[str], list[Issue]]:
@@ -140,7 +151,7 @@ def _parse_jsonl(lines: list[str], skip: set[int | None]) -> Parsed:
             examples.append(example)
             formats.append(fmt)
     if n_records and not examples and (whole := _whole_json(lines, n_records)):
-        return Parsed("json", [], [whole], n_records)
+        return Parsed("json", [], [whole[0]], whole[1])
     issues += [_unread_key(fmt, key, where) for (fmt, key), where in unread.items()]
     fmt = "+".join(dict.fromkeys(formats)) or "jsonl"
     return Parsed(fmt, examples, issues, n_records)
@@ -168,10 +179,11 @@ def _unread_key(fmt: str, key: str, where: list[int]) -> Issue:
     return Issue("unrecognized_key", msg, where[0], key, severity="warning")
 
 
-def _whole_json(lines: list[str], n_records: int) -> Issue | None:
+def _whole_json(lines: list[str], n_records: int) -> tuple[Issue, int] | None:
     """A whole-file mistake behind a file that has no good line: one JSON array or pretty-printed
     object spread over many lines is not JSONL - said once, not as an invalid line per line. (A
-    one-line file that is a single bad example keeps its own line's errors.)"""
+    one-line file that is a single bad example keeps its own line's errors.) With it, the records the
+    file holds: an array's items, not a pretty-printed array's lines."""
     try:
         value = json.loads("\n".join(lines))
     except ValueError:
@@ -180,7 +192,8 @@ def _whole_json(lines: list[str], n_records: int) -> Issue | None:
         return None
     what = "one JSON array" if isinstance(value, list) else "one JSON value spread over several lines"
     hint = " (e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if isinstance(value, list) else ""
-    return Issue("invalid_json", f"the file holds {what}, not JSON Lines: write one example per line{hint}")
+    issue = Issue("invalid_json", f"the file holds {what}, not JSON Lines: write one example per line{hint}")
+    return issue, len(value) if isinstance(value, list) else 1
 
 
 def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list[Issue], list[str]]:

@@ -174,7 +174,7 @@ def _n_sequences(n_records: int, stats: TokenStats | None, texts: bool) -> int |
 
 def _count_issues(report: Report, issues: list[Issue], min_examples: int) -> list[Issue]:
     n = report.n_sequences
-    if n >= min_examples or any(i.code in ("empty_file", "unsupported_format") for i in issues):
+    if n >= min_examples or any(i.line is None and i.severity == "error" for i in issues):  # (unreadable: said)
         return []
     what = "examples" if n == report.n_examples else "training sequences"
     msg = f"Training file has {_counted(report)}, but must have at least {min_examples} {what}"

@@ -125,6 +125,9 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: not a run's settings (a JSON object)")
         known = {f.name for f in fields(cls)}
+        # The run is the folder its config is read from: a folder moved or copied elsewhere keeps its
+        # old absolute `out`, and a resume would train from scratch in (a new folder at) that old path.
+        raw["out"] = str(Path(run_dir).resolve())
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 

@@ -46,9 +46,9 @@ class Pair:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
 
-def render_pairs(examples: list[Example], tokenizer, max_length: int, source: str) -> list[Pair]:
-    """Every example as a preference pair; a file with anything else can't be trained with DPO."""
-    pairs = []
+def check_pairs(examples: list[Example], source: str) -> None:
+    """ValueError naming the first example that is not a preference pair (the trainer asks before its
+    base model loads, which for a large one takes minutes)."""
     for e in examples:
         if e.kind != "preference":
             raise ValueError(
@@ -56,6 +56,13 @@ def render_pairs(examples: list[Example], tokenizer, max_length: int, source: st
                 '({"input": ..., "preferred_output": ..., "non_preferred_output": ...}); this line is a '
                 f"{e.kind} example"
             )
+
+
+def render_pairs(examples: list[Example], tokenizer, max_length: int, source: str) -> list[Pair]:
+    """Every example as a preference pair; a file with anything else can't be trained with DPO."""
+    check_pairs(examples, source)
+    pairs = []
+    for e in examples:
         chosen, rejected = render_preference(e, tokenizer, max_length)
         if chosen.n_loss_tokens and rejected.n_loss_tokens:
             pairs.append(Pair(chosen, rejected, e.line))

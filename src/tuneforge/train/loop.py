@@ -96,9 +96,11 @@ def _check_before_loading(cfg: TrainConfig) -> None:
     real base): an unknown base, and the data files' own mistakes - bad lines, missing fields, too
     few examples. What needs the tokenizer (lengths, token counts) is checked again once it is loaded."""
     resolve(cfg.base)
-    load_examples(cfg.data, None, cfg.max_length)
-    if cfg.validation_data:
-        load_examples(cfg.validation_data, None, cfg.max_length, min_examples=1)
+    examples = load_examples(cfg.data, None, cfg.max_length)
+    valid = load_examples(cfg.validation_data, None, cfg.max_length, min_examples=1) if cfg.validation_data else []
+    if cfg.objective == "dpo":  # a chat file given to DPO: its kind is known without the model too
+        dpo.check_pairs(examples, cfg.data)
+        dpo.check_pairs(valid, cfg.validation_data)
 
 
 AUTO_SPLIT, AUTO_SPLIT_MIN = 0.1, 20  # validation_split "auto": a tenth held out from 20 examples on
