@@ -220,6 +220,22 @@ def test_resume_of_a_run_whose_training_file_is_gone_names_it(tmp_path, chat_fil
     assert "Loading base model" not in proc.stderr
 
 
+def test_resume_with_other_settings_refuses_them_by_name(tmp_path):
+    """`--resume RUN --n-epochs 5` ran the run's old epochs: every setting but --resume was dropped unread
+    (only --data and --out were refused). --quiet and --json are how it speaks, not settings."""
+    from tuneforge.train.config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(data=str(tmp_path / "data.jsonl"), out=str(run), base="tiny-llama").save(run)
+    proc = tf("train", "--resume", run, "--n-epochs", "5", "--learning-rate-multiplier", "2", "--quiet", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: --resume continues a run with the settings it started with: give it alone "
+                                   "(not with --n-epochs, --learning-rate-multiplier)")
+    proc = tf("train", "--resume", run, "--quiet", "--json", check=False)  # on to the next check
+    assert proc.returncode == 2 and "training file" in proc.stderr and "give it alone" not in proc.stderr
+
+
 def test_convert_given_a_jsonl_file_says_it_is_no_csv(tmp_path, chat_file):
     proc = tf("data", "convert", chat_file, "--prompt-col", "q", "--completion-col", "a", "-o", tmp_path / "o.jsonl",
               check=False)  # was "column 'q' not found; columns there: {"messages": [{"role": "system", ..."

@@ -246,6 +246,7 @@ def _sigterm_as_interrupt():
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="Training file (JSONL or .txt).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder to create.")] = None,
     base: Annotated[str, typer.Option(help="Base model: catalogue name, HF folder or .gguf.")] = "smollm2-135m-instruct",
@@ -288,8 +289,12 @@ def train(
     from .train.loop import train as run_training
 
     if resume:
-        if data is not None or out is not None:
-            raise ValueError("--resume continues a run with the settings it started with: give it alone")
+        # (any other setting given would be dropped unread: `--resume RUN --n-epochs 5` ran the old epochs)
+        given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in ("resume", "quiet", "json_out")
+                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # (typer's own click)
+        if given:
+            raise ValueError(f"--resume continues a run with the settings it started with: give it alone "
+                             f"(not with {', '.join(given)})")
         cfg = TrainConfig.load(resume)
         if (resume / RESULT_FILE).is_file():
             raise ValueError(f"{resume} has finished training: nothing to resume (train again with --overwrite)")
