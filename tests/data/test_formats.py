@@ -266,3 +266,13 @@ def test_instruction_markers_indented_or_spaced_before_the_colon_are_markers(tmp
     parsed = parse_file(path)
     assert parsed.format == "instruction_txt" and parsed.issues == []
     assert [[m["content"] for m in e.messages] for e in parsed.examples] == [["q1", "a1"], ["q2", "a2"], ["q3", "a3"]]
+
+
+def test_trls_chosen_rejected_shape_is_one_error_pointing_at_openais():
+    """TRL's {"prompt", "chosen", "rejected"} (the shape of most public preference datasets) was read as
+    prompt/completion: "no completion" and two warnings of keys left unread, none saying what to write."""
+    fmt, example, issues, unread = parse_record(json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}), 3)
+    assert (fmt, example, unread) == (None, None, [])
+    assert [(i.code, i.line, i.field) for i in issues] == [("unsupported_format", 3, "chosen")]
+    assert "TRL's preference shape" in issues[0].message and '"preferred_output"' in issues[0].message
+    assert "--chosen-col" in issues[0].message

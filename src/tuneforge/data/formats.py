@@ -208,6 +208,11 @@ def parse_record(text: str, line: int) -> tuple[str | None, Example | None, list
         return None, None, [Issue("invalid_json", f"not valid JSON: {err}", line)], []
     if not isinstance(obj, dict):
         return None, None, [Issue("data_type", f"each line must be a JSON object, not {_type(obj)}", line)], []
+    if "chosen" in obj or "rejected" in obj:  # (read as prompt/completion, it was "no completion" and two warnings)
+        msg = ('chosen/rejected is TRL\'s preference shape; write OpenAI\'s: {"input": {"messages": [...]}, '
+               '"preferred_output": [{"role": "assistant", ...}], "non_preferred_output": [...]} (a table converts '
+               "with tuneforge data convert --prompt-col --chosen-col --rejected-col)")
+        return None, None, [Issue("unsupported_format", msg, line, "chosen" if "chosen" in obj else "rejected")], []
     if "messages" in obj:
         fmt, parse = "chat", _parse_chat
     elif any(k in obj for k in ("input", "preferred_output", "non_preferred_output")):
