@@ -276,3 +276,15 @@ def test_trls_chosen_rejected_shape_is_one_error_pointing_at_openais():
     assert [(i.code, i.line, i.field) for i in issues] == [("unsupported_format", 3, "chosen")]
     assert "TRL's preference shape" in issues[0].message and '"preferred_output"' in issues[0].message
     assert "--chosen-col" in issues[0].message
+
+
+def test_a_key_a_pairs_input_does_not_read_is_an_error_naming_it():
+    """A misspelt `tool` in a pair's input was dropped unread: the pair trained with no tools offered."""
+    pair = {"input": {"messages": [{"role": "user", "content": "q"}], "tool": []},
+            "preferred_output": [{"role": "assistant", "content": "a"}],
+            "non_preferred_output": [{"role": "assistant", "content": "b"}]}
+    _, _, issues, _ = parse_record(json.dumps(pair), 7)
+    assert [(i.code, i.line, i.field, i.severity) for i in issues] == [("unrecognized_key", 7, "input.tool", "error")]
+    assert issues[0].message == "unrecognized key 'tool' in input; it holds messages, tools, parallel_tool_calls"
+    pair["input"] = {"messages": pair["input"]["messages"], "parallel_tool_calls": False}
+    assert parse_record(json.dumps(pair), 7)[2] == []

@@ -41,6 +41,7 @@ RECORD_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")  # a preference pair's input (a chat record's own)
 SUPPORTED_SUFFIXES = (".jsonl", ".txt")
 # `###Human:` / `###Assistant:` starting a line, in any case and with the spacing hand-edited files
 # have ("### human :", an indented marker): missed, the whole file would train as raw text, silently
@@ -254,6 +255,8 @@ def _parse_preference(obj: dict, line: int) -> tuple[Example, list[Issue]]:
     if not isinstance(prompt, dict):
         return Example("preference", line=line), [Issue("data_type", "input must be an object", line, "input")]
     issues = _check_tools(prompt.get("tools"), line, "input.tools")
+    issues += [Issue("unrecognized_key", f"unrecognized key {k!r} in input; it holds {', '.join(INPUT_KEYS)}",
+                     line, f"input.{k}") for k in prompt if k not in INPUT_KEYS]  # (a misspelt tools: none offered)
     issues += _check_messages(prompt.get("messages"), line, "input.messages")
     for key in ("preferred_output", "non_preferred_output"):
         if not obj.get(key):
