@@ -185,3 +185,27 @@ def test_missing_file_fails_instead_of_hanging():
 
 def test_once_returns_when_there_is_nothing_to_do():
     run_worker(poll_interval=0.1, once=True)
+
+
+def test_a_worker_whose_job_was_taken_over_stops_without_touching_it(monkeypatch):
+    """A worker that stopped beating long enough (a paused process, a partitioned host) finds its job
+    resumed by another: it must leave the run folder and the job's events to the new holder - an
+    interrupt checkpoint of its own would prune the new holder's optimizer state."""
+    from tuneforge.jobs import worker
+
+    job_id = add_job(add_file(12), n_epochs=1, batch_size=1)
+    metrics = worker.JobRunner._metrics
+
+    def taken_over_at_step_2(self, row):
+        if row["step"] == 2:  # what a reclaim by another worker writes
+            with session() as s:
+                s.scalar(select(JobRow).where(JobRow.id == job_id)).worker_id = "elsewhere:1:new"
+                s.commit()
+        metrics(self, row)
+
+    monkeypatch.setattr(worker.JobRunner, "_metrics", taken_over_at_step_2)
+    run_worker(poll_interval=0.1, once=True)
+    job, events, ckpts, _ = load(job_id)
+    assert job.status == "running" and job.worker_id == "elsewhere:1:new" and job.error is None
+    assert [e.split(":")[0] for e in events if e.startswith("Step")] == ["Step 1/12"]  # not step 2, nor later
+    assert ckpts == [] and not Path(job.run_dir, "checkpoints").exists()

@@ -75,6 +75,13 @@ def _base_slug(model: str) -> str:
         return model
 
 
+class JobLost(Exception):
+    """The job was taken over by another worker (this one stopped beating for longer than the stale
+    limit: a paused process, a partitioned host). Raised from should_stop rather than answered as a
+    stop reason: the loop writes a checkpoint for a stop, and the run folder is now the other
+    worker's (its checkpoint pruning would delete the new holder's optimizer state)."""
+
+
 def _resolved(config: dict) -> dict:
     """A job's hyperparameters as the loop resolved them (a run's config.json, as a dict)."""
     out = {k: config[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
@@ -105,8 +112,16 @@ class JobRunner:
 
     def event(self, message: str, **kw) -> None:
         with self.sessions() as s:
-            queue.add_event(s, self.job_id, message, **kw)
-            s.commit()
+            if self._holds(s):
+                queue.add_event(s, self.job_id, message, **kw)
+                s.commit()
+
+    def _holds(self, s: Session) -> bool:
+        """Whether the job is still this worker's. One that was taken over gets nothing more from this
+        worker (its steps would be listed twice, beside the new holder's)."""
+        if s.scalar(select(JobRow.worker_id).where(JobRow.id == self.job_id)) != self.worker_id:
+            self.lost = True
+        return not self.lost
 
     def _transition(self, expected: tuple[str, ...], **values) -> bool:
         with self.sessions() as s:
@@ -144,6 +159,8 @@ class JobRunner:
         beat.start()
         try:
             self._run()
+        except JobLost:
+            log.warning("job %s was taken over by another worker; stopping", self.job_id)
         except JobFailed as err:
             self._fail(err.code, err.message, err.param)
         except Exception as err:  # any bug or environment problem: the job says why, never hangs
@@ -257,13 +274,14 @@ class JobRunner:
         per_step = (t - t0) / max(row["step"] - step0, 1)
         eta = now() + per_step * (row["total_steps"] - row["step"])
         with self.sessions() as s:
-            queue.add_event(s, self.job_id, msg, type="metrics", data=data)
-            queue.transition(s, self.job_id, self.worker_id, ("running",), estimated_finish=eta)
-            s.commit()
+            if self._holds(s):
+                queue.add_event(s, self.job_id, msg, type="metrics", data=data)
+                queue.transition(s, self.job_id, self.worker_id, ("running",), estimated_finish=eta)
+                s.commit()
 
     def _checkpoint(self, path: Path, step: int, metrics: dict) -> None:
         with self.sessions() as s:
-            if self._add_checkpoint_row(s, path, step, metrics):
+            if self._holds(s) and self._add_checkpoint_row(s, path, step, metrics):
                 queue.add_event(s, self.job_id, f"Checkpoint created at step {step}")
             s.commit()
 
@@ -280,10 +298,10 @@ class JobRunner:
         return True
 
     def _should_stop(self) -> str | None:
+        if self.lost:  # (before a shutdown's checkpoint, which would be written in the other's folder)
+            raise JobLost
         if self.shutdown.is_set():
             return "shutdown"
-        if self.lost:
-            return "lost"
         t = time.monotonic()
         if t - self._last_poll < CONTROL_POLL_SECONDS:
             return self._last_answer
@@ -293,8 +311,9 @@ class JobRunner:
                 select(JobRow.status, JobRow.control, JobRow.worker_id).where(JobRow.id == self.job_id)
             ).one()
             if holder != self.worker_id:
-                self._last_answer = "lost"
-            elif control in ("cancel", "pause"):
+                self.lost = True
+                raise JobLost
+            if control in ("cancel", "pause"):
                 self._last_answer = control
             else:
                 self._last_answer = None
@@ -309,9 +328,7 @@ class JobRunner:
         from ..train.checkpoint import read_meta
 
         step = read_meta(checkpoint)["state"]["global_step"]
-        if reason == "lost":
-            log.warning("job %s was taken over by another worker; stopping", self.job_id)
-        elif reason == "cancel":
+        if reason == "cancel":
             self._release(f"Training stopped at step {step}")
         elif reason == "pause":
             self._release(f"Checkpoint saved at step {step}; the job resumes from it when resumed")

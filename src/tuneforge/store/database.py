@@ -12,9 +12,10 @@ import secrets
 import string
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -36,6 +37,29 @@ def metadata_matches(meta: dict | None, wanted: dict[str, str]) -> bool:
     """Whether an object's metadata has every wanted key=value. Filtered in Python: a JSON column
     cannot be queried the same way on SQLite and PostgreSQL."""
     return all((meta or {}).get(k) == v for k, v in wanted.items())
+
+
+class HomePath(TypeDecorator):
+    """A path on disk (an uploaded file, a run folder, weights), kept relative to TUNEFORGE_HOME when
+    it lies under it and read back absolute: the database still finds everything after the home folder
+    moves (a new disk, a restored backup), where an absolute path names the old place and every file,
+    model and checkpoint looks gone. A path elsewhere (an imported run folder) stays absolute."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        try:
+            return Path(value).relative_to(get_settings().home).as_posix()
+        except ValueError:
+            return str(value)
+
+    def process_result_value(self, value, dialect):
+        if value is None or Path(value).is_absolute():
+            return value  # (and the absolute paths of rows written before paths were kept relative)
+        return str(get_settings().home / value)
 
 
 class Base(DeclarativeBase):
@@ -62,7 +86,7 @@ class FileRow(Base):
     filename: Mapped[str] = mapped_column(String(1000))
     purpose: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(HomePath)
     status: Mapped[str] = mapped_column(String(32), default="processed")
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
@@ -92,7 +116,7 @@ class JobRow(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200), index=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     control: Mapped[str | None] = mapped_column(String(16))  # "cancel" | "pause" | None
-    run_dir: Mapped[str | None] = mapped_column(Text)
+    run_dir: Mapped[str | None] = mapped_column(HomePath)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
@@ -146,7 +170,7 @@ class CheckpointRow(Base):
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id"), index=True)
     step: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(1000), index=True)  # ft:...:ckpt-step-N
-    path: Mapped[str] = mapped_column(Text)  # folder with the servable weights
+    path: Mapped[str] = mapped_column(HomePath)  # folder with the servable weights
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
@@ -158,7 +182,7 @@ class ModelRow(Base):
     project: Mapped[str] = mapped_column(String(200), index=True)
     base: Mapped[str] = mapped_column(String(1000))
     job_id: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)  # adapter (or full model) folder
+    path: Mapped[str] = mapped_column(HomePath)  # adapter (or full model) folder
     owned_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
