@@ -79,6 +79,25 @@ def test_resume_after_stop_gives_the_same_run(tmp_path, chat_file):
     assert [read_meta(c)["kind"] for c in checkpoint_dirs(tmp_path / "split")] == ["epoch", "epoch"]
 
 
+def test_a_stop_right_after_an_epoch_keeps_that_epochs_checkpoint(tmp_path, chat_file):
+    """A pause just as an epoch ended wrote its interrupt checkpoint under the epoch checkpoint's name
+    (same step), replacing it; the resumed run's next checkpoint then pruned it as an interrupt one, so
+    the epoch's checkpoint (listed by a job, a candidate for early stopping) was gone."""
+    calls = {"n": 0}
+
+    def stop_before_step_7():  # step 6 ended the first epoch
+        calls["n"] += 1
+        return "paused" if calls["n"] == 7 else None
+
+    cfg = config(tmp_path, chat_file, "run", lora_dropout=0.1)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, should_stop=stop_before_step_7)
+    assert stopped.value.checkpoint.name == "step-000006" and read_meta(stopped.value.checkpoint)["kind"] == "epoch"
+    train(cfg, resume=True)
+    assert [(c.name, read_meta(c)["kind"]) for c in checkpoint_dirs(tmp_path / "run")] == [
+        ("step-000006", "epoch"), ("step-000012", "epoch")]
+
+
 def test_resuming_a_run_killed_before_its_first_checkpoint_says_it_starts_again(tmp_path, chat_file):
     cfg = config(tmp_path, chat_file, n_epochs=1)
     (tmp_path / "run").mkdir()  # what a run killed in its first steps leaves: a folder, no checkpoint

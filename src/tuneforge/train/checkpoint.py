@@ -42,6 +42,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: str, metrics: dict):
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{state.global_step:06d}"
+    if kind == "interrupt" and (final / "state.json").exists() and read_meta(final)["state"] == asdict(state):
+        # a stop just after an epoch's checkpoint: nothing trained since, and written as an interrupt
+        # it would replace the epoch's own, which the next checkpoint then prunes as superseded
+        return final
     tmp = root / f".{final.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
