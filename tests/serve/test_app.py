@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -586,3 +587,25 @@ def test_a_checkpoints_epoch_end_validation_is_openais_full_valid_metrics():
     assert m.valid_loss == 2.0
     without = _checkpoint_metrics({"train_loss": 1.5}, 3)  # no validation data: nothing made up
     assert without.full_valid_loss is None and without.valid_loss is None
+
+
+def test_a_file_or_model_gone_from_the_disk_is_a_404_saying_so(client, tmp_path):
+    """An operator's cleanup (or a bad restore) removed what the database still lists: reading it was a
+    500 "The server had an error", which the SDK retries twice and then shows without a word of why."""
+    from tuneforge.store.database import FileRow, ModelRow
+
+    r = upload(client)
+    assert r.status_code == 200, r.text
+    fid = r.json()["id"]
+    with session() as s:
+        Path(s.scalar(select(FileRow.path).where(FileRow.id == fid))).unlink()
+        s.add(ModelRow(id="ft:tiny-llama:tuneforge::gone", project="proj", base="tiny-llama", job_id="",
+                       path=str(tmp_path / "deleted-run" / "adapter"), owned_by="tuneforge"))
+        s.commit()
+    r = client.get(f"/v1/files/{fid}/content")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_content_missing"
+    assert "no longer on this server's disk" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "ft:tiny-llama:tuneforge::gone", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "has no weights on this server's disk any more" in r.json()["error"]["message"]

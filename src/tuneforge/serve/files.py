@@ -172,6 +172,9 @@ def retrieve_route(file_id: str, db: DB, caller: Caller):
 @router.get("/files/{file_id}/content", response_class=FileResponse)
 def content_route(file_id: str, db: DB, caller: Caller):
     row = get_file(db, caller, file_id)
+    if not Path(row.path).is_file():  # (sending it was a 500: "The server had an error")
+        raise APIError(404, f"The content of file {file_id} is no longer on this server's disk (moved or deleted): "
+                            "ask the server's operator", param="file_id", code="file_content_missing")
     return FileResponse(row.path, media_type="application/octet-stream", filename=row.filename)
 
 

@@ -34,6 +34,9 @@ def resolve_model(db: Session, caller: Principal, name: str) -> Target:
         return Target(name)
     row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
     if row is not None:
+        if not Path(row.path).exists():  # (loading it was a 500: "The server had an error")
+            raise APIError(404, f"The model `{name}` has no weights on this server's disk any more (its folder was "
+                                "moved or deleted): ask the server's operator", param="model", code="model_not_found")
         return Target(row.base, Path(row.path))
     ckpt = _checkpoint(db, caller, name)
     if ckpt is not None:
