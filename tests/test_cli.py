@@ -318,7 +318,7 @@ def test_models_lists_the_catalogue_and_says_what_each_is():
 
 def test_usage_summarises_served_requests():
     from tuneforge.monitor.usage import UsageRecord, record
-    from tuneforge.store.database import session
+    from tuneforge.store.database import StoredCompletionRow, session
 
     with session() as s:
         for status in (200, 200, 404):
@@ -332,6 +332,19 @@ def test_usage_summarises_served_requests():
     assert mini["usd"] == pytest.approx((15 * 0.3 + 21 * 1.2) / 1e6)
     text = tf("usage").stdout
     assert "p95_latency_ms" in text and "gpt-4o-mini $0.0000" in text
+    from tuneforge.monitor.stored import quality
+
+    with session() as s:
+        s.add(StoredCompletionRow(id="chatcmpl-q1", project="p", model="ft:x", messages=[], meta={"rating": "good"},
+                                  completion={"choices": [{"finish_reason": "length"}]}))
+        s.add(StoredCompletionRow(id="chatcmpl-q2", project="q", model="ft:y", messages=[], meta=None,
+                                  completion={"choices": [{"finish_reason": "stop"}]}))
+        s.commit()
+        assert [q["model"] for q in quality(s)] == ["ft:x", "ft:y"]
+    out = json.loads(tf("usage", "--project", "p", "--json").stdout)
+    assert out["quality"] == [{"project": "p", "model": "ft:x", "kept": 1, "ratings": {"good": 1},
+                               "cut_at_max_tokens": 1}]
+    assert "Kept answers of ft:x (p): 1, 1 rated good, 1 cut at max tokens" in tf("usage").stdout
     from tuneforge.store.database import UsageRow, now
 
     with session() as s:  # a request from three days ago: in all time, not in the last day

@@ -596,15 +596,20 @@ def usage(
     json_out: JsonOpt = False,
 ):
     """Served traffic per project and model: requests, tokens, errors, mean and p95 latency, and what
-    the same tokens would have cost at OpenAI's prices for fine-tuned models."""
+    the same tokens would have cost at OpenAI's prices for fine-tuned models; then the answers kept
+    (store: true): how they were rated, how many were cut at max tokens."""
+    from .monitor.stored import quality
     from .monitor.usage import openai_cost, summary
-    from .store.database import now
+    from .store.database import now, session
 
-    rows = summary(project, since=now() - days * 86400 if days else None, database_url=database_url)
+    since = now() - days * 86400 if days else None
+    rows = summary(project, since=since, database_url=database_url)
     rows = [r for r in rows if model is None or r["model"] == model]  # (one row per project and model)
     costs = openai_cost(rows)
+    with session(database_url) as s:
+        kept = [q for q in quality(s, project, since) if model is None or q["model"] == model]
     if json_out:
-        _print_json({"data": rows, "openai_cost": costs})
+        _print_json({"data": rows, "openai_cost": costs, "quality": kept})
         return
     cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms",
             "p95_latency_ms")
@@ -613,6 +618,10 @@ def usage(
         typer.echo("\t".join("-" if r[c] is None else str(r[c]) for c in cols))
     typer.echo("The same tokens at OpenAI's fine-tuned model prices: "
                + ", ".join(f"{c['model']} ${c['usd']:.4f}" for c in costs))
+    for q in kept:  # the answers kept with store: true, and what reviewers said of them
+        rated = "".join(f", {n} rated {r}" for r, n in q["ratings"].items())
+        typer.echo(f"Kept answers of {q['model']} ({q['project']}): {q['kept']}{rated}, "
+                   f"{q['cut_at_max_tokens']} cut at max tokens")
 
 
 # what `prune` deleted, as its report says it (singular, plural), by monitor.retention's table names

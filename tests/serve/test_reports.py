@@ -134,6 +134,11 @@ def test_usage_and_stored_completions_back_into_a_training_file(client):
     said = cut.json()["error"]["message"]
     assert cut.status_code == 400 and "1 stored chat completion(s) match, but none ended by itself" in said
 
+    # the quality signals of what was kept, beside the traffic: ratings as written, answers cut short
+    quality = client.get("/v1/tuneforge/usage", params={"days": 1}).json()["quality"]
+    assert quality == [{"model": "tiny-llama", "kept": 4, "ratings": {"good": 2, "bad": 1, "cut": 1},
+                        "cut_at_max_tokens": 1}]
+
 
 def keep_response(project: str, metadata: dict, *, status: str = "completed", answer: str = "Four.",
                   instructions: str | None = "Answer briefly.") -> None:

@@ -85,6 +85,28 @@ def _answer(choice: dict) -> dict | None:
     return {"role": "assistant", "content": message["content"]}
 
 
+def quality(s: Session, project: str | None = None, since: float | None = None) -> list[dict]:
+    """The quality signals of the kept answers, per project and model (of one project if given): how
+    many completions were stored, how they were rated (their metadata `rating`: the dashboard writes
+    good / bad, a client may write its own values) and how many were cut at max_tokens - an answer
+    that runs out of room is a model, or a limit, to look at. In the order they were first kept."""
+    stmt = select(StoredCompletionRow.project, StoredCompletionRow.model, StoredCompletionRow.meta,
+                  StoredCompletionRow.completion)
+    if project is not None:
+        stmt = stmt.where(StoredCompletionRow.project == project)
+    if since is not None:
+        stmt = stmt.where(StoredCompletionRow.created_at >= since)
+    groups: dict[tuple[str, str], dict] = {}
+    for proj, model, meta, completion in s.execute(stmt.order_by(StoredCompletionRow.seq)).all():
+        row = groups.setdefault((proj, model), {"project": proj, "model": model, "kept": 0, "ratings": {},
+                                                "cut_at_max_tokens": 0})
+        row["kept"] += 1
+        if (rating := (meta or {}).get("rating")) is not None:
+            row["ratings"][rating] = row["ratings"].get(rating, 0) + 1
+        row["cut_at_max_tokens"] += (completion["choices"] or [{}])[0].get("finish_reason") == "length"
+    return list(groups.values())
+
+
 def find_responses(s: Session, project: str, model: str | None = None,
                    metadata: dict[str, str] | None = None) -> list[ResponseRow]:
     """The kept responses of `project`, of `model` and with every `metadata` pair if given, oldest first."""

@@ -153,10 +153,12 @@ def tuned_models(db: DB, caller: Caller):
 
 
 @router.get("/tuneforge/usage")
-def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
+def usage(caller: Caller, db: DB, days: Annotated[float | None, Query(gt=0)] = None):
     """The caller's project's traffic over the last `days` (or all time): per model (monitor.usage:
-    requests, tokens, errors, mean and p95 latency), per hour (up to 2 days) or day for a chart, and
-    what its tokens would have cost at OpenAI's prices for fine-tuned models."""
+    requests, tokens, errors, mean and p95 latency), per hour (up to 2 days) or day for a chart, what
+    its tokens would have cost at OpenAI's prices for fine-tuned models, and the quality signals of
+    the answers it kept (monitor.stored.quality: ratings, answers cut at max tokens)."""
+    from ..monitor.stored import quality
     from ..monitor.usage import openai_cost, summary, timeline
     from ..store.database import now
 
@@ -167,6 +169,7 @@ def usage(caller: Caller, days: Annotated[float | None, Query(gt=0)] = None):
         "object": "list", "data": rows, "bucket_seconds": bucket,
         "timeline": timeline(caller.project, since=since, bucket_seconds=bucket),
         "openai_cost": openai_cost(rows),
+        "quality": [{k: v for k, v in q.items() if k != "project"} for q in quality(db, caller.project, since)],
     }
 
 
