@@ -476,3 +476,114 @@ def test_narrow_window_has_no_horizontal_scroll(browser, server):
         box = link.bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 360, (link.inner_text(), box)
     phone.close()
+
+
+def test_jobs_list_stops_asking_for_jobs_once_left(page, server):
+    """A poll of the jobs list answered after the page was left started the next one: each such visit
+    left one more loop asking for the list every 15 s (3 s while a job runs) for as long as the tab
+    stayed open, on every other page."""
+    page.clock.install()
+    page.goto(server.url + "/#/jobs")
+    expect(page.locator(".page[data-page=jobs] .spinner")).to_have_count(0)  # the list is in
+    held = []
+    jobs_list = re.compile(r".*/v1/fine_tuning/jobs\?.*")
+    page.route(jobs_list, lambda route: held.append(route))
+    page.clock.fast_forward(16_000)  # the next poll goes out, and is held until the page is left
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the jobs list was not polled"
+    page.evaluate("location.hash = '#/models'")
+    expect(page.locator("h1")).to_have_text("Models")
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if jobs_list.match(r.url) else None)
+    for route in held:
+        route.continue_()
+    page.unroute(jobs_list)
+    page.wait_for_timeout(500)
+    page.clock.fast_forward(60_000)
+    page.wait_for_timeout(500)
+    assert not asked, f"the Models page still polls the jobs list: {asked}"
+
+
+def test_dpo_form_flags_a_validation_file_of_chat_examples(page, server, pairs_file, data):
+    """DPO validates on pairs too: a chat validation file was flagged only as a training file, and the
+    job made from the form failed in validating_files a few seconds later."""
+    pairs, chats = server.upload(pairs_file), server.upload(data["good"])
+    page.goto(server.url + "/#/jobs/new?model=tiny-llama")
+    page.select_option("#f-training_file", pairs["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to train")
+    page.select_option("#f-validation_file", chats["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to validate on")
+    expect(page.locator("[data-test=dpo-mismatch]")).to_have_count(0)  # LoRA: chat examples validate
+    page.click(".seg label:has(input[value=dpo])")
+    valid_slot = page.locator("#create-form .upload-slot").nth(1)
+    expect(valid_slot.locator("[data-test=dpo-mismatch]")).to_contain_text("this file holds chat examples")
+    expect(page.locator("[data-test=dpo-mismatch]")).to_have_count(1)  # (the pairs training file is fine)
+    page.select_option("#f-validation_file", pairs["id"])
+    expect(valid_slot).to_contain_text("Ready to validate on")
+    expect(page.locator("[data-test=dpo-mismatch]")).to_have_count(0)
+
+
+def test_monitor_filters_on_enter(page, server):
+    """Typing a filter and pressing Enter did nothing: only a click on Filter applied it."""
+    from tests.conftest import tiny_ends_by_itself
+
+    for run in ("enter-a", "enter-b"):
+        server.api("POST", "/v1/chat/completions", {
+            "model": "tiny-llama", "max_tokens": 3, "store": True, "metadata": {"run": run},
+            "messages": [{"role": "user", "content": f"question {run}"}], **tiny_ends_by_itself()})
+    page.goto(server.url + "/#/monitor")
+    rows = page.locator("[data-test=stored-table] tbody tr")
+    expect(rows.filter(has_text="question enter-a")).to_have_count(1)  # the unfiltered list is in
+    page.fill("#stored-metadata", "run=enter-b")
+    page.press("#stored-metadata", "Enter")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator("[data-test=stored-metadata]")).to_have_text("run=enter-b")
+    page.fill("#stored-model", "no-such-model")
+    page.press("#stored-model", "Enter")
+    expect(page.locator("[data-test=stored]")).to_contain_text("No stored completion matches")
+
+
+def test_playground_answer_finishing_after_the_model_changed_stays_out_of_the_new_chat(page, server):
+    """Another model picked while an answer streams starts a new conversation: the old model's answer,
+    landing after, became the first message of the new one (sent with the next question, unseen)."""
+    sent, held = [], []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + "/#/playground?model=tiny-llama")
+    page.fill("#pg-max-tokens", "3")
+    page.route("**/v1/chat/completions", lambda route: held.append(route))
+    page.fill("#pg-prompt", "first question")
+    page.click("#pg-send")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the question was not sent"
+    other = next(v for v in page.locator("#pg-model option").evaluate_all("os => os.map((o) => o.value)") if v != "tiny-llama")
+    page.select_option("#pg-model", other)  # a new conversation...
+    expect(page.locator(".empty-hint")).to_contain_text(f"New conversation with {other}")
+    page.select_option("#pg-model", "tiny-llama")  # ... and back, still before the answer came
+    held[0].continue_()
+    page.unroute("**/v1/chat/completions")
+    expect(page.locator("#pg-send")).to_be_enabled(timeout=60_000)  # the first answer is in
+    page.fill("#pg-prompt", "second question")
+    page.click("#pg-send")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1, timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": "second question"}]
+
+
+def test_deleting_the_file_on_show_takes_its_report_away(page, server, data):
+    """The report of a file just deleted stayed, its "Create a job with this file" leading to a form
+    without the file (and its address to Not found on a reload)."""
+    page.goto(server.url + "/#/upload")
+    page.select_option("#report-model", "tiny-llama")
+    page.set_input_files("#upload-input", str(data["good"]))
+    expect(page.locator("[data-test=train-this]")).to_be_visible(timeout=60_000)
+    file_id = page.url.rsplit("/", 1)[-1]
+    page.locator(f"tr[data-file='{file_id}'] button:has-text('Delete')").click()
+    expect(page.locator(f"tr[data-file='{file_id}']")).to_have_count(0)
+    expect(page.locator("[data-test=report-verdict]")).to_have_count(0)
+    expect(page.locator("[data-test=train-this]")).to_have_count(0)
+    assert page.url.endswith("#/upload")

@@ -431,19 +431,22 @@ async function viewJobs(root) {
   const card = h("div", { class: "card flush" }, h("div", { class: "empty" }, h("span", { class: "spinner" }), " Loading jobs…"));
   root.append(card);
   let timer = null;
+  let stopped = false;  // (a poll answered after the page was left must not start another)
   const load = async () => {
     try {
       const jobs = await listAll("/v1/fine_tuning/jobs", { max: 500 });
+      if (stopped) return;
       put(card, jobsTable(jobs));
       // quick while a job moves; slower otherwise, so jobs created elsewhere (API, another tab) still appear
       timer = setTimeout(load, jobs.some((j) => !FINAL.includes(j.status)) ? 3000 : 15000);
     } catch (e) {
+      if (stopped) return;
       put(card, h("div", { class: "empty" }, e.message));
       if (e.status !== 401) timer = setTimeout(load, 15000);
     }
   };
   await load();
-  return () => clearTimeout(timer);
+  return () => { stopped = true; clearTimeout(timer); };
 }
 
 function jobsTable(jobs) {
@@ -499,7 +502,7 @@ async function viewCreate(root, params) {
   const methodNow = () => (form.querySelector("input[name=method]:checked") || {}).value;
   const mismatch = (select) => {
     const r = reports[select.name];
-    if (select.name !== "training_file" || !r || methodNow() !== "dpo" || r.format === "preference") return null;
+    if (!r || methodNow() !== "dpo" || r.format === "preference") return null;  // (a validation file too: a job fails on it)
     return h("div", { class: "callout warn", style: "margin-top:8px", "data-test": "dpo-mismatch" }, h("div", {},
       h("strong", {}, "Not preference pairs"), `DPO trains on pairs ({"input", "preferred_output", "non_preferred_output"}); this file holds ${r.format} examples.`));
   };
@@ -575,7 +578,10 @@ async function viewCreate(root, params) {
     h("div", { class: "row end", style: "margin-top:16px" },
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
-  methodSeg.addEventListener("change", () => { if (reports.training_file) renderReport(trainSelect, trainSlot); });
+  methodSeg.addEventListener("change", () => {
+    if (reports.training_file) renderReport(trainSelect, trainSlot);
+    if (reports.validation_file) renderReport(validSelect, validSlot);
+  });
   form.querySelector("input[name=n_epochs]").addEventListener("input", () => {
     if (reports.training_file) renderReport(trainSelect, trainSlot);  // the summary follows the Epochs typed
   });
@@ -748,7 +754,16 @@ async function viewUpload(root, params, fileId) {
             h("a", { class: "btn small", href: `#/upload/${f.id}` }, "Report"),
             h("button", { type: "button", class: "btn small danger", onclick: async () => {
               if (!confirm(`Delete ${f.filename} (${f.id})?`)) return;
-              try { await api(`/v1/files/${f.id}`, { method: "DELETE" }); toast("File deleted"); refreshFiles(); } catch (e) { toast(e.message, true); }
+              try {
+                await api(`/v1/files/${f.id}`, { method: "DELETE" });
+                toast("File deleted");
+                if (f.id === currentFile) {  // its report offered to train on a file that is gone
+                  currentFile = null;
+                  put(out);
+                  history.replaceState(null, "", "#/upload");
+                }
+                refreshFiles();
+              } catch (e) { toast(e.message, true); }
             } }, "Delete")))))))) : h("div", { class: "empty" }, "No files uploaded yet."));
     } catch (e) {
       put(filesCard, h("div", { class: "empty" }, e.message));
@@ -1198,7 +1213,10 @@ async function viewPlayground(root, params) {
     // until the first token: a model asked for the first time is loaded (and a GGUF converted) first
     const out = bubble(pane, "assistant streaming", h("span", { class: "meta waiting" }, "waiting for the model…"));
     out.dataset.model = pane.select.value;
-    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...pane.history];
+    // the conversation asked: another model picked (or Clear) meanwhile starts a new one, which this
+    // answer must not join (the next question went to the new model after the old model's answer)
+    const history = pane.history;
+    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...history];
     let text = "";
     const started = performance.now();
     try {
@@ -1217,7 +1235,7 @@ async function viewPlayground(root, params) {
         out.firstChild ? (out.firstChild.textContent = text) : out.append(document.createTextNode(text));
         pane.messages.scrollTop = pane.messages.scrollHeight;
       }, signal);
-      pane.history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
+      history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
       for (const c of calls) out.append(h("div", { class: "mono small", "data-test": "pg-call" }, `${c.function.name}(${c.function.arguments})`));
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
@@ -1226,7 +1244,7 @@ async function viewPlayground(root, params) {
         out.append(h("span", { class: "meta", "data-test": "not-training-data" },
           "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"));
       }
-      if (calls.length) { pane.pending = true; out.append(resultsForm(pane, calls)); }
+      if (calls.length && history === pane.history) { pane.pending = true; out.append(resultsForm(pane, calls)); }
       out.dataset.done = "true";
       return true;
     } catch (e) {
@@ -1240,9 +1258,10 @@ async function viewPlayground(root, params) {
     }
   };
   const runPane = async (pane, text, signal) => {
-    pane.history.push({ role: "user", content: text });
+    const history = pane.history;
+    history.push({ role: "user", content: text });
     bubble(pane, "user", text);
-    if (!(await answer(pane, signal))) pane.history.pop();  // (a failed answer: its question is asked again)
+    if (!(await answer(pane, signal))) history.pop();  // (a failed answer: its question is asked again)
   };
   composer.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -1464,12 +1483,14 @@ async function viewMonitor(root) {
         h("a", { href: `#/jobs/new?file=${file.id}`, "data-test": "train-on-it" }, "Fine-tune on it →"))));
     } catch (e) { put(made, h("div", { class: "callout bad" }, h("div", {}, e.message))); }
   };
+  const filter = () => { put(made); loadStored().catch((e) => toast(e.message, true)); };
+  for (const input of [model, meta]) input.addEventListener("keydown", (ev) => { if (ev.key === "Enter") filter(); });
   root.append(h("div", { class: "card" }, h("h2", {}, "Stored completions"),
     h("div", { class: "form-grid three" },
       h("label", { class: "field" }, h("span", {}, "Model"), model),
       h("label", { class: "field" }, h("span", {}, "Metadata ", h("span", { class: "hint" }, "key=value, comma-separated")), meta),
       h("div", { class: "row end" },
-        h("button", { type: "button", class: "btn", id: "stored-filter", onclick: () => { put(made); loadStored().catch((e) => toast(e.message, true)); } }, "Filter"),
+        h("button", { type: "button", class: "btn", id: "stored-filter", onclick: filter }, "Filter"),
         h("button", { type: "button", class: "btn primary", id: "stored-make-file", onclick: makeFile }, "Make a training file"))),
     made, storedBody));
   await Promise.all([loadUsage(), loadStored()]);
