@@ -321,15 +321,15 @@ def test_usage_summarises_served_requests():
     from tuneforge.store.database import StoredCompletionRow, session
 
     with session() as s:
-        for status in (200, 200, 404):
-            record(s, UsageRecord("POST", "/v1/chat/completions", status, 10.0 * status / 100,
+        for status in (200, 200, 404, 499):  # (499: the client hung up, a Stop: no error, counted apart)
+            record(s, UsageRecord("POST", "/v1/chat/completions", status, 10.0 * status / 100 if status < 499 else 6.0,
                                   project="p", model="ft:x", prompt_tokens=5, completion_tokens=7))
     out = json.loads(tf("usage", "--json").stdout)
-    assert out["data"] == [{"project": "p", "model": "ft:x", "requests": 3, "prompt_tokens": 15,
-                            "completion_tokens": 21, "errors": 1, "mean_latency_ms": 26.8,  # (20 + 20 + 40.4) / 3
-                            "p95_latency_ms": 40.4}]
+    assert out["data"] == [{"project": "p", "model": "ft:x", "requests": 4, "prompt_tokens": 20,
+                            "completion_tokens": 28, "errors": 1, "stopped_by_client": 1,
+                            "mean_latency_ms": 21.6, "p95_latency_ms": 40.4}]  # (20 + 20 + 40.4 + 6) / 4
     mini = next(c for c in out["openai_cost"] if c["model"] == "gpt-4o-mini")
-    assert mini["usd"] == pytest.approx((15 * 0.3 + 21 * 1.2) / 1e6)
+    assert mini["usd"] == pytest.approx((20 * 0.3 + 28 * 1.2) / 1e6)
     text = tf("usage").stdout
     assert "p95_latency_ms" in text and "gpt-4o-mini $0.0000" in text
     from tuneforge.monitor.stored import quality
@@ -351,10 +351,10 @@ def test_usage_summarises_served_requests():
         s.add(UsageRow(project="p", model="ft:x", method="POST", path="/v1/chat/completions", status=200,
                        latency_ms=1.0, created_at=now() - 3 * 86400))
         s.commit()
-    assert json.loads(tf("usage", "--json").stdout)["data"][0]["requests"] == 4
-    assert json.loads(tf("usage", "--json", "--days", "1").stdout)["data"][0]["requests"] == 3
+    assert json.loads(tf("usage", "--json").stdout)["data"][0]["requests"] == 5
+    assert json.loads(tf("usage", "--json", "--days", "1").stdout)["data"][0]["requests"] == 4
     assert "--days" in tf("usage", "--days", "-1", check=False).stderr
-    assert json.loads(tf("usage", "--json", "--model", "ft:x").stdout)["data"][0]["requests"] == 4
+    assert json.loads(tf("usage", "--json", "--model", "ft:x").stdout)["data"][0]["requests"] == 5
     only_other = json.loads(tf("usage", "--json", "--model", "ft:y").stdout)
     assert only_other["data"] == [] and all(c["usd"] == 0 for c in only_other["openai_cost"])
 

@@ -611,8 +611,8 @@ def usage(
     if json_out:
         _print_json({"data": rows, "openai_cost": costs, "quality": kept})
         return
-    cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "mean_latency_ms",
-            "p95_latency_ms")
+    cols = ("project", "model", "requests", "prompt_tokens", "completion_tokens", "errors", "stopped_by_client",
+            "mean_latency_ms", "p95_latency_ms")
     typer.echo("\t".join(cols))
     for r in rows:  # (a request without a model - listing files, say - shows as "-")
         typer.echo("\t".join("-" if r[c] is None else str(r[c]) for c in cols))

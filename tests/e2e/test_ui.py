@@ -253,6 +253,9 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
     page.goto(server.url + "/#/monitor")
     expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_be_visible()
     expect(page.locator("[data-test=usage-table] tr[data-model='tiny-llama']")).to_contain_text("p95")
+    quality = page.locator("[data-test=usage-table] tr[data-model='tiny-llama'] [data-test=quality]")
+    expect(quality).to_contain_text(re.compile(r"\d+ kept"))  # the kept answers' quality signals
+    expect(quality).to_contain_text(re.compile(r"\b[2-9]\d* good\b.*\b[1-9]\d* bad\b|\b[1-9]\d* bad\b.*\b[2-9]\d* good\b"))
     chart = page.locator("[data-test=usage-chart]")
     expect(chart).to_have_attribute("data-bars", re.compile(r"^2[45]$"))  # the hours of the last day
     assert int(chart.locator("g[data-tokens]").last.get_attribute("data-tokens")) >= tokens  # this hour's bar

@@ -58,6 +58,10 @@ def test_a_dropped_stream_stops_generating_and_counts_what_was_made(live, path, 
     assert row is not None and row.model == "tiny-llama" and row.prompt_tokens > 0
     assert 0 < row.completion_tokens < MAX_TOKENS / 4, row.completion_tokens
     assert row.status == 499  # the client's hang-up, as for a whole answer (it was logged 200)
+    from tuneforge.monitor.usage import summary
+
+    (counted,) = [r for r in summary() if r["model"] == "tiny-llama"]  # a Stop is no error: counted apart
+    assert (counted["errors"], counted["stopped_by_client"]) == (0, 1)
 
 
 def _usage_row(path: str) -> UsageRow | None:

@@ -19,6 +19,8 @@ from sqlalchemy.sql.functions import FunctionElement
 from ..data.stats import load_pricing
 from ..store.database import UsageRow, now, session
 
+CLIENT_CLOSED = 499  # the status of a request whose client hung up before its answer was whole
+
 
 @dataclass
 class UsageRecord:
@@ -46,6 +48,12 @@ def _scoped(q, project: str | None, since: float | None):
     return q
 
 
+def _errors():
+    """The count of failed requests: a client that hung up (Stop in a chat UI; 499, nginx's "client
+    closed request") is none - it is counted apart, as stopped_by_client."""
+    return func.sum(case(((UsageRow.status >= 400) & (UsageRow.status != CLIENT_CLOSED), 1), else_=0)).label("errors")
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by nearest rank: a latency some request actually had (what
     summary() asks the database for)."""
@@ -67,7 +75,7 @@ def summary(project: str | None = None, since: float | None = None, database_url
     totals = _scoped(select(
         *key, func.count().label("requests"), func.sum(UsageRow.prompt_tokens).label("prompt_tokens"),
         func.sum(UsageRow.completion_tokens).label("completion_tokens"),
-        func.sum(case((UsageRow.status >= 400, 1), else_=0)).label("errors"),
+        _errors(), func.sum(case((UsageRow.status == CLIENT_CLOSED, 1), else_=0)).label("stopped_by_client"),
         func.avg(UsageRow.latency_ms).label("mean_latency_ms"),
     ), project, since).group_by(*key)
     rows = []
@@ -84,6 +92,7 @@ def summary(project: str | None = None, since: float | None = None, database_url
                 "prompt_tokens": g.prompt_tokens or 0,
                 "completion_tokens": g.completion_tokens or 0,
                 "errors": g.errors,
+                "stopped_by_client": g.stopped_by_client,
                 "mean_latency_ms": round(g.mean_latency_ms, 1),
                 "p95_latency_ms": round(p95, 1),
             })
@@ -121,7 +130,7 @@ def timeline(project: str | None = None, since: float | None = None, bucket_seco
     q = _scoped(select(
         bucket, func.count().label("requests"), func.sum(UsageRow.prompt_tokens).label("prompt_tokens"),
         func.sum(UsageRow.completion_tokens).label("completion_tokens"),
-        func.sum(case((UsageRow.status >= 400, 1), else_=0)).label("errors"),
+        _errors(),
     ), project, since).group_by(bucket)
     with session(database_url) as s:
         counted = {r.bucket * bucket_seconds: r for r in s.execute(q)}

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..data.formats import chat_role
 from ..models.generate import Completion, Delta, Sampling, TokenLogprob
+from ..monitor.usage import CLIENT_CLOSED
 from ..store.database import new_id
 from ..store.keys import Principal
 from . import stored
@@ -309,7 +310,7 @@ def measure_prompt(engine: Engine, target: Target, prompt: list[dict] | str, par
 
 
 POLL_SECONDS = 0.25  # how often a non-streamed answer checks that its client is still connected
-CLIENT_GONE = 499  # the status a request whose client hung up is logged with (nginx's "client closed request")
+CLIENT_GONE = CLIENT_CLOSED  # the status a request whose client hung up is logged with (nginx's "client closed request")
 
 
 def complete_while_connected(engine: Engine, target: Target, work, request: Request, prompt_tokens: int,

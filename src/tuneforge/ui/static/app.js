@@ -1419,16 +1419,27 @@ async function viewMonitor(root) {
       return;
     }
     const chartSlot = h("div", {});
+    // the quality signals of the answers kept (store: true): their ratings, and answers cut at max tokens
+    const kept = Object.fromEntries((usage.quality || []).map((q) => [q.model, q]));
+    const quality = (model) => {
+      const q = kept[model];
+      if (!q) return h("span", { class: "muted" }, "—");
+      const rated = Object.entries(q.ratings).map(([r, n]) => `${fmt.int(n)} ${r}`);
+      return [`${fmt.int(q.kept)} kept`, ...rated, q.cut_at_max_tokens ? `${fmt.int(q.cut_at_max_tokens)} cut at max tokens` : null]
+        .filter(Boolean).join(" · ");
+    };
     put(usageBody, chartSlot, h("div", { class: "table-wrap" }, h("table", { class: "stack-narrow", "data-test": "usage-table" },
       h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Prompt tokens"),
         h("th", { class: "num" }, "Completion tokens"), h("th", { class: "num" }, "Errors"), h("th", { class: "num" }, "Mean latency"),
-        h("th", { class: "num" }, "p95 latency"))),
+        h("th", { class: "num" }, "p95 latency"), h("th", {}, "Kept answers"))),
       h("tbody", {}, rows.map((r) => h("tr", { "data-model": r.model || "" },
         r.model ? h("td", { class: "mono small break grow" }, r.model) : h("td", { class: "muted small grow" }, "other calls (files, jobs, models)"),
         h("td", { class: "num", title: "requests" }, `${fmt.int(r.requests)} req`),
         h("td", { class: "num hide-narrow" }, fmt.int(r.prompt_tokens)), h("td", { class: "num hide-narrow" }, fmt.int(r.completion_tokens)),
-        h("td", { class: "num", title: "errors" }, `${fmt.int(r.errors)} err`), h("td", { class: "num hide-narrow nowrap" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`),
-        h("td", { class: "num nowrap", title: "95th-percentile latency" }, `p95 ${fmt.int(Math.round(r.p95_latency_ms))} ms`)))))),
+        h("td", { class: "num nowrap", title: "errors (a stream the client stopped is none: counted apart)" }, `${fmt.int(r.errors)} err`,
+          r.stopped_by_client ? h("span", { class: "muted", "data-test": "stopped" }, ` · ${fmt.int(r.stopped_by_client)} stopped`) : null), h("td", { class: "num hide-narrow nowrap" }, `${fmt.int(Math.round(r.mean_latency_ms))} ms`),
+        h("td", { class: "num nowrap", title: "95th-percentile latency" }, `p95 ${fmt.int(Math.round(r.p95_latency_ms))} ms`),
+        h("td", { class: "small", "data-test": "quality", title: "answers kept with store: true, by rating" }, r.model ? quality(r.model) : null)))))),
       h("p", { class: "small muted", "data-test": "openai-cost" }, "The same tokens at OpenAI's prices for fine-tuned models: ",
         usage.openai_cost.map((c) => `${c.model} ${fmt.usd(c.usd)}`).join(" · "), " (pricing.json, a rough guide)."));
     const draw = (width) => put(chartSlot, usageChart({ buckets: usage.timeline, bucketSeconds: usage.bucket_seconds, width }));
