@@ -439,6 +439,35 @@ def test_playground_offers_tools_shows_the_calls_and_sends_their_results(page, s
     assert calls[0]["id"] != calls[1]["id"] and calls[1]["function"]["arguments"] == '{"city": "Oslo"}'
 
 
+def test_playground_stop_ends_the_answer_and_keeps_what_it_said(page, server):
+    """A long answer on a CPU takes minutes; Clear was the only way to end it, and it wiped the whole
+    conversation. Stop ends the answer, keeps its text in the chat, and the next question carries it."""
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + "/#/playground?model=tiny-llama")
+    page.fill("#pg-max-tokens", "1900")  # (the random tiny model never ends by itself: it would write them all)
+    page.fill("#pg-prompt", "write a lot")
+    page.click("#pg-send")
+    answer = page.locator(".msg.assistant").first
+    expect(page.locator("#pg-stop")).to_be_visible()
+    expect(page.locator("#pg-send")).to_be_hidden()
+    page.wait_for_function("document.querySelector('.msg.assistant') && document.querySelector('.msg.assistant').firstChild"
+                           " && document.querySelector('.msg.assistant').firstChild.nodeType === 3", timeout=60_000)
+    page.click("#pg-stop")
+    expect(answer.locator("[data-test=stopped]")).to_have_text("stopped")
+    expect(answer).to_have_attribute("data-done", "true")
+    expect(page.locator("#pg-send")).to_be_visible()
+    expect(page.locator(".msg.error")).to_have_count(0)
+    said = answer.evaluate("el => el.firstChild.textContent")
+    assert said
+    page.fill("#pg-max-tokens", "2")
+    page.fill("#pg-prompt", "and then?")
+    page.click("#pg-send")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(2, timeout=60_000)
+    assert [m["role"] for m in sent[-1]["messages"]] == ["user", "assistant", "user"]
+    assert sent[-1]["messages"][1]["content"] == said
+
+
 def test_cancel_a_job(page, server, data):
     good = server.upload(data["good"])
     page.goto(server.url + "/#/jobs")

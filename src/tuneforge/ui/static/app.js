@@ -150,7 +150,7 @@ async function request(path, { method = "GET", json, form, signal, key } = {}) {
   try {
     res = await fetch(path, { method, headers, body, signal });
   } catch (err) {
-    if (err.name === "AbortError") throw err;
+    if (err.name === "AbortError" || (signal && signal.aborted)) throw err;  // (aborted with a reason: the reason)
     throw new ApiError(0, { error: { message: "Cannot reach the tuneforge server. Is `tuneforge serve` running?", code: "network_error" } });
   }
   return res;
@@ -1136,7 +1136,9 @@ async function viewPlayground(root, params) {
     placeholder: narrow ? "Send a message…" : "Send a message… (Enter to send, Shift+Enter for a new line)" });
   const send = h("button", { type: "submit", class: "btn primary", id: "pg-send" }, "Send");
   const clear = h("button", { type: "button", class: "btn ghost", id: "pg-clear" }, "Clear");
-  const composer = h("form", { class: "composer" }, prompt, send, clear);
+  // Stop ends the answers being written and keeps what they said (Clear ends them and the conversation)
+  const stop = h("button", { type: "button", class: "btn", id: "pg-stop", hidden: true }, "Stop");
+  const composer = h("form", { class: "composer" }, prompt, send, stop, clear);
 
   root.append(h("div", { class: "pg" },
     h("div", { class: "card pg-settings" },
@@ -1179,6 +1181,8 @@ async function viewPlayground(root, params) {
   layout();
 
   let controller = null;
+  const busy = (on) => { send.disabled = on; send.hidden = on; stop.hidden = !on; };
+  stop.addEventListener("click", () => controller && controller.abort("stop"));
   const bubble = (pane, role, text) => {
     const hint = pane.messages.querySelector(".empty-hint");
     if (hint) hint.remove();
@@ -1202,10 +1206,10 @@ async function viewPlayground(root, params) {
         pane.history.push({ role: "tool", tool_call_id: c.id, content: inputs[i].value });
         bubble(pane, "tool", `${c.function.name} → ${inputs[i].value}`);
       });
-      send.disabled = true;
+      busy(true);
       controller = new AbortController();
       await answer(pane, controller.signal);
-      send.disabled = false;
+      busy(false);
     });
     return form;
   };
@@ -1248,8 +1252,14 @@ async function viewPlayground(root, params) {
       out.dataset.done = "true";
       return true;
     } catch (e) {
+      if (signal.aborted && signal.reason === "stop" && text) {  // Stop: the answer so far stays
+        history.push({ role: "assistant", content: text });
+        out.append(h("span", { class: "meta", "data-test": "stopped" }, "stopped"));
+        out.dataset.done = "true";
+        return true;
+      }
       out.remove();
-      if (e.name !== "AbortError") bubble(pane, "error", e.message);
+      if (!signal.aborted) bubble(pane, "error", e.message);
       return false;
     } finally {
       out.classList.remove("streaming");
@@ -1273,10 +1283,10 @@ async function viewPlayground(root, params) {
     const active = compare.checked ? panes : [panes[0]];
     if (active.some((p) => p.pending)) { toast("Send the results of the tool calls first (or Clear)", true); return; }
     prompt.value = "";
-    send.disabled = true;
+    busy(true);
     controller = new AbortController();
     await Promise.all(active.map((p) => runPane(p, text, controller.signal)));
-    send.disabled = false;
+    busy(false);
     prompt.focus();
   });
   prompt.addEventListener("keydown", (ev) => {
