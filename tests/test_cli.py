@@ -236,6 +236,15 @@ def test_resume_with_other_settings_refuses_them_by_name(tmp_path):
     assert proc.returncode == 2 and "training file" in proc.stderr and "give it alone" not in proc.stderr
 
 
+def test_init_from_refuses_a_base_or_lora_shape_of_its_own(tmp_path, chat_file):
+    """--init-from trains on with the earlier run's base, method and LoRA shape: one given as well
+    would be overridden unread, so it is refused by name."""
+    proc = tf("train", "--data", chat_file, "--out", tmp_path / "next", "--init-from", tmp_path / "first",
+              "--base", "tiny-llama", "--lora-rank", "8", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("leave out --base, --lora-rank"), proc.stderr
+
+
 def test_convert_given_a_jsonl_file_says_it_is_no_csv(tmp_path, chat_file):
     proc = tf("data", "convert", chat_file, "--prompt-col", "q", "--completion-col", "a", "-o", tmp_path / "o.jsonl",
               check=False)  # was "column 'q' not found; columns there: {"messages": [{"role": "system", ..."

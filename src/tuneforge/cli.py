@@ -243,6 +243,12 @@ def _sigterm_as_interrupt():
     signal.signal(signal.SIGTERM, handler)
 
 
+def _given(ctx: typer.Context, names: set[str]) -> list[str]:
+    """The options among `names` that the command line gave (not left at their defaults), as typed."""
+    return [f"--{n.replace('_', '-')}" for n in ctx.params if n in names  # (typer's own click: by name)
+            and getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+
+
 @app.command()
 @user_errors
 def train(
@@ -277,6 +283,9 @@ def train(
     quantize: Annotated[str | None, typer.Option(
         help="nf4: keep the frozen base in 4 bits (QLoRA; needs bitsandbytes). LoRA only.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="A finished run to go on training on new data (continued fine-tuning): its weights are the start, "
+             "its base, method and LoRA shape this run's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     json_out: JsonOpt = False,
@@ -290,9 +299,7 @@ def train(
 
     if resume:
         # (any other setting given would be dropped unread: `--resume RUN --n-epochs 5` ran the old epochs)
-        given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in ("resume", "quiet", "json_out")
-                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # (typer's own click)
-        if given:
+        if given := _given(ctx, set(ctx.params) - {"resume", "quiet", "json_out"}):
             raise ValueError(f"--resume continues a run with the settings it started with: give it alone "
                              f"(not with {', '.join(given)})")
         cfg = TrainConfig.load(resume)
@@ -306,6 +313,9 @@ def train(
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
         _check_out(out, overwrite)
+        if init_from and (given := _given(ctx, {"base", "method", "lora_rank", "lora_alpha", "lora_targets", "quantize"})):
+            raise ValueError(f"--init-from trains on with the base, method and LoRA shape of {init_from}: "
+                             f"leave out {', '.join(given)}")
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]  # none: TrainConfig's default
         cfg = _as_options(TrainConfig)(
             data=str(_existing_file(data, "--data")), out=str(out.resolve()), base=_local_base(base), method=method,
@@ -318,6 +328,7 @@ def train(
             **({"lora_targets": targets} if targets else {}),
             max_length=max_length, seed=seed, early_stopping_patience=early_stopping,
             precision=precision, activation_checkpointing=activation_checkpointing, quantize=quantize,
+            init_from=str(init_from.resolve()) if init_from else None,
         )
     _sigterm_as_interrupt()
     progress = _Progress(quiet)

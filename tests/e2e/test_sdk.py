@@ -253,6 +253,21 @@ def test_upload_train_chat_delete(server):
         client.fine_tuning.jobs.cancel(job.id)
     assert "already succeeded" in err.value.message
 
+    # fine-tuning the fine-tuned model (OpenAI's continued fine-tuning): named and served after the base
+    more = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="more",
+                                          method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    assert more.model == model
+    more = wait_for(client, more.id, {"succeeded", "failed"})
+    assert more.status == "succeeded", more.error
+    assert more.fine_tuned_model == f"ft:{BASE}:tuneforge:more:{more.id[6:14]}"
+    events = [e.message for e in client.fine_tuning.jobs.list_events(more.id, limit=100)]
+    assert any(m.startswith("Continuing from the trained weights of ") for m in events), events
+    assert client.chat.completions.create(model=more.fine_tuned_model, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3).choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as err:  # another project's model is none of its own
+        server.client(server.create_key("carol")).fine_tuning.jobs.create(model=model, training_file=f.id)
+    assert err.value.body["code"] == "model_not_available"
+
     assert client.models.delete(model).deleted is True
     assert model not in [m.id for m in client.models.list()]
     with pytest.raises(openai.NotFoundError):

@@ -32,9 +32,10 @@ def add_file(n: int, pairs: int = 0) -> str:
     return file_id
 
 
-def add_job(file_id: str, meta: dict | None = None, method: str = "supervised", **hp) -> str:
+def add_job(file_id: str, meta: dict | None = None, method: str = "supervised", model: str = "tiny-llama",
+            **hp) -> str:
     with session() as s:
-        row = JobRow(id=new_id("ftjob-"), project="p", model="tiny-llama", training_file=file_id, method=method,
+        row = JobRow(id=new_id("ftjob-"), project="p", model=model, training_file=file_id, method=method,
                      status="validating_files", hyperparameters=hp, seed=3, suffix="unit", meta=meta)
         s.add(row)
         s.commit()
@@ -66,6 +67,33 @@ def test_worker_trains_a_job_to_a_model():
         results = s.scalar(select(FileRow).where(FileRow.id == job.result_files[0]))
     assert results.purpose == "fine-tune-results"
     assert Path(results.path).read_text().splitlines()[0].startswith("step,train_loss,train_accuracy")
+
+
+def test_a_job_on_a_fine_tuned_model_continues_its_training():
+    """OpenAI's fine-tuning of an ft: model: the job starts from that model's weights, and its model is
+    named and served after the base the first run started from (a checkpoint too)."""
+    from tuneforge.serve.models import checkpoint_base
+
+    first = add_job(add_file(10), n_epochs=1, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    tuned = load(first)[0].fine_tuned_model
+    second = add_job(add_file(10), model=tuned, n_epochs=1, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    job, events, ckpts, model = load(second)
+    assert job.status == "succeeded", job.error
+    assert job.model == tuned and model.base == "tiny-llama"
+    assert model.id == fine_tuned_name("tiny-llama", "tuneforge", "unit", second)
+    assert any(e.startswith("Continuing from the trained weights of ") for e in events), events
+    with session() as s:
+        path = s.scalar(select(CheckpointRow.path).where(CheckpointRow.job_id == second))
+        s.delete(s.scalar(select(ModelRow).where(ModelRow.id == tuned)))
+        s.commit()
+    assert checkpoint_base(job.model, path) == "tiny-llama"
+    third = add_job(add_file(10), model=tuned, n_epochs=1, batch_size=5)  # on a model deleted since
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(third)
+    assert job.status == "failed" and job.error["code"] == "model_not_available", job.error
+    assert job.error["message"] == f"The model {tuned} this job trains on was deleted"
 
 
 def test_full_fine_tuning_is_chosen_through_metadata():

@@ -224,3 +224,29 @@ def test_a_long_raw_text_is_trained_on_all_of_it(tmp_path):
     n = len(load_tokenizer("tiny-llama")(text.read_text().strip(), add_special_tokens=False)["input_ids"])
     assert result.trained_tokens >= n  # every token, not the first 64
     assert result.steps * 4 >= -(-n // 64)  # as consecutive sequences of at most 64 tokens
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_continues_from_a_finished_runs_weights(tmp_path, chat_file, method):
+    """Continued fine-tuning (OpenAI's fine-tuning of an ft: model): the new run starts where the
+    earlier one ended - its base-model validation loss is the earlier run's last - with the earlier
+    run's base, method and LoRA shape, whatever the new config said."""
+    from tests.conftest import write_chat
+
+    held = write_chat(tmp_path / "held.jsonl", 6)
+    first = train(config(tmp_path, chat_file, "first", method=method, lora_rank=4, validation_data=str(held)))
+    cfg = dataclasses.replace(config(tmp_path, chat_file, "second", n_epochs=1, validation_data=str(held),
+                                     init_from=str(tmp_path / "first")), base="no-such-base")
+    said = []
+    train(cfg, on_event=lambda e: said.append(e.get("message")))
+    saved = TrainConfig.load(tmp_path / "second")
+    assert (saved.base, saved.method, saved.lora_rank, saved.init_from) == (
+        "tiny-llama", method, 4, str(tmp_path / "first"))
+    baseline = json.loads((tmp_path / "second" / "baseline.json").read_text())["loss"]
+    assert baseline == pytest.approx(first.final["valid_loss"], rel=1e-4)
+    assert f"Continuing from the trained weights of {tmp_path / 'first'}" in said
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    TrainConfig(data=str(chat_file), out=str(unfinished), base="tiny-llama").save(unfinished)
+    with pytest.raises(ValueError, match=rf"^{unfinished}: has not finished training, so it has no weights"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "third"), init_from=str(unfinished)))

@@ -75,6 +75,18 @@ def _base_slug(model: str) -> str:
         return model
 
 
+def _source(sessions: sessionmaker[Session], job: JobRow) -> tuple[str, str | None]:
+    """(base model, run folder to continue or None) of a job: its model is a base, or a fine-tuned model
+    of its project, whose row names the base and whose weights lie in its run folder."""
+    if not job.model.startswith("ft:"):
+        return job.model, None
+    with sessions() as s:
+        row = s.scalar(select(ModelRow).where(ModelRow.id == job.model, ModelRow.project == job.project))
+    if row is None:  # deleted since the job was created: the job fails saying so (JobRunner._run)
+        return job.model, None
+    return row.base, str(Path(row.path).parent)
+
+
 class JobLost(Exception):
     """The job was taken over by another worker (this one stopped beating for longer than the stale
     limit: a paused process, a partitioned host). Raised from should_stop rather than answered as a
@@ -100,7 +112,10 @@ class JobRunner:
         # started training: there is no worker stop to report or count.
         self.previous = previous if job.status != "validating_files" else None
         self.run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
-        self.name = fine_tuned_name(_base_slug(job.model), settings.org, job.suffix, job.id)
+        # a job on an ft: model continues that model's run (OpenAI's fine-tuning of a fine-tuned model):
+        # the new model is named, and served, after the base that run started from
+        self.base, self.init_from = _source(sessions, job)
+        self.name = fine_tuned_name(_base_slug(self.base), settings.org, job.suffix, job.id)
         self.lost = False
         self._last_poll = 0.0
         self._last_answer: str | None = None
@@ -207,11 +222,14 @@ class JobRunner:
         if not ckpts and not self.previous:
             self.event("Fine-tuning job started")
 
+        if job.model.startswith("ft:") and self.init_from is None:
+            raise JobFailed("model_not_available", f"The model {job.model} this job trains on was deleted", "model")
         hp = job.hyperparameters or {}
         cfg = TrainConfig(
             data=train_path,
             out=str(self.run_dir),
-            base=job.model,
+            base=self.base,
+            init_from=self.init_from,
             method=(job.meta or {}).get(METHOD_KEY, "lora"),
             quantize=(job.meta or {}).get(QUANTIZE_KEY),
             validation_data=valid_path,
@@ -360,7 +378,7 @@ class JobRunner:
                         self._add_checkpoint_row(s, ckpt, meta["state"]["global_step"], meta["metrics"])
                 if results_file:
                     s.add(results_file)
-                s.add(ModelRow(id=self.name, project=self.job.project, base=self.job.model, job_id=self.job_id,
+                s.add(ModelRow(id=self.name, project=self.job.project, base=self.base, job_id=self.job_id,
                                path=result.weights, owned_by=self.settings.org))
                 queue.add_event(s, self.job_id, f"New fine-tuned model created: {self.name}")
                 queue.add_event(s, self.job_id, "The job has successfully completed")

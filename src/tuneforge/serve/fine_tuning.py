@@ -11,6 +11,7 @@ the job shows the same values in both places, "auto" until the worker resolves t
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -23,7 +24,7 @@ from ..jobs.worker import SUFFIX_RE, SUFFIX_RULE
 from ..models.catalogue import available
 from ..models.quantize import check_quantize, require_bitsandbytes
 from ..settings import Settings
-from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, metadata_matches, new_id
+from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, ModelRow, metadata_matches, new_id
 from ..store.keys import Principal
 from .deps import DB, Caller, SettingsDep
 from .errors import bad_request, not_found
@@ -88,6 +89,13 @@ def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> Non
                           param=param, code="invalid_file_purpose")
 
 
+def _tuned(db: Session, caller: Principal, model: str) -> bool:
+    """A fine-tuned model of the caller's project, whose weights are still there: a job on it continues
+    its training (OpenAI's fine-tuning of an ft: model; jobs.worker)."""
+    row = db.scalar(select(ModelRow).where(ModelRow.id == model, ModelRow.project == caller.project))
+    return row is not None and Path(row.path).exists()
+
+
 def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
     """(method type, hyperparameters) of a job request, each checked against its limits."""
     hp = req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}
@@ -125,8 +133,9 @@ def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
 
 
 def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreate) -> FineTuningJob:
-    if req.model not in available():
-        raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {available()}",
+    if req.model not in available() and not _tuned(db, caller, req.model):
+        raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {available()} or a "
+                          "fine-tuned model of this project (ft:...), which the job trains on",
                           param="model", code="model_not_available")
     _check_file(db, caller, req.training_file, "training_file")
     if req.validation_file:

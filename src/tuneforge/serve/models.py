@@ -40,8 +40,18 @@ def resolve_model(db: Session, caller: Principal, name: str) -> Target:
         return Target(row.base, Path(row.path))
     ckpt = _checkpoint(db, caller, name)
     if ckpt is not None:
-        return Target(ckpt.model, Path(ckpt.path))
+        return Target(checkpoint_base(ckpt.model, ckpt.path), Path(ckpt.path))
     raise model_missing(name)
+
+
+def checkpoint_base(job_model: str, path: str) -> str:
+    """The base model a job's checkpoint (weights at RUN/checkpoints/step-N/weights) is served on: the
+    job's model, or for a job that continued an ft: model, the base its run started from (its config)."""
+    if not job_model.startswith("ft:"):
+        return job_model
+    from ..train.config import TrainConfig
+
+    return TrainConfig.load(Path(path).parents[2]).base
 
 
 def _checkpoint(db: Session, caller: Principal, name: str):

@@ -30,6 +30,7 @@ from .deps import DB, Caller, SettingsDep
 from .errors import APIError, bad_request, not_found
 from .files import store_file
 from .metadata import metadata_filter
+from .models import checkpoint_base
 from .protocol import FileObject
 
 router = APIRouter(prefix="/v1", tags=["tuneforge"])
@@ -136,7 +137,8 @@ def tuned_models(db: DB, caller: Caller):
     for c, base, status in ckpts:
         if not Path(c.path).is_dir():
             continue
-        item = {"id": c.name, "object": "fine_tuning.job.checkpoint", "job_id": c.job_id, "base": base,
+        item = {"id": c.name, "object": "fine_tuning.job.checkpoint", "job_id": c.job_id,
+                "base": checkpoint_base(base, c.path),
                 "step_number": c.step, "created": int(c.created_at), "metrics": c.metrics or {},
                 "size_bytes": _dir_size(c.path), "job_status": status}
         by_job.setdefault(c.job_id, []).append(item)

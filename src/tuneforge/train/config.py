@@ -59,6 +59,9 @@ class TrainConfig:
     early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = one per physical core
     activation_checkpointing: bool = False  # recompute layers in the backward pass: less memory, slower
+    # a finished run this one continues (OpenAI's fine-tuning of an ft: model): its trained weights are
+    # the starting point, and its base, method and LoRA shape are this run's (continued_from)
+    init_from: str | None = None
 
     def __post_init__(self):
         check_quantize(self.quantize, self.method)
@@ -109,6 +112,18 @@ class TrainConfig:
         batch = auto_batch_size(n_train) if self.batch_size == "auto" else int(self.batch_size)
         mult = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
         return replace(self, n_epochs=n_epochs, batch_size=batch, learning_rate_multiplier=mult)
+
+    def continued_from(self) -> TrainConfig:
+        """This config on the finished run `init_from` names: its base, method, quantisation and LoRA
+        shape (the trained weights fit only those), the path made absolute. ValueError when the run
+        has not finished (it has no weights to start from)."""
+        run = Path(self.init_from).resolve()
+        prev = TrainConfig.load(run)
+        if not (run / "result.json").is_file():
+            raise ValueError(f"{run}: has not finished training, so it has no weights to continue from "
+                             f"(finish it first: tuneforge train --resume {run})")
+        return replace(self, init_from=str(run), base=prev.base, method=prev.method, quantize=prev.quantize,
+                       lora_rank=prev.lora_rank, lora_alpha=prev.lora_alpha, lora_targets=prev.lora_targets)
 
     def save(self, run_dir: Path) -> None:
         (run_dir / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

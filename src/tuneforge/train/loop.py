@@ -26,9 +26,10 @@ from ..data.pack import pack, shared_prefix
 from ..data.render import render_sequences
 from ..data.validate import load_examples
 from ..evaluate.metrics import evaluate_loss, summarise
-from ..models.adapters import prepare_for_training
+from ..models.adapters import load_weights_into, prepare_for_training
 from ..models.catalogue import resolve
 from ..models.gguf import kept_blocks
+from ..models.load import weights_dir
 from . import distributed, dpo, speed
 from . import metrics as metrics_log
 from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
@@ -153,6 +154,8 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     dtype = autocast_dtype(cfg.precision, device)
 
     emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
+    if cfg.init_from:  # (a resumed run reads back the config this made: the same again)
+        cfg = cfg.continued_from()
     _check_before_loading(cfg)
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
     with distributed.main_first(group):
@@ -174,7 +177,11 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     model = prepare_for_training(
         model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-    ).to(device)
+    )
+    if cfg.init_from:  # continued fine-tuning: the base, then the earlier run's adapter (or full weights) on it
+        load_weights_into(model, weights_dir(cfg.init_from))
+        emit({"type": "message", "message": f"Continuing from the trained weights of {cfg.init_from}"})
+    model = model.to(device)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir)
