@@ -187,6 +187,14 @@ def test_create_job_watch_it_succeed_then_chat(page, server, data):
     expect(row).to_contain_text(re.compile(r"\d+(\.\d+)? (B|KB|MB|GB)"))
     expect(row.locator("a[href^='#/jobs/ftjob-']")).to_be_visible()
 
+    # "Train more": a job on the fine-tuned model, its file's tokens counted with the model's base
+    row.locator("[data-action=train-more]").click()
+    expect(page.locator("#f-model")).to_have_value(name)
+    expect(page.locator("[data-test=model-description]")).to_contain_text("Starts from this model's weights")
+    page.select_option("#f-training_file", good["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to train")
+    page.goto(server.url + "/#/models")
+
     # deleted, the model is no longer offered on its job's page (its checkpoints still are)
     job_link = row.locator("a[href^='#/jobs/ftjob-']").get_attribute("href")
     row.locator("[data-action=delete]").click()

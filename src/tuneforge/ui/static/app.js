@@ -474,7 +474,8 @@ function jobsTable(jobs) {
 async function viewCreate(root, params) {
   root.append(pageHead("Create a fine-tuning job", "Pick a base model and a training file; everything else can stay on auto.",
     h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs")));
-  const [models, files] = await Promise.all([baseModels(), listAll("/v1/files?purpose=fine-tune", { max: 1000 }).catch(() => [])]);
+  const [models, files, { models: tuned }] = await Promise.all([baseModels(),
+    listAll("/v1/files?purpose=fine-tune", { max: 1000 }).catch(() => []), tunedModels()]);
   const trainingFiles = files.filter((f) => f.purpose === "fine-tune");
 
   const fileSelect = (name, optional) => h("select", { name, id: `f-${name}` },
@@ -484,11 +485,22 @@ async function viewCreate(root, params) {
 
   const form = h("form", { class: "card", id: "create-form", novalidate: true });
   const err = h("p", { class: "form-error", role: "alert", hidden: true });
+  // a base model, or a fine-tuned one to go on training (OpenAI's fine-tuning of an ft: model)
+  const option = (m) => h("option", { value: m.id, selected: m.id === params.get("model") }, m.id);
   const modelSelect = h("select", { name: "model", id: "f-model" },
-    models.map((m) => h("option", { value: m.id, selected: m.id === params.get("model") }, m.id)));
+    h("optgroup", { label: "Base models" }, models.map(option)),
+    tuned.length ? h("optgroup", { label: "Fine-tuned: train it further" }, tuned.map(option)) : null);
+  modelSelect.title = modelSelect.value;
+  // the base a file's tokens are counted with: a fine-tuned model's own
+  const reportModel = () => (tuned.find((m) => m.id === modelSelect.value) || {}).base || modelSelect.value;
   // what the chosen base model is (the catalogue's description): the test model's random weights are no secret
   const modelHint = h("span", { class: "hint", "data-test": "model-description" });
-  const describeModel = () => { modelHint.textContent = (models.find((m) => m.id === modelSelect.value) || {}).description || ""; };
+  const describeModel = () => {
+    modelSelect.title = modelSelect.value;
+    const t = tuned.find((m) => m.id === modelSelect.value);
+    modelHint.textContent = t ? `Starts from this model's weights and trains on: its base (${t.base}), method and LoRA shape are the job's`
+      : (models.find((m) => m.id === modelSelect.value) || {}).description || "";
+  };
   describeModel();
   const trainSelect = fileSelect("training_file", false);
   const validSelect = fileSelect("validation_file", true);
@@ -511,7 +523,7 @@ async function viewCreate(root, params) {
     if (!id || id === "__upload__") return;
     put(slot, h("div", { class: "small muted" }, h("span", { class: "spinner" }), " Checking the file…"));
     try {
-      const report = await fetchReport(id, modelSelect.value, null, select.name === "validation_file");
+      const report = await fetchReport(id, reportModel(), null, select.name === "validation_file");
       if (select.value !== id) return;
       reports[select.name] = report;
       renderReport(select, slot);
@@ -559,7 +571,7 @@ async function viewCreate(root, params) {
 
   form.append(
     h("div", { class: "form-grid" },
-      h("label", { class: "field" }, h("span", {}, "Base model"), modelSelect, modelHint),
+      h("label", { class: "field" }, h("span", {}, "Model"), modelSelect, modelHint),
       h("label", { class: "field" }, h("span", {}, "Suffix ", h("span", { class: "hint" }, "up to 64 characters, part of the model name")),
         h("input", { type: "text", name: "suffix", maxlength: 64, placeholder: "e.g. support-bot", autocomplete: "off" })),
       h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Training file"), trainSelect), trainSlot),
@@ -1326,6 +1338,8 @@ async function viewModels(root) {
         h("td", { class: "nowrap push" }, h("div", { class: "row end actions" },
           copyButton(m.id, "Copy"),
           h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(m.id)}` }, "Chat"),
+          h("a", { class: "btn small", href: `#/jobs/new?model=${encodeURIComponent(m.id)}`, "data-action": "train-more",
+            title: "A job that goes on training this model on new data" }, "Train more"),
           h("button", { type: "button", class: "btn small danger", "data-action": "delete", onclick: async () => {
             if (!confirm(`Delete ${m.id}? It stops answering under this name. Its job's checkpoints stay callable, and the run folder stays on the server's disk.`)) return;
             try {
