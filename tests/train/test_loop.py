@@ -245,8 +245,16 @@ def test_a_run_continues_from_a_finished_runs_weights(tmp_path, chat_file, metho
     baseline = json.loads((tmp_path / "second" / "baseline.json").read_text())["loss"]
     assert baseline == pytest.approx(first.final["valid_loss"], rel=1e-4)
     assert f"Continuing from the trained weights of {tmp_path / 'first'}" in said
+    # a continued run stopped, then resumed once the earlier run is gone: from its own checkpoint
+    third = dataclasses.replace(cfg, out=str(tmp_path / "third"), n_epochs=2, base="tiny-llama")
+    with pytest.raises(TrainingStopped):
+        train(third, should_stop=lambda: "paused" if len(metrics_log.read(tmp_path / "third")) == 3 else None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "first")
+    assert train(TrainConfig.load(tmp_path / "third"), resume=True).steps == len(metrics_log.read(tmp_path / "third"))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     TrainConfig(data=str(chat_file), out=str(unfinished), base="tiny-llama").save(unfinished)
     with pytest.raises(ValueError, match=rf"^{unfinished}: has not finished training, so it has no weights"):
-        train(dataclasses.replace(cfg, out=str(tmp_path / "third"), init_from=str(unfinished)))
+        train(dataclasses.replace(cfg, out=str(tmp_path / "fourth"), init_from=str(unfinished)))

@@ -154,7 +154,10 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     dtype = autocast_dtype(cfg.precision, device)
 
     emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
-    if cfg.init_from:  # (a resumed run reads back the config this made: the same again)
+    # continued fine-tuning starts from the earlier run's weights; a resumed run from its own checkpoint
+    # (its config holds the earlier run's base and shape already: the earlier run may be gone by now)
+    init_from = cfg.init_from if not (resume and checkpoint_dirs(run_dir)) else None
+    if init_from:
         cfg = cfg.continued_from()
     _check_before_loading(cfg)
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
@@ -178,7 +181,7 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout, targets=cfg.lora_targets,
     )
-    if cfg.init_from:  # continued fine-tuning: the base, then the earlier run's adapter (or full weights) on it
+    if init_from:  # continued fine-tuning: the base, then the earlier run's adapter (or full weights) on it
         load_weights_into(model, weights_dir(cfg.init_from))
         emit({"type": "message", "message": f"Continuing from the trained weights of {cfg.init_from}"})
     model = model.to(device)
