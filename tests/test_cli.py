@@ -245,6 +245,15 @@ def test_init_from_refuses_a_base_or_lora_shape_of_its_own(tmp_path, chat_file):
     assert proc.stderr.strip().endswith("leave out --base, --lora-rank"), proc.stderr
 
 
+def test_init_from_refuses_its_own_out_folder(tmp_path, chat_file):
+    """--init-from RUN --out RUN --overwrite cleared RUN once its weights were read: a crash before the
+    first checkpoint lost the run, and the new config named itself as the run to continue from."""
+    (run := tmp_path / "run").mkdir()
+    proc = tf("train", "--data", chat_file, "--out", run, "--init-from", run, "--overwrite", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is --out too: write the continued run to another folder" in proc.stderr, proc.stderr
+
+
 def test_convert_given_a_jsonl_file_says_it_is_no_csv(tmp_path, chat_file):
     proc = tf("data", "convert", chat_file, "--prompt-col", "q", "--completion-col", "a", "-o", tmp_path / "o.jsonl",
               check=False)  # was "column 'q' not found; columns there: {"messages": [{"role": "system", ..."

@@ -312,6 +312,10 @@ def train(
     else:
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
+        if init_from and init_from.resolve() == out.resolve():
+            # (--overwrite cleared the run once its weights were read: a crash before the first checkpoint
+            # lost both runs, and the new config's init_from named itself, so --resume could not go on)
+            raise ValueError(f"--init-from {init_from} is --out too: write the continued run to another folder")
         _check_out(out, overwrite)
         if init_from and (given := _given(ctx, {"base", "method", "lora_rank", "lora_alpha", "lora_targets", "quantize"})):
             raise ValueError(f"--init-from trains on with the base, method and LoRA shape of {init_from}: "

@@ -264,6 +264,9 @@ def test_upload_train_chat_delete(server):
     assert any(m.startswith("Continuing from the trained weights of ") for m in events), events
     assert client.chat.completions.create(model=more.fine_tuned_model, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=3).choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as err:  # it trains on as LoRA: "full" was dropped unread
+        client.fine_tuning.jobs.create(model=model, training_file=f.id, metadata={"tuneforge.method": "full"})
+    assert err.value.body["code"] == "invalid_metadata" and "trained with 'lora'" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:  # another project's model is none of its own
         server.client(server.create_key("carol")).fine_tuning.jobs.create(model=model, training_file=f.id)
     assert err.value.body["code"] == "model_not_available"

@@ -96,6 +96,32 @@ def test_a_job_on_a_fine_tuned_model_continues_its_training():
     assert job.error["message"] == f"The model {tuned} this job trains on was deleted"
 
 
+def test_a_paused_continued_job_resumes_after_its_source_model_was_deleted(monkeypatch):
+    """A job on an ft: model paused after a checkpoint goes on from its own checkpoint: the model it
+    started from may be deleted meanwhile (it failed saying the source was deleted, and would have
+    named its model after "ft:..." as the base)."""
+    from tuneforge.jobs import worker
+
+    first = add_job(add_file(10), n_epochs=1, batch_size=5)
+    run_worker(poll_interval=0.1, once=True)
+    tuned = load(first)[0].fine_tuned_model
+    job_id = add_job(add_file(10), model=tuned, n_epochs=2, batch_size=5)
+    should_stop = worker.JobRunner._should_stop
+    monkeypatch.setattr(worker.JobRunner, "_should_stop",  # paused once the first epoch's checkpoint is there
+                        lambda self: "pause" if (self.run_dir / "checkpoints").exists() else should_stop(self))
+    run_worker(poll_interval=0.1, once=True)
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", should_stop)
+    with session() as s:
+        s.delete(s.scalar(select(ModelRow).where(ModelRow.id == tuned)))
+        s.scalar(select(JobRow).where(JobRow.id == job_id)).status = "queued"  # resumed (queue.resume)
+        s.commit()
+    run_worker(poll_interval=0.1, once=True)
+    job, events, ckpts, model = load(job_id)
+    assert job.status == "succeeded", job.error
+    assert "Resumed from checkpoint at step 2" in events and ckpts == [2, 4]
+    assert model.base == "tiny-llama" and model.id == fine_tuned_name("tiny-llama", "tuneforge", "unit", job_id)
+
+
 def test_full_fine_tuning_is_chosen_through_metadata():
     job_id = add_job(add_file(10), meta={"tuneforge.method": "full"}, n_epochs=1, batch_size=5)
     run_worker(poll_interval=0.1, once=True)

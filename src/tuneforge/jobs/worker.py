@@ -75,16 +75,24 @@ def _base_slug(model: str) -> str:
         return model
 
 
-def _source(sessions: sessionmaker[Session], job: JobRow) -> tuple[str, str | None]:
+def _source(sessions: sessionmaker[Session], job: JobRow, run_dir: Path) -> tuple[str, str | None]:
     """(base model, run folder to continue or None) of a job: its model is a base, or a fine-tuned model
     of its project, whose row names the base and whose weights lie in its run folder."""
     if not job.model.startswith("ft:"):
         return job.model, None
     with sessions() as s:
         row = s.scalar(select(ModelRow).where(ModelRow.id == job.model, ModelRow.project == job.project))
-    if row is None:  # deleted since the job was created: the job fails saying so (JobRunner._run)
-        return job.model, None
-    return row.base, str(Path(row.path).parent)
+    if row is not None:
+        return row.base, str(Path(row.path).parent)
+    from ..train.checkpoint import checkpoint_dirs
+    from ..train.config import TrainConfig
+
+    # Deleted since the job started: a job paused (or whose worker stopped) after a checkpoint goes on
+    # from its own checkpoint, whose run config names the base (the loop does not read the source again).
+    if checkpoint_dirs(run_dir):
+        cfg = TrainConfig.load(run_dir)
+        return cfg.base, cfg.init_from
+    return job.model, None  # before any checkpoint: the job fails saying so (JobRunner._run)
 
 
 class JobLost(Exception):
@@ -114,7 +122,7 @@ class JobRunner:
         self.run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
         # a job on an ft: model continues that model's run (OpenAI's fine-tuning of a fine-tuned model):
         # the new model is named, and served, after the base that run started from
-        self.base, self.init_from = _source(sessions, job)
+        self.base, self.init_from = _source(sessions, job, self.run_dir)
         self.name = fine_tuned_name(_base_slug(self.base), settings.org, job.suffix, job.id)
         self.lost = False
         self._last_poll = 0.0

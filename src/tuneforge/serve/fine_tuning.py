@@ -89,11 +89,29 @@ def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> Non
                           param=param, code="invalid_file_purpose")
 
 
-def _tuned(db: Session, caller: Principal, model: str) -> bool:
+def _tuned(db: Session, caller: Principal, model: str) -> ModelRow | None:
     """A fine-tuned model of the caller's project, whose weights are still there: a job on it continues
     its training (OpenAI's fine-tuning of an ft: model; jobs.worker)."""
     row = db.scalar(select(ModelRow).where(ModelRow.id == model, ModelRow.project == caller.project))
-    return row is not None and Path(row.path).exists()
+    return row if row is not None and Path(row.path).exists() else None
+
+
+def _check_same_shape(source: ModelRow, metadata: dict | None) -> None:
+    """A job on an ft: model trains with that model's method and quantisation (train.config's
+    continued_from): a different one asked for in metadata would be dropped unread - the job said
+    "full" and trained LoRA - so it is refused by name, as `train --init-from` refuses --method."""
+    from ..train.config import TrainConfig
+
+    try:
+        run = TrainConfig.load(Path(source.path).parent)
+    except (OSError, ValueError):  # not readable: the worker says what is wrong when it loads it
+        return
+    # (not given, or the default "lora" - which the dashboard's form always sends, for DPO too - is no
+    # request: a full model trains on as full)
+    for key, theirs in ((METHOD_KEY, run.method), (QUANTIZE_KEY, run.quantize)):
+        if (asked := (metadata or {}).get(key, theirs)) not in (theirs, "lora"):
+            raise bad_request(f"metadata['{key}'] is {asked!r}, but {source.id} was trained with {theirs!r}: a job on "
+                              f"it trains on the same way (leave {key} out)", param="metadata", code="invalid_metadata")
 
 
 def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
@@ -133,7 +151,8 @@ def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
 
 
 def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreate) -> FineTuningJob:
-    if req.model not in available() and not _tuned(db, caller, req.model):
+    source = _tuned(db, caller, req.model) if req.model not in available() else None
+    if req.model not in available() and source is None:
         raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {available()} or a "
                           "fine-tuned model of this project (ft:...), which the job trains on",
                           param="model", code="model_not_available")
@@ -156,6 +175,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
             require_bitsandbytes()
         except ValueError as e:
             raise bad_request(f"metadata['{QUANTIZE_KEY}']: {e}", param="metadata", code="invalid_metadata") from None
+    if source is not None:
+        _check_same_shape(source, req.metadata)
     if req.integrations:
         raise bad_request("integrations are not supported by this server", param="integrations",
                           code="unsupported_integration")

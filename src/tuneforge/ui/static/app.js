@@ -627,6 +627,8 @@ async function viewCreate(root, params) {
       metadata: { "tuneforge.method": method === "dpo" ? "lora" : method },
     };
     if (data.get("quantize")) body.metadata["tuneforge.quantize"] = "nf4";
+    // a fine-tuned model trains on with its own method and quantisation (the form's would be refused)
+    if (tuned.some((m) => m.id === body.model)) body.metadata = {};
     const valid = data.get("validation_file");
     if (valid && valid !== "__upload__") body.validation_file = valid;
     const suffix = String(data.get("suffix") || "").trim();
