@@ -59,6 +59,8 @@ def test_a_one_epoch_run_is_judged_against_the_base_models_validation_loss():
     worse = diagnose(one_epoch([3.0, 2.0, 1.0, 0.5], 3.4), baseline=3.0)
     assert worse["verdict"] == "overfitting"
     assert worse["reason"].startswith("validation loss rose from the base model's 3.000 to 3.400")
+    continued = diagnose(one_epoch([3.0, 2.0, 1.0, 0.5], 3.4), baseline=3.0, start="the earlier run's")
+    assert continued["reason"].startswith("validation loss rose from the earlier run's 3.000 to 3.400")
     still = diagnose(one_epoch([3.0, 2.9, 2.9, 2.8], 2.95), baseline=3.0)
     assert still["verdict"] == "underfitting"
     assert still["reason"].startswith("validation loss stayed within 3% of the base model's 3.000")

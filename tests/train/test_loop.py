@@ -245,6 +245,7 @@ def test_a_run_continues_from_a_finished_runs_weights(tmp_path, chat_file, metho
     baseline = json.loads((tmp_path / "second" / "baseline.json").read_text())["loss"]
     assert baseline == pytest.approx(first.final["valid_loss"], rel=1e-4)
     assert f"Continuing from the trained weights of {tmp_path / 'first'}" in said
+    assert any(m.startswith("Starting validation loss ") for m in said if m)  # (not the base model's)
     # a continued run stopped, then resumed once the earlier run is gone: from its own checkpoint
     third = dataclasses.replace(cfg, out=str(tmp_path / "third"), n_epochs=2, base="tiny-llama")
     with pytest.raises(TrainingStopped):

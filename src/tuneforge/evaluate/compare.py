@@ -209,7 +209,8 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         log.warning("%s is the run's training file: these numbers measure how well it was learned, not how "
                     "the model does on data it has not seen", data)
     # (a damaged metrics file is said now, not after the scoring)
-    fit = diagnose(metrics_log.read(run_dir), _base_valid_loss(run_dir))
+    fit = diagnose(metrics_log.read(run_dir), _base_valid_loss(run_dir),
+                   start="the earlier run's" if cfg.init_from else "the base model's")
     tokenizer = _run_tokenizer(run_dir)
     loaded, examples, rendered = _held_out(data, tokenizer, cfg.max_length)
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))

@@ -40,9 +40,10 @@ def _first_non_finite(rows: list[dict]) -> tuple[str, float, int | None] | None:
     return None
 
 
-def diagnose(rows: list[dict], baseline: float | None = None) -> dict:
+def diagnose(rows: list[dict], baseline: float | None = None, start: str = "the base model's") -> dict:
     """{"verdict": good_fit|overfitting|underfitting|diverged|unknown, "reason": str, ...numbers}.
-    `baseline`: the untrained model's validation loss, when it was measured."""
+    `baseline`: the untrained model's validation loss, when it was measured; `start` names that model
+    in the reasons (a continued run's is the earlier run's)."""
     if not rows:
         return {"verdict": "unknown", "reason": "no training metrics"}
     train = _epoch_train_means(rows)
@@ -61,13 +62,13 @@ def diagnose(rows: list[dict], baseline: float | None = None) -> dict:
         return out | {"verdict": "unknown", "reason": "fewer than two validation passes"}
     best = min(valid)
     if valid[-1] > best * 1.05 and _training_loss_fell(rows):
-        since = "the base model's" if baseline is not None and valid.index(best) == 0 else "its best"
+        since = start if baseline is not None and valid.index(best) == 0 else "its best"
         return out | {"verdict": "overfitting",
                       "reason": f"validation loss rose from {since} {best:.3f} to {valid[-1]:.3f} "
                                 "while training loss kept falling: fewer epochs or more data"}
     if baseline is not None and min(passes) > 0.97 * baseline:
         return out | {"verdict": "underfitting",
-                      "reason": f"validation loss stayed within 3% of the base model's {baseline:.3f}: "
+                      "reason": f"validation loss stayed within 3% of {start} {baseline:.3f}: "
                                 "try more epochs or a higher learning rate"}
     if valid[-1] < valid[-2] * 0.95:
         return out | {"verdict": "underfitting",

@@ -262,7 +262,8 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         base = validate()
         if main:
             (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
-        emit({"type": "message", "message": f"Base model validation loss {base['loss']:.4f}"})
+        start = "Starting" if cfg.init_from else "Base model"  # (continued: the earlier run's model)
+        emit({"type": "message", "message": f"{start} validation loss {base['loss']:.4f}"})
     emit({"type": "message", "message": f"Training started: {total_steps} steps"})
     try:
         for epoch in range(state.epoch, cfg.n_epochs):
