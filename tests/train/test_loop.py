@@ -254,6 +254,10 @@ def test_a_run_continues_from_a_finished_runs_weights(tmp_path, chat_file, metho
 
     shutil.rmtree(tmp_path / "first")
     assert train(TrainConfig.load(tmp_path / "third"), resume=True).steps == len(metrics_log.read(tmp_path / "third"))
+    ckpt = checkpoint_dirs(tmp_path / "second")[-1]
+    for given in (ckpt, ckpt / "weights"):
+        with pytest.raises(ValueError, match=rf"^{given} is a checkpoint: .*\(--init-from {tmp_path / 'second'}\)$"):
+            train(dataclasses.replace(cfg, out=str(tmp_path / "fifth"), init_from=str(given)))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     TrainConfig(data=str(chat_file), out=str(unfinished), base="tiny-llama").save(unfinished)

@@ -118,6 +118,11 @@ class TrainConfig:
         shape (the trained weights fit only those), the path made absolute. ValueError when the run
         has not finished (it has no weights to start from)."""
         run = Path(self.init_from).resolve()
+        if (run / "state.json").is_file() or (run.name == "weights" and (run.parent / "state.json").is_file()):
+            # (read as a run, a checkpoint was "not a tuneforge run folder", which it is not meant to be)
+            folder = run.parents[1 if run.name != "weights" else 2]
+            raise ValueError(f"{self.init_from} is a checkpoint: a run continues from a finished run's final weights "
+                             f"(--init-from {folder})")
         prev = TrainConfig.load(run)
         if not (run / "result.json").is_file():
             raise ValueError(f"{run}: has not finished training, so it has no weights to continue from "
