@@ -295,6 +295,38 @@ def test_monitor_shows_traffic_and_makes_a_training_file_from_stored_completions
         "monitor question 0", "monitor question 1", "monitor question 2"]
 
 
+def test_monitor_list_answered_late_does_not_replace_the_filtered_one(page, server):
+    """The page's first, unfiltered list answered after a filter's list replaced it: the table showed
+    every stored completion where the filter asked for one (and 'Make a training file' listed them)."""
+    from tests.conftest import tiny_ends_by_itself
+
+    for run in ("race", "other"):
+        server.api("POST", "/v1/chat/completions", {"model": "tiny-llama", "max_tokens": 3, "store": True,
+                                                     "metadata": {"run": run}, **tiny_ends_by_itself(),
+                                                     "messages": [{"role": "user", "content": f"{run} question"}]})
+    held = []
+
+    def hold_the_first(route):  # the unfiltered list waits until the filtered one is shown
+        if "metadata" not in route.request.url and not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/v1/chat/completions?*", hold_the_first)
+    page.goto(server.url + "/#/monitor")
+    while not held:
+        page.wait_for_timeout(50)
+    page.fill("#stored-metadata", "run=race")
+    page.click("#stored-filter")
+    rows = page.locator("[data-test=stored-table] tbody tr")
+    expect(rows).to_have_count(1)
+    held[0].continue_()
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(300)
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("race question")
+
+
 WEATHER_TOOLS = [{"type": "function", "function": {"name": name, "description": what, "parameters": {
     "type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}}
     for name, what, arg in (("get_weather", "Current weather", "city"), ("search_web", "Search the web", "query"))]

@@ -1433,9 +1433,12 @@ async function viewMonitor(root) {
     h("option", { value: "30" }, "Last 30 days"), h("option", { value: "" }, "All time"));
   const usageBody = h("div", { "data-test": "usage" });
   root.append(h("div", { class: "card" }, h("div", { class: "row between" }, h("h2", {}, "Traffic"), days), usageBody));
+  let usageAsked = 0;  // (as for the stored list below: an earlier period's answer arriving late is dropped)
   const loadUsage = async () => {
     const q = days.value ? `?days=${days.value}` : "";
+    const mine = ++usageAsked;
     const usage = await api(`/v1/tuneforge/usage${q}`);
+    if (mine !== usageAsked) return;
     const rows = usage.data;
     // the dashboard's own calls (files, jobs, models) are traffic too, but not what this page is about
     if (!rows.some((r) => r.model)) {
@@ -1489,10 +1492,13 @@ async function viewMonitor(root) {
     }
     return q;
   };
+  let asked = 0;  // the latest list asked for: an earlier one answered later (the page's first, unfiltered) is dropped
   const loadStored = async (filter = query()) => {
     const q = new URLSearchParams(filter);
     q.set("limit", "100");
+    const mine = ++asked;
     const rows = (await api(`/v1/chat/completions?${q}`)).data;
+    if (mine !== asked) return;
     if (!rows.length) { put(storedBody, h("p", { class: "muted" }, "No stored completion matches. Ask with store: true (and metadata) to keep one.")); return; }
     const metaText = (metadata) => Object.entries(metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—";
     const row = (c) => {
