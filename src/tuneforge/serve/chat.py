@@ -310,7 +310,6 @@ def measure_prompt(engine: Engine, target: Target, prompt: list[dict] | str, par
 
 
 POLL_SECONDS = 0.25  # how often a non-streamed answer checks that its client is still connected
-CLIENT_GONE = CLIENT_CLOSED  # the status a request whose client hung up is logged with (nginx's "client closed request")
 
 
 def complete_while_connected(engine: Engine, target: Target, work, request: Request, prompt_tokens: int,
@@ -387,7 +386,7 @@ def chat_completion(request: Request, db: Session, caller: Principal, req: ChatR
                                           include_usage, request, finished, req.tools, calls_wanted, parallel))
     results = complete_while_connected(engine, target, work, request, prompt_tokens, req.tools)
     if results is None:
-        return Response(status_code=CLIENT_GONE)
+        return Response(status_code=CLIENT_CLOSED)
     done = completion(results)
     note_usage(request, req.model, done.usage)
     if req.store:
@@ -422,7 +421,7 @@ def text_completion(request: Request, db: Session, caller: Principal, req: Compl
                                           include_usage, echoes, request))
     results = complete_while_connected(engine, target, work, request, total_prompt)
     if results is None:
-        return Response(status_code=CLIENT_GONE)
+        return Response(status_code=CLIENT_CLOSED)
     usage = _usage(total_prompt, results)
     note_usage(request, req.model, usage)
     return TextCompletion(
@@ -510,7 +509,7 @@ async def generated(engine: Engine, target: Target, work, request: Request, prom
     finally:
         cancel.set()
         if not (ended or failed):  # closed before its end: the client hung up (logged as a whole answer's is)
-            request.state.status = CLIENT_GONE
+            request.state.status = CLIENT_CLOSED
         if not ended:
             note_usage(request, request.state.model, Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(
                 streamed.values()), total_tokens=prompt_tokens + sum(streamed.values())))

@@ -35,10 +35,10 @@ from sqlalchemy.orm import Session
 from ..data.formats import chat_role
 from ..models.generate import Completion, Sampling
 from ..monitor.stored import response_conversation
+from ..monitor.usage import CLIENT_CLOSED
 from ..store.database import ResponseRow, new_id
 from ..store.keys import Principal
 from .chat import (
-    CLIENT_GONE,
     DEFAULT_CHAT_MAX_TOKENS,
     chat_logprobs,
     checked_top,
@@ -270,7 +270,7 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
         return sse_response(_sse(events))
     results = complete_while_connected(engine, target, [(messages, sampling)], request, prompt_tokens)
     if results is None:
-        return Response(status_code=CLIENT_GONE)
+        return Response(status_code=CLIENT_CLOSED)
     done = answer.finished(results[0])
     note_usage(request, req.model, _usage(done))
     if store:
