@@ -29,6 +29,7 @@ from ..store.keys import Principal
 from .deps import DB, Caller, SettingsDep
 from .errors import bad_request, not_found
 from .metadata import check_metadata, metadata_filter
+from .models import own_model
 from .paging import check_limit, page, page_list
 from .protocol import (
     Checkpoint,
@@ -92,7 +93,7 @@ def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> Non
 def _tuned(db: Session, caller: Principal, model: str) -> ModelRow | None:
     """A fine-tuned model of the caller's project, whose weights are still there: a job on it continues
     its training (OpenAI's fine-tuning of an ft: model; jobs.worker)."""
-    row = db.scalar(select(ModelRow).where(ModelRow.id == model, ModelRow.project == caller.project))
+    row = own_model(db, caller, model)
     return row if row is not None and Path(row.path).exists() else None
 
 
@@ -151,9 +152,10 @@ def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
 
 
 def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreate) -> FineTuningJob:
-    source = _tuned(db, caller, req.model) if req.model not in available() else None
-    if req.model not in available() and source is None:
-        raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {available()} or a "
+    bases = available()
+    source = None if req.model in bases else _tuned(db, caller, req.model)
+    if req.model not in bases and source is None:
+        raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {bases} or a "
                           "fine-tuned model of this project (ft:...), which the job trains on",
                           param="model", code="model_not_available")
     _check_file(db, caller, req.training_file, "training_file")

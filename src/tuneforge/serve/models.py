@@ -29,10 +29,15 @@ def model_missing(name: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+def own_model(db: Session, caller: Principal, name: str) -> ModelRow | None:
+    """The caller's project's fine-tuned model called `name` (its row), if there is one."""
+    return db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
+
+
 def resolve_model(db: Session, caller: Principal, name: str) -> Target:
     if name in available():
         return Target(name)
-    row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
+    row = own_model(db, caller, name)
     if row is not None:
         if not Path(row.path).exists():  # (loading it was a 500: "The server had an error")
             raise APIError(404, f"The model `{name}` has no weights on this server's disk any more (its folder was "
@@ -74,7 +79,7 @@ def list_models(db: Session, caller: Principal) -> ModelList:
 def retrieve_model(db: Session, caller: Principal, name: str) -> Model:
     if name in available():
         return Model(id=name, created=_STARTED, owned_by="tuneforge")
-    row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
+    row = own_model(db, caller, name)
     if row is not None:
         return Model(id=row.id, created=int(row.created_at), owned_by=row.owned_by)
     ckpt = _checkpoint(db, caller, name)  # callable like a model, so it can be looked up like one
@@ -87,7 +92,7 @@ def delete_model(db: Session, caller: Principal, name: str, engine) -> ModelDele
     if name in available():
         raise APIError(403, f"You cannot delete the base model `{name}`; only fine-tuned models can be deleted.",
                        param="model", code="model_not_deletable")
-    row = db.scalar(select(ModelRow).where(ModelRow.id == name, ModelRow.project == caller.project))
+    row = own_model(db, caller, name)
     if row is None and _checkpoint(db, caller, name) is not None:
         raise APIError(403, f"`{name}` is a checkpoint of a fine-tuning job: it is kept with the job's run and "
                        "cannot be deleted on its own.", param="model", code="model_not_deletable")
