@@ -83,7 +83,9 @@ def _source(sessions: sessionmaker[Session], job: JobRow, run_dir: Path) -> tupl
     with sessions() as s:
         row = s.scalar(select(ModelRow).where(ModelRow.id == job.model, ModelRow.project == job.project))
     if row is not None:
-        return row.base, str(Path(row.path).parent)
+        from ..models.load import run_folder
+
+        return row.base, str(run_folder(row.path))
     from ..train.checkpoint import checkpoint_dirs
     from ..train.config import TrainConfig
 

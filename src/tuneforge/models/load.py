@@ -131,6 +131,13 @@ def with_pad(tokenizer):
     return tokenizer
 
 
+def run_folder(weights: str | Path) -> Path:
+    """The run folder of a weights folder a model is served from (weights_dir's way back): RUN/adapter
+    or RUN/model, or a checkpoint's RUN/checkpoints/step-N/weights."""
+    weights = Path(weights)
+    return weights.parents[2] if weights.name == "weights" else weights.parent
+
+
 def weights_dir(run_or_weights: str | Path) -> Path:
     """The adapter/model folder of a run folder, or the folder itself if it already holds weights."""
     p = Path(run_or_weights)

@@ -101,10 +101,11 @@ def _check_same_shape(source: ModelRow, metadata: dict | None) -> None:
     """A job on an ft: model trains with that model's method and quantisation (train.config's
     continued_from): a different one asked for in metadata would be dropped unread - the job said
     "full" and trained LoRA - so it is refused by name, as `train --init-from` refuses --method."""
+    from ..models.load import run_folder
     from ..train.config import TrainConfig
 
     try:
-        run = TrainConfig.load(Path(source.path).parent)
+        run = TrainConfig.load(run_folder(source.path))
     except (OSError, ValueError):  # not readable: the worker says what is wrong when it loads it
         return
     # (not given, or the default "lora" - which the dashboard's form always sends, for DPO too - is no

@@ -54,9 +54,10 @@ def checkpoint_base(job_model: str, path: str) -> str:
     job's model, or for a job that continued an ft: model, the base its run started from (its config)."""
     if not job_model.startswith("ft:"):
         return job_model
+    from ..models.load import run_folder
     from ..train.config import TrainConfig
 
-    return TrainConfig.load(Path(path).parents[2]).base
+    return TrainConfig.load(run_folder(path)).base
 
 
 def _checkpoint(db: Session, caller: Principal, name: str):
