@@ -1425,6 +1425,13 @@ function storedAnswer(choice) {
   ];
 }
 
+/** Turns of asking: `next()` starts one and returns a check that says whether it is still the latest -
+ * a list answered after a newer one was asked for (a slow first load, a filter changed) is dropped. */
+function turns() {
+  let asked = 0;
+  return { next() { const mine = ++asked; return () => mine === asked; } };
+}
+
 /** Served traffic (usage per model) and stored completions, which can become the next training file. */
 async function viewMonitor(root) {
   root.append(pageHead("Monitor", "Traffic this project's models served, and the completions kept with store: true - the way back to training data."));
@@ -1433,12 +1440,12 @@ async function viewMonitor(root) {
     h("option", { value: "30" }, "Last 30 days"), h("option", { value: "" }, "All time"));
   const usageBody = h("div", { "data-test": "usage" });
   root.append(h("div", { class: "card" }, h("div", { class: "row between" }, h("h2", {}, "Traffic"), days), usageBody));
-  let usageAsked = 0;  // (as for the stored list below: an earlier period's answer arriving late is dropped)
+  const usageTurns = turns();  // (an earlier period's answer arriving late is dropped)
   const loadUsage = async () => {
     const q = days.value ? `?days=${days.value}` : "";
-    const mine = ++usageAsked;
+    const latest = usageTurns.next();
     const usage = await api(`/v1/tuneforge/usage${q}`);
-    if (mine !== usageAsked) return;
+    if (!latest()) return;
     const rows = usage.data;
     // the dashboard's own calls (files, jobs, models) are traffic too, but not what this page is about
     if (!rows.some((r) => r.model)) {
@@ -1492,13 +1499,13 @@ async function viewMonitor(root) {
     }
     return q;
   };
-  let asked = 0;  // the latest list asked for: an earlier one answered later (the page's first, unfiltered) is dropped
+  const storedTurns = turns();  // (the page's first, unfiltered list answered after a filter's is dropped)
   const loadStored = async (filter = query()) => {
     const q = new URLSearchParams(filter);
     q.set("limit", "100");
-    const mine = ++asked;
+    const latest = storedTurns.next();
     const rows = (await api(`/v1/chat/completions?${q}`)).data;
-    if (mine !== asked) return;
+    if (!latest()) return;
     if (!rows.length) { put(storedBody, h("p", { class: "muted" }, "No stored completion matches. Ask with store: true (and metadata) to keep one.")); return; }
     const metaText = (metadata) => Object.entries(metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—";
     const row = (c) => {
