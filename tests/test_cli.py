@@ -251,7 +251,22 @@ def test_init_from_refuses_its_own_out_folder(tmp_path, chat_file):
     (run := tmp_path / "run").mkdir()
     proc = tf("train", "--data", chat_file, "--out", run, "--init-from", run, "--overwrite", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "is --out too: write the continued run to another folder" in proc.stderr, proc.stderr
+    assert "is --out too, or inside it: write the continued run to another folder" in proc.stderr, proc.stderr
+
+
+def test_init_from_a_checkpoint_continues_from_its_weights(tmp_path, chat_file):
+    """A checkpoint (RUN/checkpoints/step-N) is a starting point like a finished run (it was refused:
+    "is a checkpoint ... --init-from RUN"); one inside --out is refused as --out itself is."""
+    run = tmp_path / "run"
+    tf("train", "--data", chat_file, "--out", run, "--base", "tiny-llama", "--method", "full", "--n-epochs", "2",
+       "--quiet")
+    ckpt = checkpoint_dirs(run)[0]
+    result = json.loads(tf("train", "--data", chat_file, "--out", tmp_path / "next", "--init-from", ckpt,
+                           "--n-epochs", "1", "--json").stdout)
+    assert (result["config"]["init_from"], result["config"]["method"]) == (str(ckpt), "full")
+    proc = tf("train", "--data", chat_file, "--out", run, "--init-from", ckpt, "--overwrite", check=False)
+    assert proc.returncode == 2 and "is --out too, or inside it" in proc.stderr, proc.stderr
+    assert ckpt.is_dir()
 
 
 def test_convert_given_a_jsonl_file_says_it_is_no_csv(tmp_path, chat_file):

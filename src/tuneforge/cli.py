@@ -284,8 +284,8 @@ def train(
         help="nf4: keep the frozen base in 4 bits (QLoRA; needs bitsandbytes). LoRA only.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
     init_from: Annotated[Path | None, typer.Option(
-        help="A finished run to go on training on new data (continued fine-tuning): its weights are the start, "
-             "its base, method and LoRA shape this run's.")] = None,
+        help="A finished run, or a checkpoint of a run (RUN/checkpoints/step-N), to go on training on new data "
+             "(continued fine-tuning): its weights are the start, its base, method and LoRA shape this run's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     json_out: JsonOpt = False,
@@ -312,10 +312,12 @@ def train(
     else:
         if data is None or out is None:
             raise ValueError("--data and --out are required (or --resume RUN)")
-        if init_from and init_from.resolve() == out.resolve():
+        if init_from and out.resolve() in (init_from.resolve(), *init_from.resolve().parents):
             # (--overwrite cleared the run once its weights were read: a crash before the first checkpoint
-            # lost both runs, and the new config's init_from named itself, so --resume could not go on)
-            raise ValueError(f"--init-from {init_from} is --out too: write the continued run to another folder")
+            # lost both runs, and the new config's init_from named itself, so --resume could not go on;
+            # a checkpoint of --out went with it)
+            raise ValueError(f"--init-from {init_from} is --out too, or inside it: write the continued run to "
+                             "another folder")
         _check_out(out, overwrite)
         if init_from and (given := _given(ctx, {"base", "method", "lora_rank", "lora_alpha", "lora_targets", "quantize"})):
             raise ValueError(f"--init-from trains on with the base, method and LoRA shape of {init_from}: "

@@ -254,12 +254,44 @@ def test_a_run_continues_from_a_finished_runs_weights(tmp_path, chat_file, metho
 
     shutil.rmtree(tmp_path / "first")
     assert train(TrainConfig.load(tmp_path / "third"), resume=True).steps == len(metrics_log.read(tmp_path / "third"))
-    ckpt = checkpoint_dirs(tmp_path / "second")[-1]
-    for given in (ckpt, ckpt / "weights"):
-        with pytest.raises(ValueError, match=rf"^{given} is a checkpoint: .*\(--init-from {tmp_path / 'second'}\)$"):
-            train(dataclasses.replace(cfg, out=str(tmp_path / "fifth"), init_from=str(given)))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     TrainConfig(data=str(chat_file), out=str(unfinished), base="tiny-llama").save(unfinished)
     with pytest.raises(ValueError, match=rf"^{unfinished}: has not finished training, so it has no weights"):
         train(dataclasses.replace(cfg, out=str(tmp_path / "fourth"), init_from=str(unfinished)))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_continues_from_a_checkpoint_of_an_unfinished_run(tmp_path, chat_file, method):
+    """OpenAI's job on a ckpt-step-N model: the new run starts from that checkpoint's weights - its
+    starting validation loss is the one measured on them when the checkpoint was written - with the
+    source run's base, method and LoRA shape, though the source run never finished."""
+    import shutil
+
+    from tests.conftest import write_chat
+
+    held = write_chat(tmp_path / "held.jsonl", 6)
+    first = tmp_path / "first"
+    with pytest.raises(TrainingStopped):  # stopped one step into its second epoch
+        train(config(tmp_path, chat_file, "first", method=method, lora_rank=4, validation_data=str(held)),
+              should_stop=lambda: "paused" if len(metrics_log.read(first)) == 7 else None)
+    epoch, interrupt = checkpoint_dirs(first)
+    assert (read_meta(epoch)["kind"], read_meta(interrupt)["kind"]) == ("epoch", "interrupt")
+    base_loss = json.loads((first / "baseline.json").read_text())["loss"]
+    for name, given in (("second", epoch), ("third", epoch / "weights")):
+        said = []
+        cfg = dataclasses.replace(config(tmp_path, chat_file, name, n_epochs=1, validation_data=str(held),
+                                         init_from=str(given)), base="no-such-base")
+        train(cfg, on_event=lambda e, said=said: said.append(e.get("message")))
+        saved = TrainConfig.load(tmp_path / name)
+        assert (saved.base, saved.method, saved.lora_rank, saved.init_from) == ("tiny-llama", method, 4, str(epoch))
+        start = json.loads((tmp_path / name / "baseline.json").read_text())["loss"]
+        assert start == pytest.approx(read_meta(epoch)["metrics"]["valid_loss"], rel=1e-4) and start != base_loss
+        assert f"Continuing from the trained weights of {epoch}" in said
+    # the unfinished run itself has no final weights: the refusal names its newest checkpoint instead
+    with pytest.raises(ValueError, match=rf"has not finished training.*--init-from {interrupt}\)$"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "fourth"), init_from=str(first)))
+    shutil.rmtree(interrupt / "weights")
+    with pytest.raises(ValueError, match=rf"^{interrupt / 'weights'}: the checkpoint's trained weights are missing"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "fifth"), init_from=str(interrupt)))
+    assert not (tmp_path / "fifth").exists()

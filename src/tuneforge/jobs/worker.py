@@ -76,18 +76,23 @@ def _base_slug(model: str) -> str:
 
 
 def _source(sessions: sessionmaker[Session], job: JobRow, run_dir: Path) -> tuple[str, str | None]:
-    """(base model, run folder to continue or None) of a job: its model is a base, or a fine-tuned model
-    of its project, whose row names the base and whose weights lie in its run folder."""
+    """(base model, run folder or checkpoint to continue, or None) of a job: its model is a base, a
+    fine-tuned model of its project, whose row names the base and whose weights lie in its run folder,
+    or a checkpoint of one of its jobs."""
     if not job.model.startswith("ft:"):
         return job.model, None
-    with sessions() as s:
-        row = s.scalar(select(ModelRow).where(ModelRow.id == job.model, ModelRow.project == job.project))
-    if row is not None:
-        from ..models.load import run_folder
-
-        return row.base, str(run_folder(row.path))
+    from ..models.load import run_folder
     from ..train.checkpoint import checkpoint_dirs
     from ..train.config import TrainConfig
+
+    with sessions() as s:
+        row = s.scalar(select(ModelRow).where(ModelRow.id == job.model, ModelRow.project == job.project))
+        ckpt = s.scalar(select(CheckpointRow.path).join(JobRow, JobRow.id == CheckpointRow.job_id)
+                        .where(CheckpointRow.name == job.model, JobRow.project == job.project))
+    if row is not None:
+        return row.base, str(run_folder(row.path))
+    if ckpt is not None and Path(ckpt).is_dir():  # a checkpoint (ft:...:ckpt-step-N): its run names the base
+        return TrainConfig.load(run_folder(ckpt)).base, str(Path(ckpt).parent)
 
     # Deleted since the job started: a job paused (or whose worker stopped) after a checkpoint goes on
     # from its own checkpoint, whose run config names the base (the loop does not read the source again).

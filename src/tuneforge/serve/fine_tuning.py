@@ -24,12 +24,12 @@ from ..jobs.worker import SUFFIX_RE, SUFFIX_RULE
 from ..models.catalogue import available
 from ..models.quantize import check_quantize, require_bitsandbytes
 from ..settings import Settings
-from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, ModelRow, metadata_matches, new_id
+from ..store.database import CheckpointRow, EventRow, FileRow, JobRow, metadata_matches, new_id
 from ..store.keys import Principal
 from .deps import DB, Caller, SettingsDep
 from .errors import bad_request, not_found
 from .metadata import check_metadata, metadata_filter
-from .models import own_model
+from .models import own_checkpoint, own_model
 from .paging import check_limit, page, page_list
 from .protocol import (
     Checkpoint,
@@ -90,14 +90,18 @@ def _check_file(db: Session, caller: Principal, file_id: str, param: str) -> Non
                           param=param, code="invalid_file_purpose")
 
 
-def _tuned(db: Session, caller: Principal, model: str) -> ModelRow | None:
-    """A fine-tuned model of the caller's project, whose weights are still there: a job on it continues
-    its training (OpenAI's fine-tuning of an ft: model; jobs.worker)."""
+def _tuned(db: Session, caller: Principal, model: str) -> Path | None:
+    """The weights of a fine-tuned model, or of a checkpoint (ft:...:ckpt-step-N), of the caller's
+    project, still there: a job on it continues training from them (OpenAI's fine-tuning of an ft:
+    model; jobs.worker)."""
     row = own_model(db, caller, model)
-    return row if row is not None and Path(row.path).exists() else None
+    if row is not None:
+        return Path(row.path) if Path(row.path).exists() else None
+    ckpt = own_checkpoint(db, caller, model)  # (one whose weights folder is still there)
+    return Path(ckpt.path) if ckpt is not None else None
 
 
-def _check_same_shape(source: ModelRow, metadata: dict | None) -> None:
+def _check_same_shape(name: str, weights: Path, metadata: dict | None) -> None:
     """A job on an ft: model trains with that model's method and quantisation (train.config's
     continued_from): a different one asked for in metadata would be dropped unread - the job said
     "full" and trained LoRA - so it is refused by name, as `train --init-from` refuses --method."""
@@ -105,14 +109,14 @@ def _check_same_shape(source: ModelRow, metadata: dict | None) -> None:
     from ..train.config import TrainConfig
 
     try:
-        run = TrainConfig.load(run_folder(source.path))
+        run = TrainConfig.load(run_folder(weights))
     except (OSError, ValueError):  # not readable: the worker says what is wrong when it loads it
         return
     # (not given, or the default "lora" - which the dashboard's form always sends, for DPO too - is no
     # request: a full model trains on as full)
     for key, theirs in ((METHOD_KEY, run.method), (QUANTIZE_KEY, run.quantize)):
         if (asked := (metadata or {}).get(key, theirs)) not in (theirs, "lora"):
-            raise bad_request(f"metadata['{key}'] is {asked!r}, but {source.id} was trained with {theirs!r}: a job on "
+            raise bad_request(f"metadata['{key}'] is {asked!r}, but {name} was trained with {theirs!r}: a job on "
                               f"it trains on the same way (leave {key} out)", param="metadata", code="invalid_metadata")
 
 
@@ -157,7 +161,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     source = None if req.model in bases else _tuned(db, caller, req.model)
     if req.model not in bases and source is None:
         raise bad_request(f"Model {req.model!r} is not available for fine-tuning; choose one of {bases} or a "
-                          "fine-tuned model of this project (ft:...), which the job trains on",
+                          "fine-tuned model of this project (ft:...) or a checkpoint of one (ft:...:ckpt-step-N), which "
+                          "the job trains on",
                           param="model", code="model_not_available")
     _check_file(db, caller, req.training_file, "training_file")
     if req.validation_file:
@@ -179,7 +184,7 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
         except ValueError as e:
             raise bad_request(f"metadata['{QUANTIZE_KEY}']: {e}", param="metadata", code="invalid_metadata") from None
     if source is not None:
-        _check_same_shape(source, req.metadata)
+        _check_same_shape(req.model, source, req.metadata)
     if req.integrations:
         raise bad_request("integrations are not supported by this server", param="integrations",
                           code="unsupported_integration")

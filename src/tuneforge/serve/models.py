@@ -43,7 +43,7 @@ def resolve_model(db: Session, caller: Principal, name: str) -> Target:
             raise APIError(404, f"The model `{name}` has no weights on this server's disk any more (its folder was "
                                 "moved or deleted): ask the server's operator", param="model", code="model_not_found")
         return Target(row.base, Path(row.path))
-    ckpt = _checkpoint(db, caller, name)
+    ckpt = own_checkpoint(db, caller, name)
     if ckpt is not None:
         return Target(checkpoint_base(ckpt.model, ckpt.path), Path(ckpt.path))
     raise model_missing(name)
@@ -60,7 +60,7 @@ def checkpoint_base(job_model: str, path: str) -> str:
     return TrainConfig.load(run_folder(path)).base
 
 
-def _checkpoint(db: Session, caller: Principal, name: str):
+def own_checkpoint(db: Session, caller: Principal, name: str):
     """The caller's checkpoint model `name` (path, base model, created_at) whose weights are still on disk."""
     ckpt = db.execute(
         select(CheckpointRow.path, CheckpointRow.created_at, JobRow.model)
@@ -83,7 +83,7 @@ def retrieve_model(db: Session, caller: Principal, name: str) -> Model:
     row = own_model(db, caller, name)
     if row is not None:
         return Model(id=row.id, created=int(row.created_at), owned_by=row.owned_by)
-    ckpt = _checkpoint(db, caller, name)  # callable like a model, so it can be looked up like one
+    ckpt = own_checkpoint(db, caller, name)  # callable like a model, so it can be looked up like one
     if ckpt is None:
         raise model_missing(name)
     return Model(id=name, created=int(ckpt.created_at), owned_by="tuneforge")
@@ -94,7 +94,7 @@ def delete_model(db: Session, caller: Principal, name: str, engine) -> ModelDele
         raise APIError(403, f"You cannot delete the base model `{name}`; only fine-tuned models can be deleted.",
                        param="model", code="model_not_deletable")
     row = own_model(db, caller, name)
-    if row is None and _checkpoint(db, caller, name) is not None:
+    if row is None and own_checkpoint(db, caller, name) is not None:
         raise APIError(403, f"`{name}` is a checkpoint of a fine-tuning job: it is kept with the job's run and "
                        "cannot be deleted on its own.", param="model", code="model_not_deletable")
     if row is None:

@@ -59,8 +59,8 @@ class TrainConfig:
     early_stopping_patience: int = 0  # validation passes without improvement before stopping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = one per physical core
     activation_checkpointing: bool = False  # recompute layers in the backward pass: less memory, slower
-    # a finished run this one continues (OpenAI's fine-tuning of an ft: model): its trained weights are
-    # the starting point, and its base, method and LoRA shape are this run's (continued_from)
+    # a finished run, or a checkpoint of a run, this one continues (OpenAI's fine-tuning of an ft: model):
+    # its trained weights are the starting point, and its base, method and LoRA shape this run's (continued_from)
     init_from: str | None = None
 
     def __post_init__(self):
@@ -114,20 +114,30 @@ class TrainConfig:
         return replace(self, n_epochs=n_epochs, batch_size=batch, learning_rate_multiplier=mult)
 
     def continued_from(self) -> TrainConfig:
-        """This config on the finished run `init_from` names: its base, method, quantisation and LoRA
-        shape (the trained weights fit only those), the path made absolute. ValueError when the run
-        has not finished (it has no weights to start from)."""
-        run = Path(self.init_from).resolve()
-        if (run / "state.json").is_file() or (run.name == "weights" and (run.parent / "state.json").is_file()):
-            # (read as a run, a checkpoint was "not a tuneforge run folder", which it is not meant to be)
-            folder = run.parents[1 if run.name != "weights" else 2]
-            raise ValueError(f"{self.init_from} is a checkpoint: a run continues from a finished run's final weights "
-                             f"(--init-from {folder})")
-        prev = TrainConfig.load(run)
-        if not (run / "result.json").is_file():
-            raise ValueError(f"{run}: has not finished training, so it has no weights to continue from "
-                             f"(finish it first: tuneforge train --resume {run})")
-        return replace(self, init_from=str(run), base=prev.base, method=prev.method, quantize=prev.quantize,
+        """This config on the run `init_from` names - a finished run, or a checkpoint of any run
+        (RUN/checkpoints/step-N, or its weights folder; OpenAI's job on a ckpt-step-N model) - with
+        that run's base, method, quantisation and LoRA shape (the trained weights fit only those), the
+        path made absolute (a checkpoint's: its folder). ValueError when there are no weights to start
+        from: a run that has not finished, a checkpoint without its weights."""
+        from ..models.adapters import ADAPTER_FILE, FULL_FILE
+        from .checkpoint import CHECKPOINTS, checkpoint_dirs
+
+        given = Path(self.init_from).resolve()
+        source = given.parent if given.name == "weights" and given.parent.parent.name == CHECKPOINTS else given
+        if source.parent.name == CHECKPOINTS:  # its run's settings, and its own weights (the run may go on)
+            prev = TrainConfig.load(source.parents[1])
+            weights = source / "weights"
+            if not any((weights / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+                raise ValueError(f"{weights}: the checkpoint's trained weights are missing (no {ADAPTER_FILE} or "
+                                 f"{FULL_FILE}), so there is nothing to continue from")
+        else:
+            prev = TrainConfig.load(source)
+            if not (source / "result.json").is_file():
+                ckpts = checkpoint_dirs(source)
+                newest = f", or continue from its newest checkpoint: --init-from {ckpts[-1]}" if ckpts else ""
+                raise ValueError(f"{source}: has not finished training, so it has no weights to continue from "
+                                 f"(finish it first: tuneforge train --resume {source}{newest})")
+        return replace(self, init_from=str(source), base=prev.base, method=prev.method, quantize=prev.quantize,
                        lora_rank=prev.lora_rank, lora_alpha=prev.lora_alpha, lora_targets=prev.lora_targets)
 
     def save(self, run_dir: Path) -> None:

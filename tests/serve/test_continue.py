@@ -1,0 +1,81 @@
+"""Fine-tuning jobs on the project's own fine-tuned models and checkpoints (OpenAI's continued
+fine-tuning), over a real loopback server with the real `openai` SDK and the worker in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from sqlalchemy import select
+
+from tests.serve.conftest import serving
+from tuneforge.jobs.worker import run_worker
+from tuneforge.store.database import JobRow, session
+from tuneforge.store.keys import create_key
+from tuneforge.train.config import TrainConfig
+
+
+@pytest.fixture
+def client():
+    with serving() as url:
+        yield OpenAI(base_url=url, api_key=create_key("proj"), max_retries=0, timeout=60)
+
+
+def upload(client: OpenAI, n: int, start: int = 0):
+    body = "".join(json.dumps({"messages": [{"role": "user", "content": f"What is twice {i}?"},
+                                            {"role": "assistant", "content": f"Twice {i} is {2 * i}."}]}) + "\n"
+                   for i in range(start, start + n)).encode()
+    return client.files.create(file=("train.jsonl", io.BytesIO(body)), purpose="fine-tune")
+
+
+def row(job_id: str) -> JobRow:
+    with session() as s:
+        return s.scalar(select(JobRow).where(JobRow.id == job_id))
+
+
+def trained(client: OpenAI, job_id: str):
+    """The job once the server's validator queued it and let go, then one worker ran it."""
+    deadline = time.monotonic() + 60  # (a wait for the validator's thread, not a measure of it)
+    while (job := row(job_id)).status == "validating_files" or job.worker_id is not None:
+        assert time.monotonic() < deadline, f"{job_id} stayed {job.status} with {job.worker_id}"
+        time.sleep(0.05)
+    run_worker(poll_interval=0.1, once=True)
+    done = client.fine_tuning.jobs.retrieve(job_id)
+    assert done.status == "succeeded", done.error
+    return done
+
+
+def epochs(n: int) -> dict:
+    return {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n, "batch_size": 5}}}
+
+
+def test_a_job_on_a_checkpoint_starts_from_its_weights(client):
+    """A checkpoint model (ft:...:ckpt-step-N) is a job's model as on OpenAI (it was model_not_available):
+    the job starts from that checkpoint's weights - its starting validation loss is the one measured on
+    them at the checkpoint, not the source job's final model's - with the source's base and method."""
+    train_file, held = upload(client, 10), upload(client, 6, start=100)
+    first = client.fine_tuning.jobs.create(model="tiny-llama", training_file=train_file.id, validation_file=held.id,
+                                           method=epochs(2), metadata={"tuneforge.method": "full"})
+    trained(client, first.id)
+    last, ckpt = client.fine_tuning.jobs.checkpoints.list(first.id).data  # newest first: steps 4 and 2
+    assert (last.step_number, ckpt.step_number) == (4, 2)
+
+    more = client.fine_tuning.jobs.create(model=ckpt.fine_tuned_model_checkpoint, training_file=train_file.id,
+                                          validation_file=held.id, method=epochs(1), suffix="more")
+    assert more.model == ckpt.fine_tuned_model_checkpoint
+    done = trained(client, more.id)
+    assert done.fine_tuned_model == f"ft:tiny-llama:tuneforge:more:{more.id[6:14]}"
+    run = Path(row(more.id).run_dir)
+    cfg = TrainConfig.load(run)
+    assert (cfg.base, cfg.method, cfg.init_from) == ("tiny-llama", "full", str(Path(row(first.id).run_dir,
+                                                                                       "checkpoints", "step-000002")))
+    start = json.loads((run / "baseline.json").read_text())["loss"]
+    assert start == pytest.approx(ckpt.metrics.full_valid_loss, rel=1e-4)
+    assert start != pytest.approx(last.metrics.full_valid_loss, rel=1e-4)
+    answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                            messages=[{"role": "user", "content": "What is twice 3?"}])
+    assert answer.model == done.fine_tuned_model
