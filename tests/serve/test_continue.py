@@ -8,13 +8,14 @@ import json
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from openai import OpenAI
 from sqlalchemy import select
 
 from tests.serve.conftest import serving
 from tuneforge.jobs.worker import run_worker
-from tuneforge.store.database import JobRow, session
+from tuneforge.store.database import JobRow, ModelRow, session
 from tuneforge.store.keys import create_key
 from tuneforge.train.config import TrainConfig
 
@@ -79,3 +80,28 @@ def test_a_job_on_a_checkpoint_starts_from_its_weights(client):
     answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                             messages=[{"role": "user", "content": "What is twice 3?"}])
     assert answer.model == done.fine_tuned_model
+
+
+def add_model(tmp_path: Path, method: str) -> str:
+    """A fine-tuned model of project "proj": a run folder whose config says how it was trained."""
+    run = tmp_path / "run"
+    weights = run / ("model" if method == "full" else "adapter")
+    weights.mkdir(parents=True)
+    TrainConfig(data=str(tmp_path / "data.jsonl"), out=str(run), base="tiny-llama", method=method).save(run)
+    name = f"ft:tiny-llama:tuneforge::{method}0001"
+    with session() as s:
+        s.add(ModelRow(id=name, project="proj", base="tiny-llama", job_id="", path=str(weights), owned_by="tuneforge"))
+        s.commit()
+    return name
+
+
+def test_a_job_on_a_full_model_refuses_lora_in_metadata(client, tmp_path):
+    """metadata "lora" on a full fine-tuned model was let through (the dashboard once sent it for every
+    job), and the job trained full: it is refused like any other method the model was not trained with."""
+    name, f = add_model(tmp_path, "full"), upload(client, 10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model=name, training_file=f.id, metadata={"tuneforge.method": "lora"})
+    assert (err.value.body["param"], err.value.body["code"]) == ("metadata", "invalid_metadata")
+    assert f"metadata['tuneforge.method'] is 'lora', but {name} was trained with 'full'" in err.value.message
+    assert client.fine_tuning.jobs.create(model=name, training_file=f.id,
+                                          metadata={"tuneforge.method": "full"}).model == name

@@ -112,10 +112,8 @@ def _check_same_shape(name: str, weights: Path, metadata: dict | None) -> None:
         run = TrainConfig.load(run_folder(weights))
     except (OSError, ValueError):  # not readable: the worker says what is wrong when it loads it
         return
-    # (not given, or the default "lora" - which the dashboard's form always sends, for DPO too - is no
-    # request: a full model trains on as full)
     for key, theirs in ((METHOD_KEY, run.method), (QUANTIZE_KEY, run.quantize)):
-        if (asked := (metadata or {}).get(key, theirs)) not in (theirs, "lora"):
+        if (asked := (metadata or {}).get(key, theirs)) != theirs:
             raise bad_request(f"metadata['{key}'] is {asked!r}, but {name} was trained with {theirs!r}: a job on "
                               f"it trains on the same way (leave {key} out)", param="metadata", code="invalid_metadata")
 
