@@ -252,7 +252,7 @@ def test_responses_refuse_text_verbosity_as_chat_refuses_verbosity(client):
     r = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "text": {"verbosity": "low"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text.verbosity", r.text
     assert r.json()["error"]["code"] == "unsupported_parameter"
-    ok = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2,
+    ok = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 16,
                                             "text": {"format": {"type": "text"}}})
     assert ok.status_code == 200, ok.text
 
@@ -309,13 +309,27 @@ def test_messages_openai_accepts_are_answered(client):
 def test_a_response_echoes_the_tool_settings_it_was_sent(client):
     """The response object says the request's tool_choice and parallel_tool_calls (it said "auto" and
     true whatever was sent), stored and retrieved alike."""
-    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "tool_choice": "none", "parallel_tool_calls": False}
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "tool_choice": "none", "parallel_tool_calls": False}
     made = client.post("/v1/responses", json=ask).json()
     assert (made["tool_choice"], made["parallel_tool_calls"]) == ("none", False)
     kept = client.get(f"/v1/responses/{made['id']}").json()
     assert (kept["tool_choice"], kept["parallel_tool_calls"]) == ("none", False)
-    default = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2}).json()
+    default = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 16}).json()
     assert (default["tool_choice"], default["parallel_tool_calls"]) == ("auto", True)
+
+
+def test_responses_max_output_tokens_is_16_at_least(client):
+    """OpenAI's least max_output_tokens is 16; fewer was taken."""
+    ask = {"model": "tiny-llama", "input": "hi"}
+    r = client.post("/v1/responses", json=ask | {"max_output_tokens": 5})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, but got 5 instead.",
+        "type": "invalid_request_error", "param": "max_output_tokens", "code": "integer_below_min_value"}
+    for few in (15, 1, 0, -3):
+        r = client.post("/v1/responses", json=ask | {"max_output_tokens": few, "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
+    done = client.post("/v1/responses", json=ask | {"max_output_tokens": 16, "temperature": 0})
+    assert done.status_code == 200 and done.json()["usage"]["output_tokens"] <= 16
 
 
 def test_logprobs_are_the_models_own_and_cover_the_answer(client):
@@ -349,7 +363,7 @@ def test_logprobs_are_the_models_own_and_cover_the_answer(client):
 
 
 def test_responses_give_logprobs_when_included(client):
-    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 5, "temperature": 0,
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "temperature": 0,
            "include": ["message.output_text.logprobs"], "top_logprobs": 2}
     part = client.post("/v1/responses", json=ask).json()["output"][0]["content"][0]
     assert "".join(t["token"] for t in part["logprobs"]) == part["text"]
@@ -406,7 +420,7 @@ def test_stored_completions_round_trip_in_the_database(client):
 
 def test_kept_responses_round_trip_in_the_database(client):
     # (the SDK-level test is tests/e2e/test_responses.py; this one also runs against PostgreSQL)
-    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "temperature": 1}
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "temperature": 1}
     first = client.post("/v1/responses", json=ask | {"metadata": {"k": "v"}}).json()
     assert client.get(f"/v1/responses/{first['id']}").json() == first
     items = client.get(f"/v1/responses/{first['id']}/input_items").json()
@@ -438,7 +452,7 @@ def test_workers_get_one_gpu_each_when_there_are_several(monkeypatch):
 def test_responses_truncation_auto_drops_the_oldest_turns(client):
     long = "alpha beta " * 30  # ~340 tokens a turn for the tiny model's tokenizer; nine do not fit in 2,048
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {long}"} for i in range(9)]
-    ask = {"model": "tiny-llama", "input": turns, "max_output_tokens": 8, "instructions": "Be brief."}
+    ask = {"model": "tiny-llama", "input": turns, "max_output_tokens": 16, "instructions": "Be brief."}
     refused = client.post("/v1/responses", json=ask)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
     assert refused.json()["error"]["param"] == "input"
@@ -446,7 +460,7 @@ def test_responses_truncation_auto_drops_the_oldest_turns(client):
     assert done["truncation"] == "auto" and done["status"] in ("completed", "incomplete")
     used = done["usage"]["input_tokens"]
     one_turn = client.post("/v1/responses", json=ask | {"input": turns[-1:]}).json()["usage"]["input_tokens"]
-    assert 2 * one_turn < used <= 2048 - 8  # several of the latest turns kept, within the context
+    assert 2 * one_turn < used <= 2048 - 16  # several of the latest turns kept, within the context
     assert client.post("/v1/responses", json=ask | {"input": turns[-1:], "truncation": "auto"}).status_code == 200
 
 

@@ -158,7 +158,7 @@ def keep_response(project: str, metadata: dict, *, status: str = "completed", an
 
 
 def test_kept_responses_back_into_a_training_file(client):
-    served = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 2,
+    served = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 16,
                                                 "metadata": {"batch": "r"}})
     assert served.status_code == 200 and served.json()["status"] == "incomplete"  # cut: never training data
     keep_response("proj", {"batch": "r"})

@@ -107,7 +107,7 @@ def _fail(*args, **kwargs):
 @pytest.mark.parametrize("path,body", [
     ("/chat/completions", {"messages": ASK, "max_tokens": 4}),
     ("/completions", {"prompt": "hi", "max_tokens": 4}),
-    ("/responses", {"input": "hi", "max_output_tokens": 4}),
+    ("/responses", {"input": "hi", "max_output_tokens": 16}),
 ])
 def test_a_streamed_answer_that_fails_is_a_500_in_usage_and_keeps_its_internals(live, monkeypatch, path, body):
     """Its 200 is sent before generation starts: the failure is said in the stream - as the whole

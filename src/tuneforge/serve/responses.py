@@ -70,6 +70,7 @@ from .protocol import (
 )
 
 ROLES = ("user", "assistant", "system", "developer")
+MIN_OUTPUT_TOKENS = 16  # the least max_output_tokens OpenAI takes
 LOGPROBS = "message.output_text.logprobs"  # the include that asks for the answer's log-probabilities
 
 
@@ -104,6 +105,13 @@ def _refuse_unsupported(req: ResponseRequest) -> None:
         raise unsupported("conversation (the Conversations API) is", "conversation")  # previous_response_id is
     if req.prompt:
         raise unsupported("prompt (stored prompt templates) is", "prompt")
+
+
+def _check_max_output_tokens(limit: int | None) -> None:
+    if limit is not None and limit < MIN_OUTPUT_TOKENS:
+        raise bad_request(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                          f"{MIN_OUTPUT_TOKENS}, but got {limit} instead.", param="max_output_tokens",
+                          code="integer_below_min_value")
 
 
 def _text(content: Any, where: str) -> str:
@@ -248,6 +256,7 @@ def create_response(request: Request, db: Session, caller: Principal, req: Respo
     request.state.model = req.model
     target = resolve_model(db, caller, req.model)
     _refuse_unsupported(req)
+    _check_max_output_tokens(req.max_output_tokens)
     check_metadata(req.metadata)
     context = _earlier_turns(db, caller, req.previous_response_id)
     turns = _turns(req)
