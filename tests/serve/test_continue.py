@@ -38,13 +38,18 @@ def row(job_id: str) -> JobRow:
         return s.scalar(select(JobRow).where(JobRow.id == job_id))
 
 
-def trained(client: OpenAI, job_id: str):
-    """The job once the server's validator queued it and let go, then one worker ran it."""
+def trained_until(job_id: str) -> None:
+    """One worker runs the job, once the server's validator has queued it and let go."""
     deadline = time.monotonic() + 60  # (a wait for the validator's thread, not a measure of it)
     while (job := row(job_id)).status == "validating_files" or job.worker_id is not None:
         assert time.monotonic() < deadline, f"{job_id} stayed {job.status} with {job.worker_id}"
         time.sleep(0.05)
     run_worker(poll_interval=0.1, once=True)
+
+
+def trained(client: OpenAI, job_id: str):
+    """The job, run by one worker to its success."""
+    trained_until(job_id)
     done = client.fine_tuning.jobs.retrieve(job_id)
     assert done.status == "succeeded", done.error
     return done
@@ -105,3 +110,37 @@ def test_a_job_on_a_full_model_refuses_lora_in_metadata(client, tmp_path):
     assert f"metadata['tuneforge.method'] is 'lora', but {name} was trained with 'full'" in err.value.message
     assert client.fine_tuning.jobs.create(model=name, training_file=f.id,
                                           metadata={"tuneforge.method": "full"}).model == name
+
+
+def test_a_continued_job_shows_and_keeps_its_sources_method(client, monkeypatch):
+    """A job on a full fine-tuned model, given no method, showed "lora" (its metadata said none: the
+    page's default) though it trained full; paused after a checkpoint, it then resumed as LoRA and
+    failed on the full weights. Its metadata now says the source's method, which the worker reads back."""
+    from tuneforge.jobs import worker
+
+    train_file = upload(client, 10)
+    first = client.fine_tuning.jobs.create(model="tiny-llama", training_file=train_file.id, method=epochs(1),
+                                           metadata={"tuneforge.method": "full", "team": "a"})
+    tuned = trained(client, first.id).fine_tuned_model
+    more = client.fine_tuning.jobs.create(model=tuned, training_file=train_file.id, method=epochs(2))
+    assert more.metadata == {"tuneforge.method": "full"}
+    other = client.fine_tuning.jobs.create(model=tuned, training_file=train_file.id, metadata={"team": "b"})
+    assert other.metadata == {"team": "b", "tuneforge.method": "full"}
+    client.fine_tuning.jobs.cancel(other.id)
+    should_stop = worker.JobRunner._should_stop
+
+    def paused_after_its_first_checkpoint(runner):
+        if (runner.run_dir / "checkpoints").exists() and row(more.id).control is None:
+            client.fine_tuning.jobs.pause(more.id)
+            runner._last_poll = 0.0  # read now, not after the poll interval
+        return should_stop(runner)
+
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", paused_after_its_first_checkpoint)
+    trained_until(more.id)
+    assert (job := client.fine_tuning.jobs.retrieve(more.id)).status == "paused", job
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", should_stop)
+    client.fine_tuning.jobs.resume(more.id)
+    done = trained(client, more.id)
+    with session() as s:
+        path = s.scalar(select(ModelRow.path).where(ModelRow.id == done.fine_tuned_model))
+    assert Path(path, "model.safetensors").is_file()

@@ -101,21 +101,36 @@ def _tuned(db: Session, caller: Principal, model: str) -> Path | None:
     return Path(ckpt.path) if ckpt is not None else None
 
 
-def _check_same_shape(name: str, weights: Path, metadata: dict | None) -> None:
-    """A job on an ft: model trains with that model's method and quantisation (train.config's
-    continued_from): a different one asked for in metadata would be dropped unread - the job said
-    "full" and trained LoRA - so it is refused by name, as `train --init-from` refuses --method."""
+def _source_run(weights: Path):
+    """The settings (train.config's TrainConfig) of the run whose weights a job continues from, or None
+    when they cannot be read (the worker says what is wrong when it loads them)."""
     from ..models.load import run_folder
     from ..train.config import TrainConfig
 
     try:
-        run = TrainConfig.load(run_folder(weights))
-    except (OSError, ValueError):  # not readable: the worker says what is wrong when it loads it
-        return
+        return TrainConfig.load(run_folder(weights))
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same_shape(name: str, run, metadata: dict | None) -> None:
+    """A job on an ft: model trains with that model's method and quantisation (train.config's
+    continued_from): a different one asked for in metadata would be dropped unread - the job said
+    "full" and trained LoRA - so it is refused by name, as `train --init-from` refuses --method."""
     for key, theirs in ((METHOD_KEY, run.method), (QUANTIZE_KEY, run.quantize)):
         if (asked := (metadata or {}).get(key, theirs)) != theirs:
             raise bad_request(f"metadata['{key}'] is {asked!r}, but {name} was trained with {theirs!r}: a job on "
                               f"it trains on the same way (leave {key} out)", param="metadata", code="invalid_metadata")
+
+
+def _with_shape(metadata: dict | None, run) -> dict | None:
+    """A continued job's metadata with the method (and quantisation) it trains with, its source's: the
+    job object and its page show them from there, and a job given none read as "lora", a job on a
+    base model's default - on a full model too. (The worker reads them back when it resumes the job
+    from its own checkpoint, where it no longer reads the source's settings.)"""
+    if run is None:
+        return metadata
+    return (metadata or {}) | {METHOD_KEY: run.method} | ({QUANTIZE_KEY: run.quantize} if run.quantize else {})
 
 
 def _hyperparameters(req: JobCreate) -> tuple[str, dict]:
@@ -171,7 +186,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise bad_request(SUFFIX_RULE, param="suffix", code="invalid_suffix")
     check_metadata(req.metadata)
-    method = (req.metadata or {}).get(METHOD_KEY, "lora")
+    run = _source_run(source) if source is not None else None
+    method = (req.metadata or {}).get(METHOD_KEY, run.method if run else "lora")
     if method not in ("lora", "full"):
         raise bad_request(f"metadata['{METHOD_KEY}'] must be 'lora' or 'full'", param="metadata",
                           code="invalid_metadata")
@@ -181,8 +197,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
             require_bitsandbytes()
         except ValueError as e:
             raise bad_request(f"metadata['{QUANTIZE_KEY}']: {e}", param="metadata", code="invalid_metadata") from None
-    if source is not None:
-        _check_same_shape(req.model, source, req.metadata)
+    if run is not None:
+        _check_same_shape(req.model, run, req.metadata)
     if req.integrations:
         raise bad_request("integrations are not supported by this server", param="integrations",
                           code="unsupported_integration")
@@ -190,7 +206,8 @@ def create_job(db: Session, caller: Principal, settings: Settings, req: JobCreat
         id=new_id("ftjob-"), project=caller.project, model=req.model, training_file=req.training_file,
         validation_file=req.validation_file, status="validating_files", method=kind, hyperparameters=hp,
         suffix=req.suffix,
-        seed=req.seed if req.seed is not None else random.randrange(2**31), meta=req.metadata,
+        seed=req.seed if req.seed is not None else random.randrange(2**31),
+        meta=_with_shape(req.metadata, run),
     )
     db.add(row)
     db.flush()  # the job row must exist before its first event (foreign key)
