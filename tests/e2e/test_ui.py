@@ -659,3 +659,41 @@ def test_deleting_the_file_on_show_takes_its_report_away(page, server, data):
     expect(page.locator("[data-test=report-verdict]")).to_have_count(0)
     expect(page.locator("[data-test=train-this]")).to_have_count(0)
     assert page.url.endswith("#/upload")
+
+
+def test_playground_conversation_survives_leaving_the_page(page, server):
+    """Going to another page of the dashboard and back lost the chat: the conversation (messages, model,
+    system prompt) stays for the tab, and Clear still clears it."""
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + "/#/playground?model=tiny-llama")
+    page.fill("#pg-system", "Answer in French.")
+    page.fill("#pg-max-tokens", "3")
+    page.fill("#pg-prompt", "remember me")
+    page.click("#pg-send")
+    answer = page.locator(".msg.assistant[data-done=true]")
+    expect(answer).to_have_count(1, timeout=60_000)
+    said = answer.evaluate("el => el.firstChild.textContent")
+    page.click("[data-nav=models]")
+    expect(page.locator("h1")).to_have_text("Models")
+    page.click("[data-nav=playground]")  # (no model in the address: the chat's own)
+    expect(page.locator("#pg-model")).to_have_value("tiny-llama")
+    expect(page.locator("#pg-system")).to_have_value("Answer in French.")
+    expect(page.locator(".msg.user")).to_have_text(["remember me"])
+    expect(answer).to_have_count(1)
+    assert answer.evaluate("el => el.firstChild.textContent") == said
+    page.fill("#pg-max-tokens", "3")
+    page.fill("#pg-prompt", "and now?")
+    page.click("#pg-send")
+    expect(answer).to_have_count(2, timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "system", "content": "Answer in French."},
+                                    {"role": "user", "content": "remember me"},
+                                    {"role": "assistant", "content": said}, {"role": "user", "content": "and now?"}]
+    page.reload()  # the tab keeps it
+    expect(page.locator(".msg.user")).to_have_text(["remember me", "and now?"])
+    page.click("#pg-clear")
+    page.click("[data-nav=models]")
+    expect(page.locator("h1")).to_have_text("Models")
+    page.click("[data-nav=playground]")
+    expect(page.locator("#pg-model")).to_be_visible()
+    expect(page.locator(".msg")).to_have_count(0)

@@ -3,6 +3,7 @@
 // kept in localStorage.
 
 const KEY_STORAGE = "tuneforge.apiKey";
+const CHAT_STORAGE = "tuneforge.playground";  // the Playground's conversation, kept for the tab (sessionStorage)
 const FINAL = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 1500;
 const PALETTE = { train: "#4f46e5", valid: "#e8590c", trainAcc: "#0d9488", validAcc: "#c2255c", prompt: "#94a3d8", completion: "#4f46e5" };
@@ -1105,9 +1106,20 @@ function parseTools(text) {
   return tools;
 }
 
+/** The Playground's conversation kept for this tab: {system, tools, compare, panes: [{model, history}]}. */
+function keptChat() {
+  try {
+    return JSON.parse(sessionStorage.getItem(CHAT_STORAGE)) || {};
+  } catch {
+    return {};  // (unreadable: the chat starts afresh)
+  }
+}
+
 async function viewPlayground(root, params) {
   const [bases, { models: tuned, checkpoints }] = await Promise.all([baseModels(), tunedModels()]);
   const wanted = params.get("model");
+  const saved = keptChat();
+  const savedPanes = saved.panes || [];
   const groups = [
     ["Base models", bases.map((m) => m.id)],
     ["Fine-tuned", tuned.map((m) => m.id)],
@@ -1127,11 +1139,12 @@ async function viewPlayground(root, params) {
     const t = tuned.find((m) => m.id === model) || checkpoints.find((c) => c.id === model);
     return t ? t.base : model && model.startsWith("ft:") ? model.split(":")[1] : null;
   };
-  const initial = wanted || (tuned[0] && tuned[0].id) || (bases[0] && bases[0].id);
+  const savedModel = (i) => savedPanes[i] && all.includes(savedPanes[i].model) && savedPanes[i].model;  // (not one deleted since)
+  const initial = wanted || savedModel(0) || (tuned[0] && tuned[0].id) || (bases[0] && bases[0].id);
   const modelA = picker("pg-model", initial);
-  const modelB = picker("pg-compare-model", baseOf(initial) || (bases[0] && bases[0].id));
+  const modelB = picker("pg-compare-model", savedModel(1) || baseOf(initial) || (bases[0] && bases[0].id));
   const compare = h("input", { type: "checkbox", id: "pg-compare" });
-  const system = h("textarea", { id: "pg-system", rows: 3, placeholder: "You are a helpful assistant." });
+  const system = h("textarea", { id: "pg-system", rows: 3, placeholder: "You are a helpful assistant.", value: saved.system });
   const temp = h("input", { type: "range", id: "pg-temperature", min: 0, max: 2, step: 0.05, value: 0.7 });
   const tempOut = h("span", { class: "muted" }, "0.70");
   temp.addEventListener("input", () => { tempOut.textContent = Number(temp.value).toFixed(2); });
@@ -1139,7 +1152,7 @@ async function viewPlayground(root, params) {
   // kept chats (store: true) can be rated, and the Monitor turns the good ones into the next training file
   const keep = h("input", { type: "checkbox", id: "pg-store" });
   // tools the model may call: a call is shown, and its result typed in continues the chat
-  const toolsBox = h("textarea", { id: "pg-tools", rows: 3, class: "mono small", spellcheck: "false",
+  const toolsBox = h("textarea", { id: "pg-tools", rows: 3, class: "mono small", spellcheck: "false", value: saved.tools,
     placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' });
   const compareField = h("label", { class: "field", hidden: true }, h("span", {}, "Compare with"), modelB);
 
@@ -1176,10 +1189,12 @@ async function viewPlayground(root, params) {
     const pane = { el, select, title, messages, history: [] };
     select.addEventListener("change", () => {
       title.textContent = select.value;
-      if (!pane.history.length) return;
-      // another model starts its own conversation: the earlier answers were not its own
-      pane.history = [];
-      put(messages, h("div", { class: "muted small empty-hint" }, `New conversation with ${select.value}.`));
+      if (pane.history.length) {
+        // another model starts its own conversation: the earlier answers were not its own
+        pane.history = [];
+        put(messages, h("div", { class: "muted small empty-hint" }, `New conversation with ${select.value}.`));
+      }
+      saveChat();
     });
     return pane;
   };
@@ -1191,8 +1206,19 @@ async function viewPlayground(root, params) {
     put(chats, ...(on ? [panes[1].el, panes[0].el] : [panes[0].el]));
   };
   compare.addEventListener("change", layout);
-  if (params.get("compare")) { compare.checked = true; }
+  compare.checked = Boolean(params.get("compare") || saved.compare);
   layout();
+
+  // kept after each change, so the Playground left (or the tab reloaded) and opened again has its chat
+  let left = false;  // (an answer ended by leaving the page settles after: the chat kept is the one before it)
+  const saveChat = () => {
+    if (left) return;
+    const chat = { system: system.value, tools: toolsBox.value, compare: compare.checked,
+      panes: panes.map((p) => ({ model: p.select.value, history: p.history })) };
+    try { sessionStorage.setItem(CHAT_STORAGE, JSON.stringify(chat)); } catch { /* storage full: the chat goes on, unkept */ }
+  };
+  for (const el of [system, toolsBox]) el.addEventListener("input", saveChat);
+  compare.addEventListener("change", saveChat);
 
   let controller = null;
   const busy = (on) => { send.disabled = on; send.hidden = on; stop.hidden = !on; };
@@ -1224,9 +1250,11 @@ async function viewPlayground(root, params) {
       controller = new AbortController();
       await answer(pane, controller.signal);
       busy(false);
+      saveChat();
     });
     return form;
   };
+  const callLine = (c) => h("div", { class: "mono small", "data-test": "pg-call" }, `${c.function.name}(${c.function.arguments})`);
   const answer = async (pane, signal) => {
     // until the first token: a model asked for the first time is loaded (and a GGUF converted) first
     const out = bubble(pane, "assistant streaming", h("span", { class: "meta waiting" }, "waiting for the model…"));
@@ -1254,7 +1282,7 @@ async function viewPlayground(root, params) {
         pane.messages.scrollTop = pane.messages.scrollHeight;
       }, signal);
       history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
-      for (const c of calls) out.append(h("div", { class: "mono small", "data-test": "pg-call" }, `${c.function.name}(${c.function.arguments})`));
+      for (const c of calls) out.append(callLine(c));
       const secs = ((performance.now() - started) / 1000).toFixed(1);
       out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
       if (kept && id) out.append(ratingButtons(id, { source: "playground" }));
@@ -1301,6 +1329,7 @@ async function viewPlayground(root, params) {
     controller = new AbortController();
     await Promise.all(active.map((p) => runPane(p, text, controller.signal)));
     busy(false);
+    saveChat();
     prompt.focus();
   });
   prompt.addEventListener("keydown", (ev) => {
@@ -1309,8 +1338,30 @@ async function viewPlayground(root, params) {
   clear.addEventListener("click", () => {
     if (controller) controller.abort();
     for (const p of panes) { p.history = []; p.pending = false; put(p.messages, h("div", { class: "muted small empty-hint" }, "Messages appear here.")); }
+    saveChat();
   });
-  return () => controller && controller.abort();
+
+  // the kept conversation drawn again, for a pane still on its model (a model asked for by the address
+  // starts its own); tool calls still waiting for their results wait again
+  const replay = (pane, history) => {
+    pane.history = history;
+    const names = {};  // a tool message names its call by id: shown by the call's function
+    let out = null;
+    for (const m of history) {
+      if (m.role === "tool") { bubble(pane, "tool", `${names[m.tool_call_id] || "tool"} → ${m.content}`); continue; }
+      out = bubble(pane, m.role, m.content);
+      if (m.role !== "assistant") continue;
+      Object.assign(out.dataset, { model: pane.select.value, done: "true" });
+      for (const c of m.tool_calls || []) { names[c.id] = c.function.name; out.append(callLine(c)); }
+    }
+    const last = history[history.length - 1];
+    if (last && last.tool_calls && last.tool_calls.length) { pane.pending = true; out.append(resultsForm(pane, last.tool_calls)); }
+  };
+  savedPanes.forEach((k, i) => {
+    if (panes[i] && k.model === panes[i].select.value && Array.isArray(k.history) && k.history.length) replay(panes[i], k.history);
+  });
+  saveChat();
+  return () => { left = true; if (controller) controller.abort(); };
 }
 
 // ------------------------------------------------------------------------------------------ Models
