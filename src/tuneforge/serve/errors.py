@@ -79,6 +79,30 @@ def _param_of(loc: tuple) -> str | None:
     return out
 
 
+# JSON's types in OpenAI's words ("Invalid type for 'temperature': expected a decimal, but got a string
+# instead."): what pydantic expected, by its error type, and what the request sent, by the value's type
+_EXPECTED = {"int_type": "an integer", "float_type": "a decimal", "bool_type": "a boolean", "string_type": "a string",
+             "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+_SENT = {str: "a string", bool: "a boolean", int: "an integer", float: "a decimal", list: "an array", dict: "an object"}
+
+
+def json_type(value) -> str:
+    """What JSON type `value` is, in OpenAI's words ("a string", "an object", ...)."""
+    return _SENT.get(type(value), "null")
+
+
+def _type_only(errors: list[dict]) -> bool:
+    return all(e.get("type") in _EXPECTED for e in errors) and type(errors[0].get("input")) in _SENT
+
+
+def _wrong_type(param: str, errors: list[dict]) -> str:
+    expected = list(dict.fromkeys(_EXPECTED[e["type"]] for e in errors))
+    if "a decimal" in expected and "an integer" in expected:  # a number: an integer is a decimal too
+        expected.remove("an integer")
+    return (f"Invalid type for '{param}': expected {' or '.join(expected)}, but got "
+            f"{json_type(errors[0]['input'])} instead.")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -106,6 +130,8 @@ def install(app: FastAPI) -> None:
             msg, code = "The request body must be a JSON object of the request's parameters.", "invalid_json"
         elif kind == "missing":
             msg, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+        elif len(same) == len(errors) and _type_only(same):  # (a union's branches at other places: said as before)
+            code, msg = "invalid_type", _wrong_type(param, same)
         else:
             code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
             msg = f"Invalid value for '{param}': " + ", or ".join(dict.fromkeys(e.get("msg", "invalid") for e in same))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 Auto = Literal["auto"]
 T = TypeVar("T")
@@ -69,9 +69,11 @@ class Request(BaseModel):
 # --- fine-tuning ------------------------------------------------------------------------------------
 
 
-# Strict: JSON's true is not 1 epoch and "3" is not a number (pydantic's lax mode would take both)
+# Strict, as OpenAI is: JSON's true is not 1 epoch, "3" is not a number and "true" is not a boolean
+# (pydantic's lax mode would take all three). An integer is a number: temperature 1 is fine.
 Count = StrictInt
 Number = StrictFloat | StrictInt
+Flag = StrictBool
 
 
 class Hyperparameters(Request):
@@ -222,24 +224,24 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(Request):
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # padding against length side channels; nothing to pad here
+    include_usage: Flag | None = None
+    include_obfuscation: Flag | None = None  # padding against length side channels; nothing to pad here
 
 
 class SamplingParams(Request):
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    max_tokens: Count | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: Count | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = None
+    seed: Count | None = None
+    stream: Flag | None = None
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    logprobs: Flag | Count | None = None
     user: str | None = None
     # OpenAI's routing and caching hints: nothing here to route or cache by, and no effect on the answer
     service_tier: str | None = None
@@ -249,12 +251,12 @@ class SamplingParams(Request):
 
 class ChatRequest(SamplingParams):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
     tools: list[dict[str, Any]] | None = None
-    parallel_tool_calls: bool | None = None  # false: one tool call at most per answer (chat._answer_calls)
-    top_logprobs: int | None = None
+    parallel_tool_calls: Flag | None = None  # false: one tool call at most per answer (chat._answer_calls)
+    top_logprobs: Count | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None  # keep the completion (stored completions: list, label, turn into training data)
+    store: Flag | None = None  # keep the completion (stored completions: list, label, turn into training data)
     # refused unless they ask for what happens anyway (chat.refuse_unsupported)
     response_format: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -269,10 +271,10 @@ class ChatRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str] | list[int] | list[list[int]]  # text(s), or token ids (OpenAI takes both)
-    echo: bool | None = None
+    prompt: str | list[str] | list[Count] | list[list[Count]]  # text(s), or token ids (OpenAI takes both)
+    echo: Flag | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Count | None = None
 
 
 class Usage(BaseModel):
@@ -365,26 +367,26 @@ class ResponseRequest(Request):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     previous_response_id: str | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool | None = None
-    store: bool | None = None  # OpenAI keeps responses unless told not to
+    max_output_tokens: Count | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    stream: Flag | None = None
+    store: Flag | None = None  # OpenAI keeps responses unless told not to
     metadata: dict[str, str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
-    background: bool | None = None
+    background: Flag | None = None
     include: list[str] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Count | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
     stream_options: StreamOptions | None = None
-    parallel_tool_calls: bool | None = None  # no tools here: nothing to call in parallel
-    max_tool_calls: int | None = None
+    parallel_tool_calls: Flag | None = None  # no tools here: nothing to call in parallel
+    max_tool_calls: Count | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
