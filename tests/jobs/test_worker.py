@@ -263,3 +263,45 @@ def test_a_worker_whose_job_was_taken_over_stops_without_touching_it(monkeypatch
     assert job.status == "running" and job.worker_id == "elsewhere:1:new" and job.error is None
     assert [e.split(":")[0] for e in events if e.startswith("Step")] == ["Step 1/12"]  # not step 2, nor later
     assert ckpts == [] and not Path(job.run_dir, "checkpoints").exists()
+
+
+def test_a_full_disk_fails_the_job_naming_the_file_it_could_not_write(monkeypatch):
+    """A write refused at close by a full disk carries no file name ("[Errno 28] No space left on
+    device"): the job's error names the file and says the disk is full. /dev/full refuses every write
+    so: the run's metrics file is made a link to it as training starts."""
+    import re
+
+    from tuneforge.jobs import worker
+
+    job_id = add_job(add_file(10), n_epochs=1, batch_size=5)
+    on_event = worker.JobRunner._on_event
+
+    def disk_full_once_training_starts(self, ev):
+        if ev.get("message", "").startswith("Training started"):
+            (self.run_dir / "metrics.jsonl").symlink_to("/dev/full")
+        on_event(self, ev)
+
+    monkeypatch.setattr(worker.JobRunner, "_on_event", disk_full_once_training_starts)
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    metrics = re.escape(str(Path(job.run_dir, "metrics.jsonl")))
+    assert job.status == "failed" and job.error["code"] == "training_error", job.error
+    assert re.fullmatch(rf"{metrics}: the step metrics could not be written \(no space left on the disk: \d+ MB free\)",
+                        job.error["message"]), job.error
+
+
+def test_a_full_disk_at_the_result_file_fails_the_job_naming_it_and_leaves_no_part_of_it(monkeypatch):
+    import re
+
+    from tuneforge.jobs import worker
+
+    job_id = add_job(add_file(10), n_epochs=1, batch_size=5)
+    full = Path(get_settings().files_dir) / "file-full"
+    full.symlink_to("/dev/full")  # the result file's name: every write to it fails as on a full disk
+    monkeypatch.setattr(worker, "new_id", lambda prefix, n=24: "file-full" if prefix == "file-" else new_id(prefix, n))
+    run_worker(poll_interval=0.1, once=True)
+    job, _, _, model = load(job_id)
+    assert job.status == "failed" and model is None, job.error
+    assert re.fullmatch(rf"{re.escape(str(full))}: the job's result file \(step_metrics.csv\) could not be written "
+                        r"\(no space left on the disk: \d+ MB free\)", job.error["message"]), job.error
+    assert not full.exists() and not full.is_symlink()

@@ -403,24 +403,33 @@ class JobRunner:
     def _write_results_csv(self) -> FileRow | None:
         """OpenAI's step_metrics.csv: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
         from ..train import metrics as metrics_log
+        from ..train.checkpoint import writing
 
         rows = metrics_log.read(self.run_dir)
         file_id = new_id("file-")
         path = self.settings.files_dir / file_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
-            for r in rows:
-                w.writerow([r["step"], r.get("train_loss"), r.get("train_mean_token_accuracy"),
-                            r.get("valid_loss", ""), r.get("valid_mean_token_accuracy", "")])
+        try:
+            with writing(path, "the job's result file (step_metrics.csv)"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+                    for r in rows:
+                        w.writerow([r["step"], r.get("train_loss"), r.get("train_mean_token_accuracy"),
+                                    r.get("valid_loss", ""), r.get("valid_mean_token_accuracy", "")])
+        except OSError:
+            path.unlink(missing_ok=True)  # a part of it, which no file row would ever list, holding space
+            raise
         return FileRow(id=file_id, project=self.job.project, filename="step_metrics.csv",
                        purpose="fine-tune-results", bytes=path.stat().st_size, path=str(path))
 
     def _describe(self, err: Exception) -> tuple[str, str, str | None]:
         from ..data.validate import DataError
         from ..models.catalogue import ModelNotFound
+        from ..train.checkpoint import WriteFailed
 
+        if isinstance(err, WriteFailed):  # it names the file and why (a full disk): the type adds nothing
+            return "training_error", str(err), None
         if isinstance(err, DataError) and err.report.errors:
             first = err.report.errors[0]
             return first.code, first.message, "training_file"

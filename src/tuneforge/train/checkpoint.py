@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +41,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / "state.json").exists())
 
 
+class WriteFailed(OSError):
+    """A file or folder of a run could not be written: the message names it and says why."""
+
+
 def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: str, metrics: dict):
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{state.global_step:06d}"
@@ -56,7 +62,7 @@ def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: st
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save says a full disk as a RuntimeError ("unexpected pos")
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy would hold the space a retry needs
-        raise OSError(_unwritten(final, err)) from None
+        raise WriteFailed(_unwritten(final, err)) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _prune(root, keep=final)
@@ -66,11 +72,28 @@ def save_checkpoint(run_dir, model, optimizer: AdamW, state: LoopState, kind: st
 def _unwritten(ckpt: Path, err: Exception) -> str:
     """One line for a checkpoint that could not be written; the earlier checkpoints are untouched
     (a new one replaces nothing until it is complete), so the run can be resumed from the last one."""
-    free = shutil.disk_usage(ckpt.parent).free
-    full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 << 20  # torch's errors carry no errno
-    why = f"no space left on the disk: {free >> 20} MB free" if full else str(err).splitlines()[0]
-    return (f"{ckpt}: the checkpoint could not be written ({why}); the run's earlier checkpoints are kept: "
-            "make room and resume it")
+    return (f"{ckpt}: the checkpoint could not be written ({_why(ckpt, err)}); the run's earlier checkpoints are "
+            "kept: make room and resume it")
+
+
+@contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Name the file or folder a failed write was for, and say whether the disk is full: an error at
+    write or close time (a full disk, a quota) carries no file name ("[Errno 28] No space left on
+    device"), and the run writes many files."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteFailed(f"{path}: {what} could not be written ({_why(Path(path), err)})") from None
+
+
+def _why(path: Path, err: Exception) -> str:
+    folder = next(p for p in (path, *path.parents) if p.exists())  # (the target may not exist yet)
+    free = shutil.disk_usage(folder).free
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC or (code is None and free < 64 << 20):  # torch's errors carry no errno
+        return f"no space left on the disk: {free >> 20} MB free"
+    return str(err).splitlines()[0]
 
 
 def _prune(root: Path, keep: Path) -> None:

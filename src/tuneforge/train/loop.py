@@ -32,7 +32,7 @@ from ..models.gguf import kept_blocks
 from ..models.load import weights_dir
 from . import distributed, dpo, speed
 from . import metrics as metrics_log
-from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint
+from .checkpoint import LoopState, checkpoint_dirs, read_meta, restore_checkpoint, save_checkpoint, writing
 from .config import CONFIG_FILE, TrainConfig
 from .device import (
     autocast,
@@ -185,10 +185,11 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         load_weights_into(model, weights_dir(cfg.init_from))
         emit({"type": "message", "message": f"Continuing from the trained weights of {cfg.init_from}"})
     model = model.to(device)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+    if main:  # (each write names its file: one that fails at close, on a full disk, names none of its own)
+        with writing(run_dir, "the run folder"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir)
+            tokenizer.save_pretrained(run_dir / "tokenizer")
     # Everything is tokenized now. The tokenizer holds ~60 MB (its Rust vocabulary, merges and
     # pre-tokenizer regex) that the steps' activations can reuse once it is gone.
     pad_id = tokenizer.pad_token_id
@@ -261,7 +262,8 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
         # The untrained model's validation loss: the baseline every later pass is compared with.
         base = validate()
         if main:
-            (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
+            with writing(run_dir / BASELINE_FILE, "the base model's validation metrics"):
+                (run_dir / BASELINE_FILE).write_text(json.dumps(base) + "\n")
         start = "Starting" if cfg.init_from else "Base model"  # (continued: the earlier run's model)
         emit({"type": "message", "message": f"{start} validation loss {base['loss']:.4f}"})
     emit({"type": "message", "message": f"Training started: {total_steps} steps"})
@@ -309,7 +311,8 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
                     stopped_early = _early_stop(state, v["loss"], cfg.early_stopping_patience)
                 last_row = row
                 if main:
-                    metrics_log.append(run_dir, row)
+                    with writing(run_dir / metrics_log.METRICS_FILE, "the step metrics"):
+                        metrics_log.append(run_dir, row)
                 emit({"type": "metrics", "data": row})
                 if stopped_early:
                     break
@@ -372,7 +375,8 @@ def _dpo_reference(model, train_r, valid_r, cfg, state, run_dir, main, device, d
     kw = dict(batch_size=cfg.batch_size, max_row_tokens=cfg.max_row_tokens, pad_id=pad_id, device=device, dtype=dtype)
     ref_train, ref_valid = dpo.pair_logps(model, train_r, **kw), dpo.pair_logps(model, valid_r, **kw)
     if main:
-        dpo.save_reference(run_dir, ref_train, ref_valid)
+        with writing(run_dir / dpo.REFERENCE_FILE, "the reference model's log-probabilities"):
+            dpo.save_reference(run_dir, ref_train, ref_valid)
     return ref_train, ref_valid
 
 
@@ -413,8 +417,10 @@ def _finish(run_dir: Path, cfg: TrainConfig, state, last_row, stopped_early, emi
     src = _best_checkpoint(run_dir, cfg.early_stopping_patience > 0) / "weights"
     dest = run_dir / ("adapter" if cfg.method == "lora" else "model")
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest)
-    metrics_log.plot(run_dir)
+    with writing(dest, "the trained weights"):
+        shutil.copytree(src, dest)
+    with writing(run_dir / metrics_log.PLOT_FILE, "the loss curve"):
+        metrics_log.plot(run_dir)
     speed.record(cfg.base, cfg.method, [r["tokens_per_second"] for r in metrics_log.read(run_dir)])
     result = TrainResult(
         run_dir=str(run_dir), config=json.loads((run_dir / CONFIG_FILE).read_text()),
@@ -422,7 +428,8 @@ def _finish(run_dir: Path, cfg: TrainConfig, state, last_row, stopped_early, emi
         baseline=json.loads(baseline.read_text()) if (baseline := run_dir / BASELINE_FILE).exists() else None,
         weights=str(dest), stopped_early=stopped_early,
     )
-    (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    with writing(run_dir / RESULT_FILE, "the run's result"):
+        (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
     emit({"type": "message", "message": "Training finished"})
     return result
 
