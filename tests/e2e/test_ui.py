@@ -697,3 +697,21 @@ def test_playground_conversation_survives_leaving_the_page(page, server):
     page.click("[data-nav=playground]")
     expect(page.locator("#pg-model")).to_be_visible()
     expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_create_form_offers_four_bits_only_for_lora(page, server):
+    """"Base in 4 bits" stayed on with method Full, which the server refuses: it is off and disabled for
+    Full, with the reason said, and back for LoRA."""
+    page.goto(server.url + "/#/jobs/new?model=tiny-llama")
+    quantize = page.locator("input[name=quantize]")
+    hint = page.locator("[data-test=quantize-hint]")
+    page.check("input[name=quantize]")
+    expect(hint).to_be_hidden()
+    page.click(".seg label:has(input[value=full])")
+    expect(quantize).to_be_disabled()
+    expect(quantize).not_to_be_checked()
+    expect(hint).to_be_visible()
+    expect(hint).to_contain_text("LoRA")
+    page.click(".seg label:has(input[value=lora])")
+    expect(quantize).to_be_enabled()
+    expect(hint).to_be_hidden()

@@ -567,6 +567,10 @@ async function viewCreate(root, params) {
     h("label", {}, h("input", { type: "radio", name: "method", value: "full" }), "Full"),
     h("label", { title: "Preference pairs: raise the preferred answer over the other (DPO, with LoRA)" }, h("input", { type: "radio", name: "method", value: "dpo" }), "DPO"));
 
+  // QLoRA keeps a frozen base in 4 bits under adapters: with Full there is no frozen base (the server refuses it)
+  const quantize = h("input", { type: "checkbox", name: "quantize", value: "nf4" });
+  const quantizeHint = h("span", { class: "hint", "data-test": "quantize-hint", hidden: true }, "4 bits is for LoRA and DPO: Full trains every weight");
+
   const hp = (name, label, hint) => h("label", { class: "field" }, h("span", {}, label, " ", h("span", { class: "hint" }, hint)),
     h("input", { type: "text", name, value: "auto", inputmode: "decimal", autocomplete: "off" }));
 
@@ -579,7 +583,7 @@ async function viewCreate(root, params) {
       h("div", { class: "field full" }, h("label", { class: "field" }, h("span", {}, "Validation file ", h("span", { class: "hint" }, "optional")), validSelect), validSlot),
       h("div", { class: "field full" }, h("span", {}, "Method"), h("div", { class: "row" }, methodSeg,
         h("label", { class: "check", title: "Keep the frozen base in 4 bits (QLoRA, needs bitsandbytes on the server): for base models too big to train otherwise. LoRA and DPO only." },
-          h("input", { type: "checkbox", name: "quantize", value: "nf4" }), "Base in 4 bits (QLoRA)"))),
+          quantize, "Base in 4 bits (QLoRA)"), quantizeHint)),
       h("fieldset", { class: "full" }, h("legend", {}, "Hyperparameters"),
         h("div", { class: "form-grid three" },
           hp("n_epochs", "Epochs", "auto or a number"),
@@ -592,6 +596,10 @@ async function viewCreate(root, params) {
       h("a", { class: "btn ghost", href: "#/jobs" }, "Cancel"),
       h("button", { type: "submit", class: "btn primary", id: "create-submit" }, "Create job")));
   methodSeg.addEventListener("change", () => {
+    const full = methodNow() === "full";
+    quantize.disabled = full;
+    if (full) quantize.checked = false;
+    quantizeHint.hidden = !full;
     if (reports.training_file) renderReport(trainSelect, trainSlot);
     if (reports.validation_file) renderReport(validSelect, validSlot);
   });
