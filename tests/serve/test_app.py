@@ -204,7 +204,7 @@ def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):
                                      "type": "invalid_request_error", "param": param, "code": "unknown_parameter"}
     # OpenAI's own parameters that would change the answer if ignored
     for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"tool_choice": "required"}, "tool_choice"), ({"top_logprobs": 3}, "top_logprobs"),
+                         ({"tool_choice": "required", "tools": WEATHER}, "tool_choice"), ({"top_logprobs": 3}, "top_logprobs"),
                          ({"modalities": ["text", "audio"]}, "modalities"), ({"reasoning_effort": "low"}, "reasoning_effort"),
                          ({"functions": [{"name": "f"}]}, "functions"), ({"frequency_penalty": 2.5}, "frequency_penalty")]:
         r = client.post("/v1/chat/completions", json=ask | extra)
@@ -214,7 +214,7 @@ def test_a_parameter_the_server_does_not_act_on_is_refused_by_name(client):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert r.json()["error"]["code"] == "unsupported_parameter"
     # ... and the ones that ask for what happens anyway, or only route and cache
-    for extra in [{"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"modalities": ["text"]},
+    for extra in [{"response_format": {"type": "text"}}, {"tool_choice": "auto", "tools": WEATHER}, {"modalities": ["text"]},
                   {"service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "u1"}]:
         assert client.post("/v1/chat/completions", json=ask | extra).status_code == 200
 
@@ -307,15 +307,32 @@ def test_messages_openai_accepts_are_answered(client):
 
 
 def test_a_response_echoes_the_tool_settings_it_was_sent(client):
-    """The response object says the request's tool_choice and parallel_tool_calls (it said "auto" and
-    true whatever was sent), stored and retrieved alike."""
-    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "tool_choice": "none", "parallel_tool_calls": False}
+    """The response object says the request's parallel_tool_calls (it said true whatever was sent),
+    stored and retrieved alike; its tool_choice is "auto", the only one a request without tools has."""
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "parallel_tool_calls": False}
     made = client.post("/v1/responses", json=ask).json()
-    assert (made["tool_choice"], made["parallel_tool_calls"]) == ("none", False)
+    assert (made["tool_choice"], made["parallel_tool_calls"]) == ("auto", False)
     kept = client.get(f"/v1/responses/{made['id']}").json()
-    assert (kept["tool_choice"], kept["parallel_tool_calls"]) == ("none", False)
+    assert (kept["tool_choice"], kept["parallel_tool_calls"]) == ("auto", False)
     default = client.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", "max_output_tokens": 16}).json()
     assert (default["tool_choice"], default["parallel_tool_calls"]) == ("auto", True)
+
+
+@pytest.mark.parametrize("path,ask", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 16}),
+])
+def test_tool_choice_without_tools_is_refused(client, path, ask):
+    """OpenAI refuses any tool_choice - "auto" and "none" too - where no tools are given; it was taken."""
+    for choice in ("auto", "none", "required", {"type": "function", "function": {"name": "f"}}):
+        for tools in ({}, {"tools": []}):
+            r = client.post(path, json={"model": "tiny-llama", "tool_choice": choice} | tools | ask)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == {
+                "message": "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                "type": "invalid_request_error", "param": "tool_choice", "code": "invalid_value"}
+    if path == "/v1/chat/completions":
+        assert client.post(path, json={"model": "tiny-llama", "tool_choice": "none", "tools": WEATHER} | ask).status_code == 200
 
 
 def test_responses_max_output_tokens_is_16_at_least(client):

@@ -170,6 +170,7 @@ def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
         return
     if (req.response_format or {}).get("type", "text") != "text":
         raise unsupported("response_format other than 'text' (JSON mode, structured output) is", "response_format")
+    check_tool_choice(req.tool_choice, req.tools)
     if req.tool_choice not in (None, "auto", "none"):
         raise unsupported("tool_choice other than 'auto' or 'none' is", "tool_choice")
     if req.functions or req.function_call not in (None, "auto", "none"):
@@ -180,6 +181,13 @@ def refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
     for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
         if getattr(req, name) is not None:
             raise unsupported(f"{name} is", name)
+
+
+def check_tool_choice(tool_choice, tools: list | None) -> None:
+    """OpenAI refuses a tool_choice - even "auto" or "none" - where the request gives no tools."""
+    if tool_choice is not None and not tools:
+        raise bad_request("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                          param="tool_choice", code="invalid_value")
 
 
 def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:

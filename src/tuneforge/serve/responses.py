@@ -41,6 +41,7 @@ from ..store.keys import Principal
 from .chat import (
     DEFAULT_CHAT_MAX_TOKENS,
     chat_logprobs,
+    check_tool_choice,
     checked_top,
     complete_while_connected,
     generated,
@@ -88,8 +89,7 @@ def _logprobs(req: ResponseRequest) -> int | None:
 def _refuse_unsupported(req: ResponseRequest) -> None:
     if req.tools:
         raise unsupported("tools are", "tools")
-    if req.tool_choice not in (None, "auto", "none"):
-        raise unsupported("tool_choice other than 'auto' or 'none' is", "tool_choice")
+    check_tool_choice(req.tool_choice, req.tools)  # (so any tool_choice is refused: there are no tools)
     if req.reasoning:
         raise unsupported("reasoning is", "reasoning")
     if req.background:
