@@ -46,6 +46,17 @@ def test_validate_good_file_shows_epochs_and_cost(chat_file):
     assert any(c["model"] == "gpt-3.5-turbo" for c in report["costs"])
 
 
+def test_validate_refuses_the_max_length_train_refuses(tmp_path, chat_file):
+    """`data validate --max-length 1` reported on the file, for a length `train` refuses (at least 16)."""
+    checked = tf("data", "validate", chat_file, "--base", "tiny-llama", "--max-length", "1", check=False)
+    trained = tf("train", "--data", chat_file, "--out", tmp_path / "r", "--base", "tiny-llama", "--max-length", "1",
+                 check=False)
+    assert checked.returncode == trained.returncode == 2 and checked.stdout == ""
+    assert checked.stderr == trained.stderr == "error: --max-length must be at least 16, got 1\n"
+    least = tf("data", "validate", chat_file, "--base", "tiny-llama", "--max-length", "16", "--json", check=False)
+    assert json.loads(least.stdout)["max_length"] == 16, least.stderr  # checked (its examples do not fit)
+
+
 def test_missing_file_and_unknown_model_are_one_line_errors(tmp_path, chat_file):
     proc = tf("data", "validate", tmp_path / "nope.jsonl", check=False)
     assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr

@@ -107,10 +107,11 @@ def data_validate(
     json_out: JsonOpt = False,
 ):
     """Check a training file: errors by line, token statistics, epochs and cost."""
-    from .data.validate import validate_file
+    from .data.validate import check_max_length, validate_file
     from .models.load import load_tokenizer
 
     _existing_file(file, "FILE")
+    _as_options(check_max_length)(max_length=max_length)  # (train's refusal, before the tokenizer loads)
     report = validate_file(file, tokenizer=load_tokenizer(base), max_length=max_length,
                            tokens_per_second=_local_tokens_per_second())
     if json_out:

@@ -273,9 +273,9 @@ def test_a_pretty_printed_object_is_one_error_but_a_single_bad_line_keeps_its_ow
     assert ("unrecognized_role", 1, "messages[0].role") in codes, codes
 
 
-def test_max_length_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="max_length must be .* at least 1, got 0"):
-        validate_file(FIXTURES / "good_text.jsonl", max_length=0)
+def test_max_length_must_be_what_training_takes(tmp_path):
+    with pytest.raises(ValueError, match="^max_length must be at least 16, got 15$"):  # train.config's words
+        validate_file(FIXTURES / "good_text.jsonl", max_length=15)
     assert validate_file(FIXTURES / "good_text.jsonl").max_length == 1024  # what training uses by default
 
 

@@ -46,6 +46,7 @@ __all__ = ["DataError", "Issue", "Report", "load_examples", "validate_file"]
 log = logging.getLogger(__name__)
 
 MIN_EXAMPLES = 10
+MIN_LENGTH = 16  # the fewest tokens per example a run trains with (train.config), and so a file is checked at
 SHOWN = 20  # issues listed per section in the text report; the JSON has them all
 
 
@@ -134,9 +135,17 @@ def load_examples(path: str | Path, tokenizer=None, max_length: int = MAX_LENGTH
     return examples
 
 
+def check_max_length(max_length) -> None:
+    """ValueError, in train's words (train.config), for a max_length a run refuses: a file checked at
+    it would be reported on for training that cannot happen."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"max_length must be a whole number of tokens, got {max_length!r}")
+    if max_length < MIN_LENGTH:
+        raise ValueError(f"max_length must be at least {MIN_LENGTH}, got {max_length}")
+
+
 def _validate(path, tokenizer, max_length, tokens_per_second, min_examples) -> tuple[Report, list[Example]]:
-    if not (isinstance(max_length, int) and max_length >= 1):
-        raise ValueError(f"max_length must be a whole number of tokens, at least 1, got {max_length!r}")
+    check_max_length(max_length)
     parsed = parse_file(path)
     examples = parsed.examples
     issues = parsed.issues + _duplicate_issues(examples) + _missing_role_issues(examples)

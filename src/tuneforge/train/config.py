@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..data.render import MAX_LENGTH
 from ..data.stats import resolve_n_epochs
+from ..data.validate import MIN_LENGTH
 from ..models.quantize import Quantize, check_quantize
 
 Auto = Literal["auto"]
@@ -94,7 +95,7 @@ class TrainConfig:
             *number("n_epochs", 1, auto=True), *number("batch_size", 1, auto=True),
             *number("learning_rate_multiplier", 0, auto=True, low_open=True),
             *number("dpo_beta", 0, low_open=True), *number("validation_split", 0, 1, auto=True, high_open=True),
-            *number("max_length", 16), *number("max_row_tokens", 16),
+            *number("max_length", MIN_LENGTH), *number("max_row_tokens", 16),
             *number("lora_rank", 1), *number("lora_alpha", 0, low_open=True), *number("lora_dropout", 0, 1, high_open=True),
             *number("warmup_ratio", 0, 1), *number("weight_decay", 0), *number("max_grad_norm", 0, low_open=True),
             *number("eval_every", 0), *number("early_stopping_patience", 0), *number("threads", 0),
