@@ -136,6 +136,7 @@ def test_what_a_text_server_does_not_do_is_refused_by_name(server):
         (dict(input="x", max_output_tokens="20"), "max_output_tokens"),
         (dict(input="x", store="false"), "store"),
         (dict(input="x", tool_choice="auto"), "tool_choice"),
+        (dict(input=[{"role": "user", "content": []}]), "input[0].content"),
         (dict(input="x", temperature=3), "temperature"),
         (dict(input="x", metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
     ]

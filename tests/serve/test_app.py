@@ -294,6 +294,25 @@ def test_messages_a_text_model_cannot_read_as_sent_are_refused(client, messages,
     assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code), r.text
 
 
+CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("messages,param,code", [
+    ([{"role": "user", "content": []}], "messages[0].content", "empty_array"),
+    ([{"role": "system", "content": []}, {"role": "user", "content": "hi"}], "messages[0].content", "empty_array"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}], "messages[1].content", "empty_array"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [], "tool_calls": [CALL]}],
+     "messages[1].content", "empty_array"),
+])
+def test_messages_openai_refuses_as_empty_are_refused_by_field(client, messages, param, code):
+    """An empty content array was taken; OpenAI answers a 400 naming the field."""
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code), r.text
+    if code == "empty_array":
+        assert r.json()["error"]["message"] == (f"Invalid '{param}': empty array. Expected an array with minimum "
+                                                "length 1, but got an empty array instead.")
+
+
 def test_messages_openai_accepts_are_answered(client):
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
     for messages in ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],

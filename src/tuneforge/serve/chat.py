@@ -190,6 +190,12 @@ def check_tool_choice(tool_choice, tools: list | None) -> None:
                           param="tool_choice", code="invalid_value")
 
 
+def empty_array(where: str) -> APIError:
+    """OpenAI's 400 for an array that must hold something (content parts, tool calls)."""
+    return bad_request(f"Invalid '{where}': empty array. Expected an array with minimum length 1, but got an empty "
+                       "array instead.", param=where, code="empty_array")
+
+
 def _chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     if not req.messages:
         raise bad_request("messages must contain at least one message", param="messages", code="invalid_value")
@@ -206,8 +212,11 @@ TEXT_PARTS = {"text", "refusal"}  # what a text model reads; images, audio and f
 
 def _check_message(m, where: str, calls: set) -> None:
     """OpenAI's rules for one message, 400 with the field named: content is required (an assistant
-    message may instead call tools), a tool message answers a tool call made before it, and content
-    parts are text - an image or audio part is refused, not dropped from the prompt unseen."""
+    message may instead call tools) and is no empty list of parts, a tool message answers a tool call
+    made before it, and content parts are text - an image or audio part is refused, not dropped from
+    the prompt unseen."""
+    if m.content == []:
+        raise empty_array(f"{where}.content")
     if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.model_extra.get("function_call"))):
         raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
                           code="missing_required_parameter")

@@ -44,6 +44,7 @@ from .chat import (
     check_tool_choice,
     checked_top,
     complete_while_connected,
+    empty_array,
     generated,
     in_own_session,
     measure_prompt,
@@ -120,6 +121,8 @@ def _text(content: Any, where: str) -> str:
         return content
     if not isinstance(content, list):
         raise bad_request(f"{where} must be a string or a list of content parts", param=where, code="invalid_value")
+    if not content:
+        raise empty_array(where)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
