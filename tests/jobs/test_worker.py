@@ -305,3 +305,35 @@ def test_a_full_disk_at_the_result_file_fails_the_job_naming_it_and_leaves_no_pa
     assert re.fullmatch(rf"{re.escape(str(full))}: the job's result file \(step_metrics.csv\) could not be written "
                         r"\(no space left on the disk: \d+ MB free\)", job.error["message"]), job.error
     assert not full.exists() and not full.is_symlink()
+
+
+def cancel_during_the_last_step(monkeypatch) -> str:
+    """A job cancelled through the API (queue.cancel) while its last step runs: the loop asks whether to
+    stop before each step only, so it goes on to write its last checkpoint and finish."""
+    from tuneforge.jobs import queue, worker
+
+    job_id = add_job(add_file(10), n_epochs=1, batch_size=5)
+    metrics = worker.JobRunner._metrics
+
+    def cancelled_in_the_last_step(self, row):
+        metrics(self, row)
+        if row["step"] == row["total_steps"]:
+            with session() as s:
+                queue.cancel(s, s.scalar(select(JobRow).where(JobRow.id == job_id)))
+                s.commit()
+
+    monkeypatch.setattr(worker.JobRunner, "_metrics", cancelled_in_the_last_step)
+    run_worker(poll_interval=0.1, once=True)
+    return job_id
+
+
+def test_a_job_cancelled_in_its_last_step_leaves_no_result_file_without_its_row(monkeypatch):
+    """As OpenAI's, a cancelled job lists no result file (step_metrics.csv is the compiled result of a
+    job that completed), and the one written while the cancel came is not left on the disk unlisted."""
+    job_id = cancel_during_the_last_step(monkeypatch)
+    job, _, _, model = load(job_id)
+    assert job.status == "cancelled" and not job.result_files and model is None and job.worker_id is None
+    with session() as s:
+        listed = {Path(p).name for p in s.scalars(select(FileRow.path))}
+    assert {p.name for p in Path(get_settings().files_dir).iterdir()} == listed  # the training file alone
+

@@ -397,6 +397,8 @@ class JobRunner:
                                path=result.weights, owned_by=self.settings.org))
                 queue.add_event(s, self.job_id, f"New fine-tuned model created: {self.name}")
                 queue.add_event(s, self.job_id, "The job has successfully completed")
+            elif results_file:  # a cancelled job lists no result file, as OpenAI's: none is left unlisted
+                Path(results_file.path).unlink(missing_ok=True)
             queue.release(s, self.job_id, self.worker_id)
             s.commit()
 
