@@ -337,3 +337,10 @@ def test_a_job_cancelled_in_its_last_step_leaves_no_result_file_without_its_row(
         listed = {Path(p).name for p in s.scalars(select(FileRow.path))}
     assert {p.name for p in Path(get_settings().files_dir).iterdir()} == listed  # the training file alone
 
+
+def test_nothing_is_written_for_a_job_after_its_cancel(monkeypatch):
+    """The last epoch's checkpoint, made after the cancel, is neither listed nor announced after it."""
+    job_id = cancel_during_the_last_step(monkeypatch)
+    job, events, ckpts, _ = load(job_id)
+    assert job.status == "cancelled" and events[-1] == "Fine-tuning job cancelled", events
+    assert ckpts == []

@@ -147,11 +147,13 @@ class JobRunner:
                 s.commit()
 
     def _holds(self, s: Session) -> bool:
-        """Whether the job is still this worker's. One that was taken over gets nothing more from this
-        worker (its steps would be listed twice, beside the new holder's)."""
-        if s.scalar(select(JobRow.worker_id).where(JobRow.id == self.job_id)) != self.worker_id:
+        """Whether the job is still this worker's to write about. One that was taken over gets nothing
+        more from this worker (its steps would be listed twice, beside the new holder's); one cancelled
+        gets no step or checkpoint after its cancel (only `_stopped`'s word of where training stopped)."""
+        row = s.execute(select(JobRow.worker_id, JobRow.status).where(JobRow.id == self.job_id)).one_or_none()
+        if row is None or row.worker_id != self.worker_id:
             self.lost = True
-        return not self.lost
+        return not self.lost and row.status != "cancelled"
 
     def _transition(self, expected: tuple[str, ...], **values) -> bool:
         with self.sessions() as s:
