@@ -715,3 +715,19 @@ def test_create_form_offers_four_bits_only_for_lora(page, server):
     page.click(".seg label:has(input[value=lora])")
     expect(quantize).to_be_enabled()
     expect(hint).to_be_hidden()
+
+
+def test_unknown_job_and_file_addresses_say_what_was_not_found(page, server):
+    """An address of a job (or file) that does not exist showed a bare "Not found": it names the id and
+    links back to the list."""
+    page.goto(server.url + "/#/jobs/ftjob-doesnotexist")
+    card = page.locator("[data-test=not-found]")
+    expect(card).to_contain_text("ftjob-doesnotexist")
+    expect(card).to_contain_text("Job ftjob-doesnotexist not found")
+    card.locator("a[href='#/jobs']").click()
+    expect(page.locator("h1")).to_have_text("Fine-tuning jobs")
+    page.goto(server.url + "/#/upload/file-doesnotexist")
+    expect(card).to_contain_text("File file-doesnotexist not found")
+    card.locator("a[href='#/upload']").click()
+    expect(card).to_have_count(0)
+    assert page.url.endswith("#/upload")

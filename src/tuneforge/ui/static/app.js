@@ -413,9 +413,14 @@ async function tunedModels() {
   }
 }
 
-function errorCard(err) {
+/** An error as a card. `missing` ({name, href, list}) is what the page's address names: when the server
+ * has none (404) the card names it and links to its list, where a bare "Not found" was a dead end. */
+function errorCard(err, missing) {
   const heading = { 400: "The request was refused", 401: "API key needed", 404: "Not found" }[err.status] || "Something went wrong";
-  return h("div", { class: "card" }, h("div", { class: "callout bad" }, h("div", {}, h("strong", {}, heading), err.message)));
+  const lost = err.status === 404 && missing;
+  return h("div", { class: "card", "data-test": lost ? "not-found" : null }, h("div", { class: "callout bad" }, h("div", {},
+    h("strong", {}, lost ? `${missing.name} not found` : heading), err.message,
+    lost ? [" ", h("a", { href: missing.href }, missing.list)] : null)));
 }
 
 function pageHead(title, sub, ...actions) {
@@ -725,7 +730,7 @@ async function viewUpload(root, params, fileId) {
       const [file, report] = await Promise.all([api(`/v1/files/${encodeURIComponent(id)}`), fetchReport(id, modelSelect.value, maxLen.value)]);
       put(out, reportView(file, report, modelSelect.value));
     } catch (e) {
-      put(out, errorCard(e));
+      put(out, errorCard(e, { name: `File ${id}`, href: "#/upload", list: "← All uploaded files" }));
     }
   };
   const upload = async (file) => {
@@ -863,7 +868,13 @@ async function viewJob(root, params, jobId) {
   const head = h("div");
   const body = h("div");
   root.append(head, body);
-  let job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
+  let job;
+  try {
+    job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
+  } catch (e) {
+    root.append(errorCard(e, { name: `Job ${jobId}`, href: "#/jobs", list: "← All jobs" }));
+    return null;
+  }
   const events = [];
   const seen = new Set();
   let checkpoints = [];
