@@ -303,9 +303,29 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "argumen
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}], "messages[1].content", "empty_array"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [], "tool_calls": [CALL]}],
      "messages[1].content", "empty_array"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}],
+     "messages[1].tool_calls", "empty_array"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}],
+     "messages[1].tool_calls[0].function", "missing_required_parameter"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL | {"function": "add"}]}],
+     "messages[1].tool_calls[0].function", "invalid_type"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        CALL | {"function": {"name": "add", "arguments": {"a": 1}}}]}], "messages[1].tool_calls[0].function.arguments",
+     "invalid_type"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL | {"function": {"arguments": "{}"}}]}],
+     "messages[1].tool_calls[0].function.name", "missing_required_parameter"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {k: v for k, v in CALL.items() if k != "id"}]}], "messages[1].tool_calls[0].id", "missing_required_parameter"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL | {"id": 7}]}],
+     "messages[1].tool_calls[0].id", "invalid_type"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL, CALL | {"type": "custom"}]}],
+     "messages[1].tool_calls[1].type", "invalid_value"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {k: v for k, v in CALL.items() if k != "type"}]}], "messages[1].tool_calls[0].type", "missing_required_parameter"),
 ])
-def test_messages_openai_refuses_as_empty_are_refused_by_field(client, messages, param, code):
-    """An empty content array was taken; OpenAI answers a 400 naming the field."""
+def test_messages_openai_refuses_as_malformed_are_refused_by_field(client, messages, param, code):
+    """An empty content array and malformed tool calls were taken (the calls went on to the chat
+    template as they were); OpenAI answers a 400 naming the field."""
     r = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": messages, "max_tokens": 2})
     assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code), r.text
     if code == "empty_array":

@@ -28,7 +28,7 @@ from ..store.keys import Principal
 from . import stored
 from .deps import DB, Caller
 from .engine import Engine, Target
-from .errors import APIError, bad_request, failed_midstream, unsupported
+from .errors import APIError, bad_request, failed_midstream, json_type, unsupported
 from .metadata import check_metadata
 from .models import resolve_model
 from .protocol import (
@@ -212,11 +212,13 @@ TEXT_PARTS = {"text", "refusal"}  # what a text model reads; images, audio and f
 
 def _check_message(m, where: str, calls: set) -> None:
     """OpenAI's rules for one message, 400 with the field named: content is required (an assistant
-    message may instead call tools) and is no empty list of parts, a tool message answers a tool call
-    made before it, and content parts are text - an image or audio part is refused, not dropped from
-    the prompt unseen."""
+    message may instead call tools) and is no empty list of parts, tool calls are well-formed, a tool
+    message answers a tool call made before it, and content parts are text - an image or audio part
+    is refused, not dropped from the prompt unseen."""
     if m.content == []:
         raise empty_array(f"{where}.content")
+    if m.tool_calls is not None:
+        _check_tool_calls(m.tool_calls, f"{where}.tool_calls")
     if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.model_extra.get("function_call"))):
         raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
                           code="missing_required_parameter")
@@ -234,6 +236,34 @@ def _check_message(m, where: str, calls: set) -> None:
             raise bad_request(f"Invalid parameter: messages with role 'tool' must be a response to a preceding message "
                               f"with 'tool_calls' (no tool call with id {m.tool_call_id!r} before {where}).",
                               param=f"{where}.tool_call_id", code="invalid_value")
+
+
+def _check_tool_calls(calls: list[dict], where: str) -> None:
+    """An assistant message's tool calls as OpenAI requires them, a 400 naming the field otherwise:
+    each an id, type "function" and a function with a name and its arguments as a JSON string - what
+    a tool message answers (by the id) and what the chat template is given."""
+    if not calls:
+        raise empty_array(where)
+    for k, call in enumerate(calls):
+        at = f"{where}[{k}]"
+        _need(call, "id", f"{at}.id", str)
+        _need(call, "type", f"{at}.type", str)
+        if call["type"] != "function":
+            raise bad_request(f"Invalid value for '{at}.type': only 'function' tool calls are supported, got "
+                              f"{call['type']!r}.", param=f"{at}.type", code="invalid_value")
+        _need(call, "function", f"{at}.function", dict)
+        for name in ("name", "arguments"):
+            _need(call["function"], name, f"{at}.function.{name}", str)
+
+
+def _need(holder: dict, key: str, where: str, kind: type) -> None:
+    """holder[key] is there and a `kind` (str or dict), or a 400 naming `where`."""
+    value = holder.get(key)
+    if value is None:
+        raise bad_request(f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter")
+    if not isinstance(value, kind):
+        raise bad_request(f"Invalid type for '{where}': expected {json_type(kind())}, but got {json_type(value)} "
+                          "instead.", param=where, code="invalid_type")
 
 
 def _check_tools(tools: list[dict] | None) -> None:
