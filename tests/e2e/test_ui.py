@@ -226,8 +226,8 @@ def test_create_a_dpo_job_on_preference_pairs_on_a_four_bit_base(page, server, p
     page.fill("input[name=suffix]", "my bot!/x")
     page.fill("input[name=seed]", "-5")
     page.click("#create-submit")
-    expect(page.locator("#create-form")).to_contain_text("suffix must be 1 to 64 letters")
-    expect(page.locator("#create-form")).to_contain_text("seed must be a whole number")
+    expect(page.locator("#create-form")).to_contain_text("Suffix must be 1 to 64 letters")
+    expect(page.locator("#create-form")).to_contain_text("Seed must be a whole number")
     page.fill("input[name=suffix]", "")
     page.fill("input[name=seed]", "")
     page.click(".seg label:has(input[value=dpo])")  # the radio itself is hidden under its label
@@ -731,3 +731,29 @@ def test_unknown_job_and_file_addresses_say_what_was_not_found(page, server):
     card.locator("a[href='#/upload']").click()
     expect(card).to_have_count(0)
     assert page.url.endswith("#/upload")
+
+
+def test_create_form_errors_name_fields_by_their_labels(page, server, data):
+    """The form's errors (its own and the server's) named hyperparameters by their API keys (n_epochs,
+    learning_rate_multiplier), which the form shows nowhere: they say the fields' labels."""
+    good = server.upload(data["good"])
+    page.goto(server.url + f"/#/jobs/new?model=tiny-llama&file={good['id']}")
+    error = page.locator("#create-form .form-error[role=alert]")
+    page.fill("input[name=batch_size]", "2.5")
+    page.click("#create-submit")
+    expect(error).to_have_text('Batch size must be "auto" or a whole number.')
+    page.fill("input[name=batch_size]", "auto")
+    page.fill("input[name=learning_rate_multiplier]", "-1")
+    page.click("#create-submit")
+    expect(error).to_have_text('LR multiplier must be "auto" or a positive number.')
+    page.fill("input[name=learning_rate_multiplier]", "auto")
+    page.fill("input[name=n_epochs]", "100")  # refused by the server
+    page.click("#create-submit")
+    expect(error).to_contain_text("Epochs must be 'auto' or between 1 and 50")
+    expect(error).not_to_contain_text("n_epochs")
+    page.fill("input[name=n_epochs]", "auto")
+    page.fill("input[name=suffix]", "my bot!")
+    page.fill("input[name=seed]", "-5")
+    page.click("#create-submit")
+    expect(error).to_contain_text("Suffix must be 1 to 64 letters")
+    expect(error).to_contain_text("Seed must be a whole number")

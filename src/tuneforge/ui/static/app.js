@@ -477,6 +477,15 @@ function jobsTable(jobs) {
 
 // ---------------------------------------------------------------------------- Create a job (form)
 
+// The form's labels of the hyperparameters: its errors, and the server's, say these and not the API's keys
+const HP_LABELS = { n_epochs: "Epochs", batch_size: "Batch size", learning_rate_multiplier: "LR multiplier" };
+
+/** The server's refusal of a job, a hyperparameter in it (param "method.supervised.hyperparameters.n_epochs") by its label. */
+function jobRefusal(err) {
+  const key = (err.param || "").split(".").pop();
+  return HP_LABELS[key] ? err.message.replace(key, HP_LABELS[key]) : err.message;
+}
+
 async function viewCreate(root, params) {
   root.append(pageHead("Create a fine-tuning job", "Pick a base model and a training file; everything else can stay on auto.",
     h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs")));
@@ -591,9 +600,7 @@ async function viewCreate(root, params) {
           quantize, "Base in 4 bits (QLoRA)"), quantizeHint)),
       h("fieldset", { class: "full" }, h("legend", {}, "Hyperparameters"),
         h("div", { class: "form-grid three" },
-          hp("n_epochs", "Epochs", "auto or a number"),
-          hp("batch_size", "Batch size", "auto or a number"),
-          hp("learning_rate_multiplier", "LR multiplier", "auto or a number"))),
+          Object.keys(HP_LABELS).map((k) => hp(k, HP_LABELS[k], "auto or a number")))),
       h("label", { class: "field" }, h("span", {}, "Seed ", h("span", { class: "hint" }, "optional, for a reproducible run")),
         h("input", { type: "number", name: "seed", placeholder: "random", min: 0, step: 1 }))),
     err,
@@ -623,12 +630,12 @@ async function viewCreate(root, params) {
     const trainingFile = data.get("training_file");
     if (!trainingFile || trainingFile === "__upload__") return fail("Choose or upload a training file.");
     const hyper = {};
-    for (const k of ["n_epochs", "batch_size", "learning_rate_multiplier"]) {
+    for (const k of Object.keys(HP_LABELS)) {
       const v = String(data.get(k) || "auto").trim();
       if (v === "" || v === "auto") continue;
       const n = Number(v);
-      if (!Number.isFinite(n) || n <= 0) return fail(`${k} must be "auto" or a positive number.`);
-      if (k !== "learning_rate_multiplier" && !Number.isInteger(n)) return fail(`${k} must be "auto" or a whole number.`);
+      if (!Number.isFinite(n) || n <= 0) return fail(`${HP_LABELS[k]} must be "auto" or a positive number.`);
+      if (k !== "learning_rate_multiplier" && !Number.isInteger(n)) return fail(`${HP_LABELS[k]} must be "auto" or a whole number.`);
       hyper[k] = n;
     }
     const method = data.get("method") || "lora";
@@ -648,9 +655,9 @@ async function viewCreate(root, params) {
     const suffix = String(data.get("suffix") || "").trim();
     const seed = String(data.get("seed") || "").trim();
     const problems = [  // the server's own rules (serve.fine_tuning), said together before a round trip
-      suffix && !/^[A-Za-z0-9._-]{1,64}$/.test(suffix) ? "suffix must be 1 to 64 letters, digits, '-', '_' or '.'" : null,
+      suffix && !/^[A-Za-z0-9._-]{1,64}$/.test(suffix) ? "Suffix must be 1 to 64 letters, digits, '-', '_' or '.'" : null,
       seed && !(Number.isInteger(Number(seed)) && Number(seed) >= 0 && Number(seed) <= 2147483647)
-        ? "seed must be a whole number from 0 to 2147483647" : null,
+        ? "Seed must be a whole number from 0 to 2147483647" : null,
     ].filter(Boolean);
     if (problems.length) return fail(`${problems.join("; ")}.`);
     if (suffix) body.suffix = suffix;
@@ -662,7 +669,7 @@ async function viewCreate(root, params) {
       toast(`Job ${job.id} created`);
       location.hash = `#/jobs/${job.id}`;
     } catch (e) {
-      fail(e.message);
+      fail(jobRefusal(e));
     } finally {
       button.disabled = false;
     }
