@@ -757,3 +757,12 @@ def test_create_form_errors_name_fields_by_their_labels(page, server, data):
     page.click("#create-submit")
     expect(error).to_contain_text("Suffix must be 1 to 64 letters")
     expect(error).to_contain_text("Seed must be a whole number")
+
+
+def test_report_counts_are_formatted(page, server, tmp_path):
+    """A file's number of examples was shown as 1200 where every other count on the page reads 1,200."""
+    many = server.upload(write_good_file(tmp_path / "many.jsonl", 1200))
+    page.goto(server.url + f"/#/upload/{many['id']}?model=tiny-llama")
+    expect(page.locator("[data-test=report-verdict]")).to_contain_text("Valid: 1,200 examples", timeout=60_000)
+    page.goto(server.url + f"/#/jobs/new?model=tiny-llama&file={many['id']}")
+    expect(page.locator("#create-form")).to_contain_text("Ready to train: 1,200 examples", timeout=60_000)

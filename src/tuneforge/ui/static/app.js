@@ -708,10 +708,11 @@ function summaryPlan(report, validation, epochs) {
 
 function reportSummary(report, fileId, validation = false, epochs = null) {
   const n = report.errors.length;
-  const ready = validation ? `Ready to validate on: ${report.n_examples} examples` : `Ready to train: ${report.n_examples} examples`;
+  const examples = `${fmt.int(report.n_examples)} examples`;
+  const ready = validation ? `Ready to validate on: ${examples}` : `Ready to train: ${examples}`;
   return h("div", { class: `callout ${report.ok ? "ok" : "bad"}`, style: "margin-top:8px" },
     h("div", {},
-      h("strong", {}, report.ok ? ready : `${n} error${n === 1 ? "" : "s"}: this file cannot be ${validation ? "used" : "trained on"}`),
+      h("strong", {}, report.ok ? ready : `${fmt.int(n)} error${n === 1 ? "" : "s"}: this file cannot be ${validation ? "used" : "trained on"}`),
       report.ok ? summaryPlan(report, validation, epochs)
         : report.errors.slice(0, 3).map((e) => `${e.line ? `line ${e.line}: ` : ""}${e.code}`).join(", "),
       " ", h("a", { href: `#/upload/${fileId}` }, "Full report →")));
@@ -829,12 +830,12 @@ function reportView(file, r, model) {
         : null),
     h("div", { class: `callout ${r.ok ? "ok" : "bad"}`, "data-test": "report-verdict" },
       h("div", {},
-        h("strong", {}, r.ok ? `Valid: ${r.n_examples} examples ready to train` : `${nErr} error${nErr === 1 ? "" : "s"} — fix ${nErr === 1 ? "it" : "them"} before training`),
-        r.ok ? (nWarn ? `${nWarn} warning${nWarn === 1 ? "" : "s"} below; training can still proceed.` : "No problems found.")
+        h("strong", {}, r.ok ? `Valid: ${fmt.int(r.n_examples)} examples ready to train` : `${fmt.int(nErr)} error${nErr === 1 ? "" : "s"} — fix ${nErr === 1 ? "it" : "them"} before training`),
+        r.ok ? (nWarn ? `${fmt.int(nWarn)} warning${nWarn === 1 ? "" : "s"} below; training can still proceed.` : "No problems found.")
           : "A job on this file would fail while validating files. Each problem is listed with its line number."))));
 
-  if (nErr) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Errors (${nErr})`), issueTable(r.errors, "errors")));
-  if (nWarn) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Warnings (${nWarn})`), issueTable(r.warnings, "warnings")));
+  if (nErr) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Errors (${fmt.int(nErr)})`), issueTable(r.errors, "errors")));
+  if (nWarn) frag.append(h("div", { class: "card flush" }, h("h2", {}, `Warnings (${fmt.int(nWarn)})`), issueTable(r.warnings, "warnings")));
 
   const stat = (label, value, note) => h("div", { class: "stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value), note ? h("div", { class: "note" }, note) : null);
   const costs = r.costs || [];
@@ -864,7 +865,7 @@ function reportView(file, r, model) {
           dist("Tokens", st.tokens_per_example),
           dist("Answer (trained) tokens", st.loss_tokens_per_example)))),
       h("p", { class: "muted small", style: "padding:0 20px 14px" },
-        `${st.n_truncated} example(s) longer than max length ${r.max_length}. Tokens counted with ${model}'s tokenizer; OpenAI's count differs a little.`)));
+        `${fmt.int(st.n_truncated)} example(s) longer than max length ${fmt.int(r.max_length)}. Tokens counted with ${model}'s tokenizer; OpenAI's count differs a little.`)));
   }
   return frag;
 }
@@ -953,7 +954,7 @@ async function viewJob(root, params, jobId) {
         job.estimated_finish && !FINAL.includes(job.status) ? h("span", { class: "muted small" }, `estimated finish ${fmt.clock(job.estimated_finish)}`) : null),
       h("div", { class: "progress", title: `${Math.round(progress * 100)}%` }, h("div", { style: `width:${(progress * 100).toFixed(1)}%` })),
       h("div", { class: "stats", style: "margin-top:14px" },
-        stat("Step", last ? `${last.step} / ${total}` : "—"),
+        stat("Step", last ? `${fmt.int(last.step)} / ${fmt.int(total)}` : "—"),
         stat("Train loss", fmt.num(last && last.train_loss)),
         stat("Valid loss", fmt.num(lastValue(rows, "valid_loss"))),
         dpo ? stat("Preferred ranked first", fmt.pct(lastValue(rows, "valid_reward_accuracy") ?? (last && last.train_reward_accuracy)))
@@ -1021,7 +1022,7 @@ async function viewJob(root, params, jobId) {
     put(ckptCard, h("h2", {}, "Checkpoints"), checkpoints.length ? h("div", { class: "table-wrap" }, h("table", { "data-test": "checkpoints" },
       h("thead", {}, h("tr", {}, h("th", { class: "num" }, "Step"), h("th", { class: "num" }, "Train loss"), h("th", { class: "num" }, "Valid loss"), h("th", { class: "num hide-narrow" }, "Accuracy"), h("th", {}, ""))),
       h("tbody", {}, checkpoints.map((c) => h("tr", { title: c.fine_tuned_model_checkpoint },
-        h("td", { class: "num" }, c.step_number),
+        h("td", { class: "num" }, fmt.int(c.step_number)),
         h("td", { class: "num" }, fmt.num(c.metrics.train_loss)),
         h("td", { class: "num" }, fmt.num(c.metrics.valid_loss ?? c.metrics.full_valid_loss)),
         h("td", { class: "num hide-narrow" }, fmt.pct(c.metrics.train_mean_token_accuracy)),
@@ -1310,7 +1311,7 @@ async function viewPlayground(root, params) {
       history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
       for (const c of calls) out.append(callLine(c));
       const secs = ((performance.now() - started) / 1000).toFixed(1);
-      out.append(h("span", { class: "meta" }, [usage ? `${usage.completion_tokens} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
+      out.append(h("span", { class: "meta" }, [usage ? `${fmt.int(usage.completion_tokens)} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
       if (kept && id) out.append(ratingButtons(id, { source: "playground" }));
       if (kept && id && finish === "length") {  // (monitor.stored: an answer cut short would teach cutting short)
         out.append(h("span", { class: "meta", "data-test": "not-training-data" },
