@@ -344,3 +344,37 @@ def test_nothing_is_written_for_a_job_after_its_cancel(monkeypatch):
     job, events, ckpts, _ = load(job_id)
     assert job.status == "cancelled" and events[-1] == "Fine-tuning job cancelled", events
     assert ckpts == []
+
+
+def test_a_checkpoint_row_a_killed_worker_left_out_is_listed_in_step_order(monkeypatch):
+    """A worker killed between an epoch's checkpoint and its row: the next one adds the row, and the
+    API, which lists a job's checkpoints newest first in the order their rows were added (as OpenAI, by
+    step), still lists them by step, each dated when it was written."""
+    import socket
+    import subprocess
+    import sys
+
+    from tuneforge.jobs import worker
+
+    job_id = add_job(add_file(10), n_epochs=3, batch_size=5)
+    should_stop = worker.JobRunner._should_stop
+    monkeypatch.setattr(worker.JobRunner, "_should_stop",  # stopped once the first epoch's checkpoint is there
+                        lambda self: "pause" if (self.run_dir / "checkpoints").exists() else should_stop(self))
+    run_worker(poll_interval=0.1, once=True)
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", should_stop)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with session() as s:  # what a kill right after the checkpoint leaves: its folder, no row, the job held
+        s.delete(s.scalar(select(CheckpointRow).where(CheckpointRow.job_id == job_id)))
+        row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+        row.status, row.worker_id = "running", f"{socket.gethostname()}:{gone.pid}:dead"
+        s.commit()
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    assert job.status == "succeeded", job.error
+    with session() as s:
+        listed = s.execute(select(CheckpointRow.step, CheckpointRow.created_at, CheckpointRow.path)
+                           .where(CheckpointRow.job_id == job_id).order_by(CheckpointRow.seq.desc())).all()
+    assert [step for step, *_ in listed] == [6, 4, 2]
+    assert [at for _, at, _ in listed] == [Path(path).parent.joinpath("state.json").stat().st_mtime
+                                           for *_, path in listed]

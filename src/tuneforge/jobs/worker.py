@@ -226,6 +226,7 @@ class JobRunner:
         ckpts = checkpoint_dirs(self.run_dir)
         at_step = read_meta(ckpts[-1])["state"]["global_step"] if ckpts else 0
         self._forget_steps_after(at_step)  # a dead worker's steps past its last checkpoint are made again
+        self._add_missing_checkpoint_rows(ckpts)
         if self.previous:
             if (stops := self._worker_stops() + 1) > MAX_WORKER_STOPS:  # it would only die again
                 raise JobFailed("worker_died", f"The worker running this job stopped {stops} times, the last at step "
@@ -320,6 +321,19 @@ class JobRunner:
                 queue.add_event(s, self.job_id, f"Checkpoint created at step {step}")
             s.commit()
 
+    def _add_missing_checkpoint_rows(self, ckpts: list[Path]) -> None:
+        """A worker killed between an epoch's checkpoint and its row left the row out: it is added
+        before training goes on, while it is still the newest (the API lists a job's checkpoints newest
+        first in the order their rows were added; added at the end, it came first)."""
+        from ..train.checkpoint import read_meta
+
+        with self.sessions() as s:
+            if self._holds(s):
+                for ckpt in ckpts:
+                    if (meta := read_meta(ckpt))["kind"] == "epoch":
+                        self._add_checkpoint_row(s, ckpt, meta["state"]["global_step"], meta["metrics"])
+                s.commit()
+
     def _add_checkpoint_row(self, s: Session, path: Path, step: int, metrics: dict) -> bool:
         exists = s.scalar(select(CheckpointRow.id).where(CheckpointRow.job_id == self.job_id,
                                                          CheckpointRow.step == step))
@@ -329,6 +343,7 @@ class JobRunner:
         s.add(CheckpointRow(
             id=new_id("ftckpt_"), job_id=self.job_id, step=step, name=f"{self.name}:ckpt-step-{step}",
             path=str(path / "weights"), metrics={k: metrics.get(k) for k in keys if metrics.get(k) is not None},
+            created_at=(path / "state.json").stat().st_mtime,  # when it was written, whenever its row is added
         ))
         return True
 
@@ -375,8 +390,6 @@ class JobRunner:
                 s.commit()
 
     def _succeed(self, result) -> None:
-        from ..train.checkpoint import checkpoint_dirs, read_meta
-
         results_file = self._write_results_csv()
         resolved = _resolved(result.config)
         with self.sessions() as s:
@@ -389,10 +402,6 @@ class JobRunner:
                 result_files=[results_file.id] if results_file else [],
             )
             if done:
-                for ckpt in checkpoint_dirs(self.run_dir):  # a kill may have skipped a checkpoint row
-                    meta = read_meta(ckpt)
-                    if meta["kind"] == "epoch":
-                        self._add_checkpoint_row(s, ckpt, meta["state"]["global_step"], meta["metrics"])
                 if results_file:
                     s.add(results_file)
                 s.add(ModelRow(id=self.name, project=self.job.project, base=self.base, job_id=self.job_id,
