@@ -766,3 +766,18 @@ def test_report_counts_are_formatted(page, server, tmp_path):
     expect(page.locator("[data-test=report-verdict]")).to_contain_text("Valid: 1,200 examples", timeout=60_000)
     page.goto(server.url + f"/#/jobs/new?model=tiny-llama&file={many['id']}")
     expect(page.locator("#create-form")).to_contain_text("Ready to train: 1,200 examples", timeout=60_000)
+
+
+def test_upload_input_is_reset_after_each_pick(page, server, data):
+    """The same file picked again did not upload again: the input still held it, so Chromium fired no
+    change. The input is emptied after each pick."""
+    page.goto(server.url + "/#/upload")
+    page.select_option("#report-model", "tiny-llama")
+    before = len(server.api("GET", "/v1/files?limit=100")["data"])
+    page.set_input_files("#upload-input", str(data["good"]))
+    expect(page.locator("[data-test=train-this]")).to_be_visible(timeout=60_000)
+    expect(page.locator("#upload-input")).to_have_value("")
+    page.set_input_files("#upload-input", str(data["good"]))
+    expect(page.locator("[data-test=report-verdict]")).to_be_visible(timeout=60_000)
+    expect(page.locator("#upload-input")).to_have_value("")
+    assert len(server.api("GET", "/v1/files?limit=100")["data"]) == before + 2

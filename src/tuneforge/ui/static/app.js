@@ -559,9 +559,11 @@ async function viewCreate(root, params) {
       const status = h("div", { class: "small muted" });
       input.addEventListener("change", async () => {
         if (!input.files.length) return;
+        const picked = input.files[0];
+        input.value = "";  // (else the same file picked again, after a refusal, fires no change)
         put(status, h("span", { class: "spinner" }), " Uploading and checking…");
         try {
-          const file = await uploadFile(input.files[0]);
+          const file = await uploadFile(picked);
           select.insertBefore(h("option", { value: file.id }, `${file.filename} · ${file.id} · ${fmt.bytes(file.bytes)}`), select.lastChild);
           select.value = file.id;
           put(slot);
@@ -754,7 +756,12 @@ async function viewUpload(root, params, fileId) {
     }
   };
   let currentFile = fileId;
-  input.addEventListener("change", () => input.files.length && upload(input.files[0]));
+  input.addEventListener("change", () => {
+    if (!input.files.length) return;
+    const picked = input.files[0];
+    input.value = "";  // (else the same file picked again, changed on disk or not, fires no change)
+    upload(picked);
+  });
   zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (ev) => {
