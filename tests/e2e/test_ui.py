@@ -781,3 +781,32 @@ def test_upload_input_is_reset_after_each_pick(page, server, data):
     expect(page.locator("[data-test=report-verdict]")).to_be_visible(timeout=60_000)
     expect(page.locator("#upload-input")).to_have_value("")
     assert len(server.api("GET", "/v1/files?limit=100")["data"]) == before + 2
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """A server that takes uploads of 4 KB at most."""
+    srv = LiveServer(tmp_path_factory.mktemp("ui-small-home"), env={"TUNEFORGE_MAX_UPLOAD_BYTES": "4096"})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_upload_too_large_says_so_with_the_limit(browser, small_server, tmp_path):
+    """A file over the server's upload limit (413) was headed "Something went wrong"."""
+    big = write_good_file(tmp_path / "big.jsonl", 200)
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    ctx.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(small_server.key)})")
+    pg = ctx.new_page()
+    pg.goto(small_server.url + "/#/upload")
+    pg.set_input_files("#upload-input", str(big))
+    card = pg.locator("#report .callout.bad")
+    expect(card.locator("strong")).to_have_text("File too large")
+    expect(card).to_contain_text("the limit is 4,096 bytes (4.0 KB)")
+    # the create form's upload too, whose input takes the same file again after the refusal
+    pg.goto(small_server.url + "/#/jobs/new?model=tiny-llama")
+    pg.select_option("#f-training_file", "__upload__")
+    pg.set_input_files("[data-test=training_file-input]", str(big))
+    expect(pg.locator("#create-form .upload-slot .form-error")).to_contain_text("File is too large")
+    expect(pg.locator("[data-test=training_file-input]")).to_have_value("")
+    ctx.close()

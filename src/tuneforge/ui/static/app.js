@@ -416,11 +416,19 @@ async function tunedModels() {
 /** An error as a card. `missing` ({name, href, list}) is what the page's address names: when the server
  * has none (404) the card names it and links to its list, where a bare "Not found" was a dead end. */
 function errorCard(err, missing) {
-  const heading = { 400: "The request was refused", 401: "API key needed", 404: "Not found" }[err.status] || "Something went wrong";
+  const heading = { 400: "The request was refused", 401: "API key needed", 404: "Not found", 413: "File too large" }[err.status]
+    || "Something went wrong";
   const lost = err.status === 404 && missing;
   return h("div", { class: "card", "data-test": lost ? "not-found" : null }, h("div", { class: "callout bad" }, h("div", {},
-    h("strong", {}, lost ? `${missing.name} not found` : heading), err.message,
+    h("strong", {}, lost ? `${missing.name} not found` : heading), err.status === 413 ? tooLarge(err) : err.message,
     lost ? [" ", h("a", { href: missing.href }, missing.list)] : null)));
+}
+
+/** A 413's message: the server's, which names its limit in bytes (said in MB too), or, from a proxy before
+ * it (an HTML page, no JSON error), what it means. */
+function tooLarge(err) {
+  if (err.code !== "file_too_large") return "The server (or a proxy in front of it) refused the file as too large.";
+  return err.message.replace(/([\d,]+) bytes/, (said, n) => `${said} (${fmt.bytes(Number(n.replace(/,/g, "")))})`);
 }
 
 function pageHead(title, sub, ...actions) {
