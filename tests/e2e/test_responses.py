@@ -1,6 +1,6 @@
 """The Responses API through the real `openai` SDK against a real `tuneforge serve` on loopback:
-plain and streamed answers, kept responses continued with previous_response_id, input items, and
-the refusals of what a text-only local server does not do."""
+plain and streamed answers, kept responses continued with previous_response_id or streamed again on
+retrieve, input items, and the refusals of what a text-only local server does not do."""
 
 from __future__ import annotations
 
@@ -103,6 +103,15 @@ def test_streamed_events_build_the_same_response(server):
     assert final.output_text == "".join(deltas) and final.usage.output_tokens >= 1
     kept = c.responses.retrieve(final.id)
     assert kept.output_text == final.output_text and kept.usage == final.usage
+    # retrieved as a stream: the same events (the text in one delta), which the SDK reads as it read the create
+    again = list(c.responses.retrieve(final.id, stream=True))
+    assert [e.type for e in again] == [k for k in kinds if k != "response.output_text.delta"][:4] + [
+        "response.output_text.delta"] * bool(final.output_text) + kinds[-4:]
+    assert [e.sequence_number for e in again] == list(range(len(again)))
+    assert again[-1].response == final and again[0].response.status == "in_progress"
+    assert "".join(e.delta for e in again if e.type == "response.output_text.delta") == final.output_text
+    rest = list(c.responses.retrieve(final.id, stream=True, starting_after=len(again) - 3))
+    assert [e.sequence_number for e in rest] == [len(again) - 2, len(again) - 1] and rest[-1].response == final
 
     raw = list(c.responses.create(model=BASE, input="Hi", max_output_tokens=16, temperature=1, stream=True))
     assert [e.sequence_number for e in raw] == list(range(len(raw)))

@@ -388,6 +388,35 @@ def test_responses_max_output_tokens_is_16_at_least(client):
     assert done.status_code == 200 and done.json()["usage"]["output_tokens"] <= 16
 
 
+def test_a_kept_response_is_streamed_again_on_retrieve(client):
+    """GET /v1/responses/{id}?stream=true answered plain JSON, which the SDK's retrieve(stream=True)
+    cannot read: it is the response's events, as its streamed create sent them."""
+    ask = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 16, "temperature": 0,
+           "include": ["message.output_text.logprobs"]}
+    sent = [json.loads(line[6:]) for line in client.post("/v1/responses", json=ask | {"stream": True}).text.splitlines()
+            if line.startswith("data: ")]
+    done = sent[-1]["response"]
+    r = client.get(f"/v1/responses/{done['id']}", params={"stream": "true"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = r.text.splitlines()
+    again = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [line[7:] for line in lines if line.startswith("event: ")] == [e["type"] for e in again]
+    kinds = [e["type"] for e in sent]
+    text = kinds.index("response.output_text.delta")
+    assert [e["type"] for e in again] == kinds[:text + 1] + kinds[kinds.index("response.output_text.done"):]
+    assert [e["sequence_number"] for e in again] == list(range(len(again)))
+    assert again[0] == sent[0] and again[-4:] == [e | {"sequence_number": e["sequence_number"] - len(sent) + len(again)}
+                                                  for e in sent[-4:]]
+    (delta,) = [e for e in again if e["type"] == "response.output_text.delta"]
+    part = done["output"][0]["content"][0]
+    assert (delta["delta"], delta["logprobs"]) == (part["text"], part["logprobs"])
+    later = client.get(f"/v1/responses/{done['id']}", params={"stream": "true", "starting_after": 4})
+    assert [json.loads(line[6:]) for line in later.text.splitlines() if line.startswith("data: ")] == again[5:]
+    r = client.get(f"/v1/responses/{done['id']}", params={"starting_after": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+    assert client.get("/v1/responses/resp_nothing", params={"stream": "true"}).status_code == 404
+
+
 def test_logprobs_are_the_models_own_and_cover_the_answer(client):
     ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
     r = client.post("/v1/chat/completions", json=ask | {"logprobs": True, "top_logprobs": 3}).json()

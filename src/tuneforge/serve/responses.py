@@ -1,5 +1,5 @@
-"""OpenAI's Responses API: `POST /v1/responses` (plain and streamed), GET and DELETE by id, and the
-input items - the API OpenAI's own guides now call a fine-tuned model with
+"""OpenAI's Responses API: `POST /v1/responses` (plain and streamed), GET (plain, or a kept response's
+events streamed again) and DELETE by id, and the input items - the API OpenAI's own guides now call a fine-tuned model with
 (`client.responses.create(model="ft:...", input="...")`), answered by the same engine as chat.
 
 What it covers is text: `input` as a string or a list of messages (content a string or
@@ -296,41 +296,76 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
+Event = tuple[str, dict]  # an event's type and its fields, before it is numbered
+
+
+def _opening(started: ResponseObject, message_id: str) -> list[Event]:
+    """The events ahead of the answer's text: the response begun, its message and text part added."""
+    response = started.model_dump()
+    return [("response.created", {"response": response}), ("response.in_progress", {"response": response}),
+            ("response.output_item.added", {"output_index": 0, "item": {
+                "id": message_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}}),
+            ("response.content_part.added", _where(message_id) | {"part": OutputText(text="").model_dump()})]
+
+
+def _closing(done: ResponseObject) -> list[Event]:
+    """The events after the answer's text: its part, its message and the response finished."""
+    message = done.output[0]
+    part, where = message.content[0], _where(message.id)
+    kind = "response.completed" if done.status == "completed" else "response.incomplete"
+    return [("response.output_text.done", where | {"text": part.text, "logprobs": part.logprobs or []}),
+            ("response.content_part.done", where | {"part": part.model_dump()}),
+            ("response.output_item.done", {"output_index": 0, "item": message.model_dump()}),
+            (kind, {"response": done.model_dump()})]
+
+
+def _where(message_id: str) -> dict:
+    return {"item_id": message_id, "output_index": 0, "content_index": 0}
+
+
+def _numbered(kind: str, fields: dict, number: int) -> dict:
+    return {"type": kind, "sequence_number": number, **fields}
+
+
 async def _events(engine: Engine, target: Target, messages: list[dict], sampling: Sampling, answer: _Answer,
                   keep, request: Request) -> AsyncIterator[dict]:
     numbers = itertools.count()
-
-    def event(kind: str, **fields) -> dict:
-        return {"type": kind, "sequence_number": next(numbers), **fields}
-
-    started = answer.started().model_dump()
-    where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
-    yield event("response.created", response=started)
-    yield event("response.in_progress", response=started)
-    yield event("response.output_item.added", output_index=0,
-                item={"id": answer.message_id, "type": "message", "role": "assistant", "status": "in_progress",
-                      "content": []})
-    yield event("response.content_part.added", **where, part=OutputText(text="").model_dump())
-    result = None
+    for kind, fields in _opening(answer.started(), answer.message_id):
+        yield _numbered(kind, fields, next(numbers))
+    where, result = _where(answer.message_id), None
     try:
         async with aclosing(generated(engine, target, [(messages, sampling)], request, answer.prompt_tokens)) as pieces:
             async for _, piece in pieces:
                 if isinstance(piece, Completion):
                     result = piece
                 elif piece.text:
-                    yield event("response.output_text.delta", **where, delta=piece.text, logprobs=_entries(piece.logprobs) or [])
+                    yield _numbered("response.output_text.delta", where | {
+                        "delta": piece.text, "logprobs": _entries(piece.logprobs) or []}, next(numbers))
     except Exception as err:
-        yield event("response.failed", response=answer.failed(failed_midstream(request, err)).model_dump())
+        failed = answer.failed(failed_midstream(request, err)).model_dump()
+        yield _numbered("response.failed", {"response": failed}, next(numbers))
         return
     done = answer.finished(result)
     note_usage(request, done.model, _usage(done))
-    yield event("response.output_text.done", **where, text=result.text, logprobs=_entries(result.logprobs) or [])
-    yield event("response.content_part.done", **where, part=done.output[0].content[0].model_dump())
-    yield event("response.output_item.done", output_index=0, item=done.output[0].model_dump())
-    if keep is not None:
+    if keep is not None:  # kept before the client hears it is done: a retrieve that follows finds it
         await anyio.to_thread.run_sync(keep, done)
-    kind = "response.completed" if done.status == "completed" else "response.incomplete"
-    yield event(kind, response=done.model_dump())
+    for kind, fields in _closing(done):
+        yield _numbered(kind, fields, next(numbers))
+
+
+async def _replayed(done: ResponseObject, starting_after: int | None) -> AsyncIterator[dict]:
+    """A kept response's events, as its streamed create sent them (the text in one delta), from
+    after `starting_after` (a sequence number) when given - OpenAI's retrieve with stream=true,
+    which the SDK reads as it reads a streamed create."""
+    message = done.output[0]
+    part = message.content[0]
+    started = done.model_copy(update={"status": "in_progress", "output": [], "usage": None, "completed_at": None,
+                                      "incomplete_details": None})  # (as _Answer.started made it)
+    text = [("response.output_text.delta", _where(message.id) | {"delta": part.text, "logprobs": part.logprobs or []})]
+    events = [*_opening(started, message.id), *(text if part.text else []), *_closing(done)]
+    for number, (kind, fields) in enumerate(events):
+        if starting_after is None or number > starting_after:
+            yield _numbered(kind, fields, number)
 
 
 def list_input_items(db: Session, caller: Principal, response_id: str, after: str | None, limit: int,
@@ -359,9 +394,16 @@ def create_route(req: ResponseRequest, request: Request, db: DB, caller: Caller)
     return create_response(request, db, caller, req)
 
 
-@router.get("/responses/{response_id}", response_model=ResponseObject)
-def retrieve_route(response_id: str, db: DB, caller: Caller):
-    return ResponseObject(**_get(db, caller, response_id).response)
+@router.get("/responses/{response_id}", response_model=ResponseObject,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+def retrieve_route(response_id: str, db: DB, caller: Caller, stream: bool = False, starting_after: int | None = None):
+    done = ResponseObject(**_get(db, caller, response_id).response)
+    if stream:
+        return sse_response(_sse(_replayed(done, starting_after)))
+    if starting_after is not None:  # a place in the events, which a JSON answer has none of
+        raise bad_request("The 'starting_after' parameter is only allowed when 'stream' is true.",
+                          param="starting_after", code="invalid_value")
+    return done
 
 
 @router.delete("/responses/{response_id}", response_model=ResponseDeleted)
