@@ -303,7 +303,8 @@ def test_a_full_disk_at_the_result_file_fails_the_job_naming_it_and_leaves_no_pa
     job, _, _, model = load(job_id)
     assert job.status == "failed" and model is None, job.error
     assert re.fullmatch(rf"{re.escape(str(full))}: the job's result file \(step_metrics.csv\) could not be written "
-                        r"\(no space left on the disk: \d+ MB free\)", job.error["message"]), job.error
+                        r"\(no space left on the disk: \d+ MB free\)\. Its run finished training: on the server, "
+                        rf"`tuneforge import {re.escape(job.run_dir)} --project p` serves its model", job.error["message"])
     assert not full.exists() and not full.is_symlink()
 
 
@@ -378,3 +379,40 @@ def test_a_checkpoint_row_a_killed_worker_left_out_is_listed_in_step_order(monke
     assert [step for step, *_ in listed] == [6, 4, 2]
     assert [at for _, at, _ in listed] == [Path(path).parent.joinpath("state.json").stat().st_mtime
                                            for *_, path in listed]
+
+
+def test_a_job_failed_after_a_checkpoint_says_how_to_go_on_from_it_and_that_works(monkeypatch):
+    """A failed job cannot be resumed through the API (as OpenAI's): its error says which checkpoint
+    is kept and the commands that finish the run and serve its model - which do."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from tuneforge.jobs import worker
+
+    job_id = add_job(add_file(10), n_epochs=2, batch_size=5)
+    on_event = worker.JobRunner._on_event
+
+    def disk_full_after_the_first_checkpoint(self, ev):
+        on_event(self, ev)
+        if ev["type"] == "checkpoint":
+            (self.run_dir / "metrics.jsonl").rename(self.run_dir / "kept.jsonl")
+            (self.run_dir / "metrics.jsonl").symlink_to("/dev/full")
+
+    monkeypatch.setattr(worker.JobRunner, "_on_event", disk_full_after_the_first_checkpoint)
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    run = job.run_dir
+    assert job.status == "failed", job.error
+    assert job.error["message"].endswith(
+        f"MB free). Its checkpoint at step 2 is kept: on the server, `tuneforge train --resume {run}` finishes "
+        f"the run, then `tuneforge import {run} --project p` serves its model"), job.error
+    Path(run, "metrics.jsonl").unlink()  # room made
+    Path(run, "kept.jsonl").rename(Path(run, "metrics.jsonl"))
+    for command in re.findall(r"`tuneforge ([^`]+)`", job.error["message"]):
+        done = subprocess.run([sys.executable, "-m", "tuneforge.cli", *shlex.split(command)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    with session() as s:
+        model = s.scalar(select(ModelRow).where(ModelRow.id == done.stdout.strip()))
+    assert model.project == "p" and Path(model.path, "adapter_model.safetensors").is_file()

@@ -18,6 +18,7 @@ import csv
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -197,7 +198,10 @@ class JobRunner:
             self._fail(err.code, err.message, err.param)
         except Exception as err:  # any bug or environment problem: the job says why, never hangs
             log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
-            self._fail(*self._describe(err))
+            code, message, param = self._describe(err)
+            if then := self._how_to_go_on():
+                message = f"{message.rstrip('.')}. {then}"
+            self._fail(code, message, param)
         finally:
             self._stop_beating.set()
             beat.join(timeout=5)
@@ -449,6 +453,26 @@ class JobRunner:
         if isinstance(err, ModelNotFound):
             return "model_not_available", str(err), "model"
         return "training_error", f"{type(err).__name__}: {err}", None
+
+    def _how_to_go_on(self) -> str:
+        """What a job that failed in training keeps, and how to go on from it: a failed job cannot be
+        resumed (as OpenAI's: only a paused one), but its run folder can, on the server's machine."""
+        from ..train.checkpoint import checkpoint_dirs, read_meta
+        from ..train.loop import RESULT_FILE
+
+        try:  # (a run folder that cannot be read leaves the error as it is)
+            ckpts = checkpoint_dirs(self.run_dir)
+            step = read_meta(ckpts[-1])["state"]["global_step"] if ckpts else None
+        except (OSError, ValueError):
+            return ""
+        run = shlex.quote(str(self.run_dir))
+        serve = f"`tuneforge import {run} --project {shlex.quote(self.job.project)}`"
+        if (self.run_dir / RESULT_FILE).is_file():
+            return f"Its run finished training: on the server, {serve} serves its model"
+        if step is None:
+            return ""
+        return (f"Its checkpoint at step {step} is kept: on the server, `tuneforge train --resume {run}` "
+                f"finishes the run, then {serve} serves its model")
 
     def _fail(self, code: str, message: str, param: str | None) -> None:
         with self.sessions() as s:
