@@ -9,6 +9,8 @@ leaves a partial file that looks finished.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pathlib import Path
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 MAX_FIELD_BYTES = 64 * 1024  # plain form fields (purpose, ...) are tiny; anything bigger is abuse
+
+log = logging.getLogger("tuneforge.blobs")
 
 
 class UploadTooLarge(Exception):
@@ -118,6 +122,9 @@ async def receive_multipart(
     except (UploadTooLarge, BadUpload):
         _discard(state, tmp)
         raise
+    except OSError as err:  # the server's disk (full, read-only), not the body: said so, and no part of it kept
+        _discard(state, tmp)
+        raise BadUpload(_unstored(tmp, err)) from err
     except Exception as err:  # python-multipart raises its own errors on malformed bodies
         _discard(state, tmp)
         raise BadUpload(f"Malformed multipart body: {err}") from err
@@ -130,9 +137,21 @@ async def receive_multipart(
 
 def _discard(state: dict, tmp: Path) -> None:
     if state.get("out") is not None:
-        state["out"].close()
+        try:
+            state["out"].close()
+        except OSError:  # its last writes failing again (a full disk): the file is closed all the same
+            pass
         state["out"] = None
     tmp.unlink(missing_ok=True)
+
+
+def _unstored(tmp: Path, err: OSError) -> str:
+    """The caller's message for an upload the server's disk refused: what to do, not where (the
+    server's disk layout is none of the caller's business: the log names the file)."""
+    log.warning("upload to %s failed: %s", tmp, err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "The file could not be stored: the server's disk is full; ask its operator to make room"
+    return f"The file could not be stored on the server ({err.strerror or err}); ask its operator"
 
 
 def delete_blob(path: str | Path) -> None:
