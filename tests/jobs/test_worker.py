@@ -416,3 +416,25 @@ def test_a_job_failed_after_a_checkpoint_says_how_to_go_on_from_it_and_that_work
     with session() as s:
         model = s.scalar(select(ModelRow).where(ModelRow.id == done.stdout.strip()))
     assert model.project == "p" and Path(model.path, "adapter_model.safetensors").is_file()
+
+
+def test_a_job_failed_by_its_file_after_a_checkpoint_is_not_told_to_resume(monkeypatch):
+    """Resuming the run would fail on the same file: the error is the file's alone."""
+    from tuneforge.jobs import worker
+
+    file_id = add_file(10)
+    job_id = add_job(file_id, n_epochs=2, batch_size=5)
+    should_stop = worker.JobRunner._should_stop
+    monkeypatch.setattr(worker.JobRunner, "_should_stop",  # paused once the first epoch's checkpoint is there
+                        lambda self: "pause" if (self.run_dir / "checkpoints").exists() else should_stop(self))
+    run_worker(poll_interval=0.1, once=True)
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", should_stop)
+    path = Path(get_settings().files_dir) / f"{file_id}.jsonl"
+    path.write_text(path.read_text().replace('"role": "user"', '"role": "wizard"', 1))  # changed on the disk since
+    with session() as s:
+        s.scalar(select(JobRow).where(JobRow.id == job_id)).status = "queued"  # resumed (queue.resume)
+        s.commit()
+    run_worker(poll_interval=0.1, once=True)
+    job, *_ = load(job_id)
+    assert job.status == "failed" and job.error["param"] == "training_file", job.error
+    assert "wizard" in job.error["message"] and "tuneforge" not in job.error["message"], job.error

@@ -199,7 +199,7 @@ class JobRunner:
         except Exception as err:  # any bug or environment problem: the job says why, never hangs
             log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
             code, message, param = self._describe(err)
-            if then := self._how_to_go_on():
+            if param is None and (then := self._how_to_go_on()):  # (a bad file or model would fail it again)
                 message = f"{message.rstrip('.')}. {then}"
             self._fail(code, message, param)
         finally:
