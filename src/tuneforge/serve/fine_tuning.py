@@ -124,10 +124,10 @@ def _check_same_shape(name: str, run, metadata: dict | None) -> None:
 
 
 def _with_shape(metadata: dict | None, run) -> dict | None:
-    """A continued job's metadata with the method (and quantisation) it trains with, its source's: the
-    job object and its page show them from there, and a job given none read as "lora", a job on a
-    base model's default - on a full model too. (The worker reads them back when it resumes the job
-    from its own checkpoint, where it no longer reads the source's settings.)"""
+    """A continued job's metadata with the method (and quantisation) it trains with, its source's. The
+    job object and its page show the method from there: one given none showed "lora" (a job on a base
+    model's default), on a full model too. The worker reads them back when it resumes the job from its
+    own checkpoint, where it no longer reads the source's settings."""
     if run is None:
         return metadata
     return (metadata or {}) | {METHOD_KEY: run.method} | ({QUANTIZE_KEY: run.quantize} if run.quantize else {})
