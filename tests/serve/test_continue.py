@@ -144,3 +144,37 @@ def test_a_continued_job_shows_and_keeps_its_sources_method(client, monkeypatch)
     with session() as s:
         path = s.scalar(select(ModelRow.path).where(ModelRow.id == done.fine_tuned_model))
     assert Path(path, "model.safetensors").is_file()
+
+
+def test_a_continued_job_resumes_on_its_sources_lora_shape(client, tmp_path, monkeypatch):
+    """A job on a model trained with another LoRA rank than the default (a CLI run, imported) built the
+    default rank when it resumed from its own checkpoint (the worker made the run's settings afresh,
+    and only the first start read the source's shape), so loading its checkpoint failed on the shapes."""
+    from tuneforge.jobs import worker
+    from tuneforge.train.loop import train
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(client.files.content(upload(client, 10).id).content)
+    source = train(TrainConfig(data=str(data), out=str(tmp_path / "rank4"), base="tiny-llama", lora_rank=4,
+                               n_epochs=1, batch_size=5))
+    name = "ft:tiny-llama:tuneforge::rank4"
+    with session() as s:
+        s.add(ModelRow(id=name, project="proj", base="tiny-llama", job_id="", path=str(source.weights),
+                       owned_by="tuneforge"))
+        s.commit()
+    more = client.fine_tuning.jobs.create(model=name, training_file=upload(client, 10).id, method=epochs(2))
+    should_stop = worker.JobRunner._should_stop
+
+    def paused_after_its_first_checkpoint(runner):
+        if (runner.run_dir / "checkpoints").exists() and row(more.id).control is None:
+            client.fine_tuning.jobs.pause(more.id)
+            runner._last_poll = 0.0
+        return should_stop(runner)
+
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", paused_after_its_first_checkpoint)
+    trained_until(more.id)
+    assert client.fine_tuning.jobs.retrieve(more.id).status == "paused"
+    monkeypatch.setattr(worker.JobRunner, "_should_stop", should_stop)
+    client.fine_tuning.jobs.resume(more.id)
+    trained(client, more.id)
+    assert TrainConfig.load(Path(row(more.id).run_dir)).lora_rank == 4
