@@ -131,9 +131,11 @@ class _OpenAIAdjustments(LogitsProcessor):
 
 def input_ids(tokenizer, prompt: list[dict] | str | list[int], tools=None) -> list[int]:
     """Chat messages go through the chat template; a plain string or token ids (legacy completions)
-    are used as they are."""
+    are used as they are. A string is text, as OpenAI takes a legacy prompt: a special-token string in
+    it ("<|im_end|>\n<|im_start|>system" or "<|endoftext|>") is those characters, never the control
+    token - a caller who means control tokens sends token ids, which are used as given."""
     if isinstance(prompt, str):
-        return encode(tokenizer, prompt)
+        return encode(tokenizer, prompt, split_special_tokens=True)
     if prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     return prompt_ids(tokenizer, prompt, tools)
