@@ -81,7 +81,13 @@ def encode(tokenizer, text: str, split_special_tokens: bool = False) -> list[int
 
 def _control_tokens(tokenizer) -> tuple[tuple[str, bool, bool], ...]:
     """(text, lstrip, rstrip) of the added tokens a tokenizer makes out of their text wherever it occurs:
-    the special ones, which are what split_special_tokens leaves as text (it still makes non-special ones)."""
+    the special ones, which are what split_special_tokens leaves as text (it still makes non-special ones).
+
+    A non-special added token quoted in a message stays that token: the tokenizer declares it vocabulary,
+    not control, no tokenizer call spells it as plain text, and a template may read it in content (Qwen3's
+    splits an answer at "</think>"), which a sentinel would hide from it. No turn can be forged with one
+    where the template's turn markers are special (ChatML's, SmolLM2's and Llama 3's are); what a message
+    can still carry is a marker such as Qwen2.5's non-special "<tool_call>"."""
     return tuple((t.content, t.lstrip, t.rstrip) for t in tokenizer.added_tokens_decoder.values() if t.special)
 
 
