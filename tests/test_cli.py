@@ -478,6 +478,30 @@ def test_a_base_model_folder_given_relative_is_found_from_anywhere(tmp_path, cha
     assert report["n_examples"] == 4
 
 
+def test_eval_of_a_continued_run_compares_it_with_the_model_it_started_from(tmp_path, chat_file):
+    """The table's first column is the earlier run's model (it was the bare base's), named above it; once
+    the earlier run is gone, eval compares with the base and says so in one line, not a traceback."""
+    import re
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    tf("train", "--data", chat_file, "--out", first, "--base", "tiny-llama", "--n-epochs", "1", "--quiet")
+    tf("train", "--data", chat_file, "--out", second, "--init-from", first, "--n-epochs", "1", "--quiet")
+    held = write_chat(tmp_path / "held.jsonl", 4)
+    out = tf("eval", second, "--data", held, "--samples", "1").stdout
+    assert f"earlier: {first}, the model this run continued training from" in out
+    assert re.search(r"^ +earlier +tuned$", out, re.MULTILINE) and re.search(r"^  earlier: ", out, re.MULTILINE), out
+    report = json.loads(tf("eval", second, "--data", held, "--samples", "0", "--json").stdout)
+    assert (report["before"], report["continued_from"]) == (str(first), str(first))
+    shutil.rmtree(first)
+    proc = tf("eval", second, "--data", held, "--samples", "0")
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "gone" in line] == [
+        f"{first}: the weights this run continued training from are gone: comparing with the base model tiny-llama "
+        "instead"], proc.stderr
+    assert f"base: tiny-llama ({first}, the model this run continued training from, is gone)" in proc.stdout
+
+
 def test_eval_refuses_what_it_cannot_score_and_its_json_is_valid(tmp_path, chat_file):
     from safetensors.torch import save_file
 

@@ -447,7 +447,8 @@ def evaluate(
     samples: Annotated[int, typer.Option(help="Answers to show side by side.")] = 3,
     json_out: JsonOpt = False,
 ):
-    """Compare the base and the tuned model on held-out data."""
+    """Compare the tuned model with the model before training (the base, or for a continued run the
+    earlier run's) on held-out data."""
     from tqdm import tqdm
 
     from .evaluate.compare import compare

@@ -17,6 +17,7 @@ from tuneforge.data.example import Example
 from tuneforge.data.validate import DataError
 from tuneforge.evaluate.compare import compare, is_classification
 from tuneforge.evaluate.report import format_comparison
+from tuneforge.train.checkpoint import checkpoint_dirs
 from tuneforge.train.config import TrainConfig
 from tuneforge.train.loop import train
 
@@ -281,3 +282,60 @@ def test_the_fit_verdict_reads_the_base_models_validation_loss(tmp_path):
     (run / "baseline.json").write_text('{"loss": ')
     with pytest.raises(ValueError, match=rf"^{run / 'baseline.json'}: damaged \(.*\); delete it"):
         compare(run, held, n_samples=0)
+
+
+def write_labels(path: Path) -> Path:
+    rows = [("great film", "positive"), ("awful", "negative"), ("loved it", "positive"), ("boring", "negative")] * 4
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t},
+                                                      {"role": "assistant", "content": label}]}) + "\n"
+                            for t, label in rows))
+    return path
+
+
+def test_a_continued_run_is_compared_with_the_model_it_started_from(tmp_path, caplog):
+    """A continued run (--init-from) was compared with the bare base, not with what its user had before
+    it: the earlier run's model. Its "before" numbers, exact matches and samples are that model's (the
+    earlier run's own "tuned" ones); once those weights are gone it is the base, said in one line."""
+    import shutil
+
+    data, held = write_labels(tmp_path / "train.jsonl"), write_labels(tmp_path / "held.jsonl")
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(TrainConfig(data=str(data), out=str(first), base="tiny-llama", n_epochs=1))
+    train(TrainConfig(data=str(data), out=str(second), n_epochs=1, init_from=str(first)))
+    earlier = compare(first, held, n_samples=2, max_tokens=4)
+    report = compare(second, held, n_samples=2, max_tokens=4)
+    assert report["classification"] and report["base"] == earlier["tuned"]
+    assert (report["before"], report["continued_from"]) == (str(first), str(first))
+    assert (earlier["before"], earlier["continued_from"]) == ("tiny-llama", None)
+    assert json.loads((second / "eval.json").read_text())["before"] == str(first)
+    text = format_comparison(report)
+    assert f"earlier: {first}, the model this run continued training from" in text
+    assert "     earlier       tuned" in text and "earlier: " in text.split("Q: ")[1]
+    assert "base" not in format_comparison(report).split("Q: ")[0]
+    shutil.rmtree(first / "adapter")  # the earlier run's weights deleted
+    with caplog.at_level(logging.WARNING, logger="tuneforge.evaluate.compare"):
+        fallback = compare(second, held, n_samples=2, max_tokens=4)
+    assert fallback["base"] == earlier["base"] and fallback["before"] == "tiny-llama"
+    assert [r.getMessage() for r in caplog.records if r.name == "tuneforge.evaluate.compare"] == [
+        f"{first}: the weights this run continued training from are gone: comparing with the base model "
+        "tiny-llama instead"]
+    assert f"base: tiny-llama ({first}, the model this run continued training from, is gone)" in \
+        format_comparison(fallback)
+
+
+def test_a_continued_preference_run_is_ranked_against_the_checkpoint_it_started_from(tmp_path):
+    """The ranking of preference pairs too is the starting model's: here a checkpoint of a full run (its
+    last epoch's, whose weights are the run's final ones)."""
+    data, held = write_pairs(tmp_path / "pairs.jsonl", 24), write_pairs(tmp_path / "held.jsonl", 30)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(TrainConfig(data=str(data), out=str(first), base="tiny-llama", objective="dpo", method="full",
+                      n_epochs=2, batch_size=4, learning_rate_multiplier=10.0))
+    ckpt = checkpoint_dirs(first)[-1]
+    train(TrainConfig(data=str(data), out=str(second), objective="dpo", n_epochs=1, batch_size=4,
+                      init_from=str(ckpt)))
+    earlier = compare(first, held, n_samples=1, max_tokens=4)
+    report = compare(second, held, n_samples=1, max_tokens=4)
+    assert report["base"] == earlier["tuned"] and report["before"] == str(ckpt)
+    assert report["base"]["preference_accuracy"] != earlier["base"]["preference_accuracy"] or \
+        report["base"]["preference_margin"] != earlier["base"]["preference_margin"]
+    assert f"earlier: {ckpt}, the model this run continued training from" in format_comparison(report)

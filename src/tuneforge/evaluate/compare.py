@@ -1,5 +1,10 @@
 """Base vs tuned on the same held-out data: loss, perplexity, token accuracy, sample answers.
 
+"Base" is the model before the run's training: for a continued run (--init-from, a job on an ft:
+model) the earlier run's or checkpoint's model it started from - whether the new training improved on
+what its user had is the question - or the bare base model when those weights are gone. The report's
+"base" keeps its name (readers of eval.json know it); "before" says which model it is.
+
 For classification-style data (answers from the label set its system prompt lists, as `data convert
 --label-col` writes, or short answers from a small set) it also scores exact-match
 accuracy of greedy generations, which is what a user of a classifier cares about. For preference
@@ -26,8 +31,9 @@ import torch
 from ..data.example import Example
 from ..data.render import Rendered, encode, message_text, render_sequences
 from ..data.validate import load_examples
+from ..models.adapters import ADAPTER_FILE, FULL_FILE
 from ..models.generate import Sampling, complete
-from ..models.load import load_base, load_tuned, tokenizer_from
+from ..models.load import load_base, load_tuned, tokenizer_from, weights_dir
 from ..train import dpo
 from ..train import metrics as metrics_log
 from ..train.config import TrainConfig
@@ -170,18 +176,32 @@ def _first_window(example: Example, sequences: list[Rendered], tokenizer) -> Exa
     return Example("text", text=text[:end] if end > 0 else text, line=example.line)
 
 
-def _load_tuned(run_dir: Path, base: str):
-    """The tuned model in full precision (the metrics' precision). Weights of another shape than the
-    base's (a run folder whose config names another base) are a user's error, not a crash."""
+def _load_tuned(run_dir: Path, base: str, weights: Path | None = None):
+    """The tuned model (or the one of `weights` on the run's base) in full precision (the metrics'
+    precision). Weights of another shape than the base's (a run folder whose config names another
+    base) are a user's error, not a crash."""
     try:
-        return load_tuned(run_dir, dtype=torch.float32)[0]
+        return load_tuned(run_dir, weights, dtype=torch.float32)[0]
     except RuntimeError as err:  # torch's load_state_dict: "Error(s) in loading ...\n\tsize mismatch for ..."
         mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         if not mismatches:
             raise
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
-        raise ValueError(f"{run_dir}: the run's weights do not fit its base model {base}: "
+        raise ValueError(f"{weights or run_dir}: the run's weights do not fit its base model {base}: "
                          f"{mismatches[0].rstrip('.')}{more}") from None
+
+
+def _started_from(cfg: TrainConfig) -> Path | None:
+    """The weights folder a continued run started from (its init_from's); None for a run from the base,
+    or when they are gone (the earlier run deleted or moved: said, and the base compared instead)."""
+    if not cfg.init_from:
+        return None
+    weights = weights_dir(cfg.init_from)
+    if any((weights / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+        return weights
+    log.warning("%s: the weights this run continued training from are gone: comparing with the base model %s "
+                "instead", cfg.init_from, cfg.base)
+    return None
 
 
 def _base_valid_loss(run_dir: Path) -> float | None:
@@ -216,7 +236,14 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
     pairs = dpo.render_pairs([e for e in loaded if e.kind == "preference"], tokenizer, cfg.max_length, str(data))
     classify = is_classification(examples)
     device = pick_device()  # the GPU when there is one
+    started = _started_from(cfg)
     tuned = _load_tuned(run_dir, cfg.base).to(device)
+    if started:  # continued: what its user had before this run, on the same base - not the bare base
+        base_ctx, base = contextlib.nullcontext(), _load_tuned(run_dir, cfg.base, started).to(device)
+    elif hasattr(tuned, "disable_adapter"):
+        base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
+    else:
+        base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].to(device).eval()
     total = 2 * (1 + bool(pairs) + min(n_samples, len(examples)) + (len(examples) if classify else 0))
     done = 0
 
@@ -227,12 +254,9 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
             on_progress(done, total)
     if on_progress:
         on_progress(0, total)
-    if hasattr(tuned, "disable_adapter"):
-        base_ctx, base = tuned.disable_adapter(), tuned  # LoRA: the base is the same model, adapter off
-    else:
-        base_ctx, base = contextlib.nullcontext(), load_base(cfg.base)[0].to(device).eval()
     with base_ctx:
         base_report = _score(base, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
+    del base  # (when a model of its own: its memory goes back before the tuned model's scoring)
     tuned_report = _score(tuned, tokenizer, rendered, examples, pairs, n_samples, classify, max_tokens, tick)
     report = {
         "data": str(data),
@@ -241,6 +265,8 @@ def compare(run_dir: str | Path, data: str | Path, n_samples: int = 3, max_token
         "preference_pairs": len(pairs),
         "base": base_report,
         "tuned": tuned_report,
+        "before": cfg.init_from if started else cfg.base,  # which model "base" is
+        "continued_from": cfg.init_from,  # (null: a run from the base; not "before": its weights were gone)
         "fit": fit,
         "prompts": [p if isinstance(p := _prompt(e), str) else message_text(p[-1]) for e in examples[:n_samples]],
         "references": [_answer(e) for e in examples[:n_samples]],
