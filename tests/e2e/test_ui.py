@@ -810,3 +810,41 @@ def test_upload_too_large_says_so_with_the_limit(browser, small_server, tmp_path
     expect(pg.locator("#create-form .upload-slot .form-error")).to_contain_text("File is too large")
     expect(pg.locator("[data-test=training_file-input]")).to_have_value("")
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def full_job(server, tmp_path_factory) -> dict:
+    """A succeeded job trained full (its checkpoint's method is not the form's default), of one epoch of
+    two steps: one checkpoint."""
+    ten = server.upload(write_good_file(tmp_path_factory.mktemp("full") / "ten.jsonl", 10))
+    job = server.api("POST", "/v1/fine_tuning/jobs", {
+        "model": "tiny-llama", "training_file": ten["id"], "metadata": {"tuneforge.method": "full"},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 5}}}})
+    job = server.wait_job(job["id"], ("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT_MS / 1000)
+    assert job["status"] == "succeeded", job["error"]
+    return job
+
+
+def test_a_checkpoint_is_trained_on_from_its_jobs_page(page, server, data, full_job):
+    """A job's checkpoint could be chatted with but not trained on from the dashboard (the server takes
+    one as a job's model): its "Train more" opens the create form on it, which sends no method
+    (the checkpoint's own is the job's; the form's default LoRA would be refused for this full one)."""
+    good = server.upload(data["good"])
+    (ckpt,) = [c["fine_tuned_model_checkpoint"] for c in
+               server.api("GET", f"/v1/fine_tuning/jobs/{full_job['id']}/checkpoints")["data"]]
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.method == "POST" and r.url.endswith("/v1/fine_tuning/jobs") else None)
+    page.goto(server.url + f"/#/jobs/{full_job['id']}")
+    page.locator(f"[data-test=checkpoints] tr[title='{ckpt}'] [data-action=train-more]").click()
+    expect(page.locator("#f-model")).to_have_value(ckpt)
+    expect(page.locator("[data-test=model-description]")).to_contain_text("Starts from this checkpoint's weights")
+    page.select_option("#f-training_file", good["id"])
+    expect(page.locator("#create-form")).to_contain_text("Ready to train")
+    page.fill("input[name=n_epochs]", "1")
+    page.click("#create-submit")
+    page.wait_for_url(re.compile(r".*#/jobs/ftjob-.*"))
+    job = server.api("GET", f"/v1/fine_tuning/jobs/{page.url.rsplit('/', 1)[-1]}")
+    server.api("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # (the worker is the module's)
+    assert (sent[-1]["model"], sent[-1]["metadata"]) == (ckpt, {})
+    assert (job["model"], job["metadata"]) == (ckpt, {"tuneforge.method": "full"})

@@ -497,8 +497,9 @@ function jobRefusal(err) {
 async function viewCreate(root, params) {
   root.append(pageHead("Create a fine-tuning job", "Pick a base model and a training file; everything else can stay on auto.",
     h("a", { class: "btn ghost", href: "#/jobs" }, "← All jobs")));
-  const [models, files, { models: tuned }] = await Promise.all([baseModels(),
+  const [models, files, { models: tuned, checkpoints }] = await Promise.all([baseModels(),
     listAll("/v1/files?purpose=fine-tune", { max: 1000 }).catch(() => []), tunedModels()]);
+  const sources = [...tuned, ...checkpoints];  // weights a job goes on training from: each has a base
   const trainingFiles = files.filter((f) => f.purpose === "fine-tune");
 
   const fileSelect = (name, optional) => h("select", { name, id: `f-${name}` },
@@ -508,20 +509,21 @@ async function viewCreate(root, params) {
 
   const form = h("form", { class: "card", id: "create-form", novalidate: true });
   const err = h("p", { class: "form-error", role: "alert", hidden: true });
-  // a base model, or a fine-tuned one to go on training (OpenAI's fine-tuning of an ft: model)
+  // a base model, or a fine-tuned one or a checkpoint to go on training (OpenAI's fine-tuning of an ft: model)
   const option = (m) => h("option", { value: m.id, selected: m.id === params.get("model") }, m.id);
   const modelSelect = h("select", { name: "model", id: "f-model" },
     h("optgroup", { label: "Base models" }, models.map(option)),
-    tuned.length ? h("optgroup", { label: "Fine-tuned: train it further" }, tuned.map(option)) : null);
+    tuned.length ? h("optgroup", { label: "Fine-tuned: train it further" }, tuned.map(option)) : null,
+    checkpoints.length ? h("optgroup", { label: "Checkpoints: train on from one" }, checkpoints.map(option)) : null);
   modelSelect.title = modelSelect.value;
-  // the base a file's tokens are counted with: a fine-tuned model's own
-  const reportModel = () => (tuned.find((m) => m.id === modelSelect.value) || {}).base || modelSelect.value;
+  // the base a file's tokens are counted with: a fine-tuned model's (or checkpoint's) own
+  const reportModel = () => (sources.find((m) => m.id === modelSelect.value) || {}).base || modelSelect.value;
   // what the chosen base model is (the catalogue's description): the test model's random weights are no secret
   const modelHint = h("span", { class: "hint", "data-test": "model-description" });
   const describeModel = () => {
     modelSelect.title = modelSelect.value;
-    const t = tuned.find((m) => m.id === modelSelect.value);
-    modelHint.textContent = t ? `Starts from this model's weights and trains on: its base (${t.base}), method and LoRA shape are the job's`
+    const t = sources.find((m) => m.id === modelSelect.value);
+    modelHint.textContent = t ? `Starts from this ${checkpoints.includes(t) ? "checkpoint" : "model"}'s weights and trains on: its base (${t.base}), method and LoRA shape are the job's`
       : (models.find((m) => m.id === modelSelect.value) || {}).description || "";
   };
   describeModel();
@@ -658,8 +660,8 @@ async function viewCreate(root, params) {
       metadata: { "tuneforge.method": method === "dpo" ? "lora" : method },
     };
     if (data.get("quantize")) body.metadata["tuneforge.quantize"] = "nf4";
-    // a fine-tuned model trains on with its own method and quantisation (the form's would be refused)
-    if (tuned.some((m) => m.id === body.model)) body.metadata = {};
+    // a fine-tuned model or a checkpoint trains on with its own method and quantisation (the form's would be refused)
+    if (sources.some((m) => m.id === body.model)) body.metadata = {};
     const valid = data.get("validation_file");
     if (valid && valid !== "__upload__") body.validation_file = valid;
     const suffix = String(data.get("suffix") || "").trim();
@@ -1042,7 +1044,9 @@ async function viewJob(root, params, jobId) {
         h("td", { class: "num" }, fmt.num(c.metrics.valid_loss ?? c.metrics.full_valid_loss)),
         h("td", { class: "num hide-narrow" }, fmt.pct(c.metrics.train_mean_token_accuracy)),
         h("td", { class: "nowrap" }, h("div", { class: "row end" }, copyButton(c.fine_tuned_model_checkpoint, "Copy name"),
-          h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}` }, "Try"))))))))
+          h("a", { class: "btn small", href: `#/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}` }, "Try"),
+          h("a", { class: "btn small", href: `#/jobs/new?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}`, "data-action": "train-more",
+            title: "Train more from here: a job that goes on training from this checkpoint's weights on new data" }, "Train more"))))))))
       : h("div", { class: "empty" }, FINAL.includes(job.status) ? "No checkpoint was saved: the job ended before its first epoch did."
         : "Checkpoints appear at the end of each epoch."));
   };
