@@ -699,6 +699,37 @@ def test_playground_conversation_survives_leaving_the_page(page, server):
     expect(page.locator(".msg")).to_have_count(0)
 
 
+def test_playground_restored_answers_keep_their_line_and_ratings(page, server):
+    """The chat drawn again from the tab's storage lost what was under each answer: its tokens and time,
+    and for a kept chat the Good / Needs work buttons (and the cut-at-max-tokens note). They are drawn
+    again, and a rating on a restored answer updates its stored completion."""
+    page.goto(server.url + "/#/playground?model=tiny-llama")
+    page.check("#pg-store")
+    page.fill("#pg-max-tokens", "3")  # (the random tiny model never ends by itself: cut at max tokens)
+    page.fill("#pg-prompt", "rate me later")
+    page.click("#pg-send")
+    answer = page.locator(".msg.assistant[data-done=true]")
+    expect(answer).to_have_count(1, timeout=60_000)
+    line = answer.locator(".meta").first.inner_text()
+    assert re.fullmatch(r"3 tokens · \d+\.\ds · stopped at max tokens", line), line
+    completion = answer.locator(".rating").get_attribute("data-completion")
+    page.click("[data-nav=models]")
+    expect(page.locator("h1")).to_have_text("Models")
+    page.click("[data-nav=playground]")
+    expect(answer).to_have_count(1)
+    expect(answer.locator(".meta").first).to_have_text(line)
+    expect(answer.locator("[data-test=not-training-data]")).to_contain_text("cut at max tokens")
+    expect(answer.locator(".rating")).to_have_attribute("data-completion", completion)
+    answer.locator("[data-rate=good]").click()
+    expect(answer.locator(".rating")).to_have_attribute("data-rating", "good")
+    assert server.api("GET", f"/v1/chat/completions/{completion}")["metadata"] == {"source": "playground", "rating": "good"}
+    page.reload()  # the rating made on the restored answer is kept with it
+    expect(answer.locator("[data-rate=good].active")).to_have_count(1)
+    answer.locator("[data-rate=bad]").click()
+    expect(answer.locator(".rating")).to_have_attribute("data-rating", "bad")
+    assert server.api("GET", f"/v1/chat/completions/{completion}")["metadata"] == {"source": "playground", "rating": "bad"}
+
+
 def test_create_form_offers_four_bits_only_for_lora(page, server):
     """"Base in 4 bits" stayed on with method Full, which the server refuses: it is off and disabled for
     Full, with the reason said, and back for LoRA."""

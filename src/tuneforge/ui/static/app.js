@@ -1152,7 +1152,9 @@ function parseTools(text) {
   return tools;
 }
 
-/** The Playground's conversation kept for this tab: {system, tools, compare, panes: [{model, history}]}. */
+/** The Playground's conversation kept for this tab: {system, tools, compare, panes: [{model, history}]}; an
+ * answer in a history keeps what was shown under it (shown: its tokens and time, its stored completion's id
+ * and metadata), which is never sent. */
 function keptChat() {
   try {
     return JSON.parse(sessionStorage.getItem(CHAT_STORAGE)) || {};
@@ -1301,6 +1303,19 @@ async function viewPlayground(root, params) {
     return form;
   };
   const callLine = (c) => h("div", { class: "mono small", "data-test": "pg-call" }, `${c.function.name}(${c.function.arguments})`);
+  // what is shown under an answer, kept with it (m.shown) so the chat drawn again shows it too: its tokens
+  // and time, and for a stored completion the rating buttons, whose rating is kept as it changes
+  const answerNotes = (m) => {
+    const shown = m.shown || {};
+    if (shown.stopped) return [h("span", { class: "meta", "data-test": "stopped" }, "stopped")];
+    return [
+      shown.line && h("span", { class: "meta" }, shown.line),
+      shown.id && ratingButtons(shown.id, shown.metadata, (metadata) => { shown.metadata = metadata; saveChat(); }),
+      // (monitor.stored: an answer cut short would teach cutting short)
+      shown.id && shown.cut && h("span", { class: "meta", "data-test": "not-training-data" },
+        "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"),
+    ].filter(Boolean);
+  };
   const answer = async (pane, signal) => {
     // until the first token: a model asked for the first time is loaded (and a GGUF converted) first
     const out = bubble(pane, "assistant streaming", h("span", { class: "meta waiting" }, "waiting for the model…"));
@@ -1308,7 +1323,8 @@ async function viewPlayground(root, params) {
     // the conversation asked: another model picked (or Clear) meanwhile starts a new one, which this
     // answer must not join (the next question went to the new model after the old model's answer)
     const history = pane.history;
-    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...history];
+    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []),
+      ...history.map(({ shown, ...m }) => m)];  // (what was shown of an answer is the page's, not the model's)
     let text = "";
     const started = performance.now();
     try {
@@ -1327,22 +1343,22 @@ async function viewPlayground(root, params) {
         out.firstChild ? (out.firstChild.textContent = text) : out.append(document.createTextNode(text));
         pane.messages.scrollTop = pane.messages.scrollHeight;
       }, signal);
-      history.push({ role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}) });
-      for (const c of calls) out.append(callLine(c));
       const secs = ((performance.now() - started) / 1000).toFixed(1);
-      out.append(h("span", { class: "meta" }, [usage ? `${fmt.int(usage.completion_tokens)} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null].filter(Boolean).join(" · ")));
-      if (kept && id) out.append(ratingButtons(id, { source: "playground" }));
-      if (kept && id && finish === "length") {  // (monitor.stored: an answer cut short would teach cutting short)
-        out.append(h("span", { class: "meta", "data-test": "not-training-data" },
-          "cut at max tokens, so no training file takes it: raise Max tokens for answers to train on"));
-      }
+      const line = [usage ? `${fmt.int(usage.completion_tokens)} tokens` : null, `${secs}s`, finish === "length" ? "stopped at max tokens" : null];
+      const shown = { line: line.filter(Boolean).join(" · "),
+        ...(kept && id ? { id, metadata: { source: "playground" }, cut: finish === "length" } : {}) };
+      const said = { role: "assistant", content: text || null, ...(calls.length ? { tool_calls: calls } : {}), shown };
+      history.push(said);
+      for (const c of calls) out.append(callLine(c));
+      out.append(...answerNotes(said));
       if (calls.length && history === pane.history) { pane.pending = true; out.append(resultsForm(pane, calls)); }
       out.dataset.done = "true";
       return true;
     } catch (e) {
       if (signal.aborted && signal.reason === "stop" && text) {  // Stop: the answer so far stays
-        history.push({ role: "assistant", content: text });
-        out.append(h("span", { class: "meta", "data-test": "stopped" }, "stopped"));
+        const said = { role: "assistant", content: text, shown: { stopped: true } };
+        history.push(said);
+        out.append(...answerNotes(said));
         out.dataset.done = "true";
         return true;
       }
@@ -1399,6 +1415,7 @@ async function viewPlayground(root, params) {
       if (m.role !== "assistant") continue;
       Object.assign(out.dataset, { model: pane.select.value, done: "true" });
       for (const c of m.tool_calls || []) { names[c.id] = c.function.name; out.append(callLine(c)); }
+      out.append(...answerNotes(m));
     }
     const last = history[history.length - 1];
     if (last && last.tool_calls && last.tool_calls.length) { pane.pending = true; out.append(resultsForm(pane, last.tool_calls)); }
