@@ -879,3 +879,30 @@ def test_a_checkpoint_is_trained_on_from_its_jobs_page(page, server, data, full_
     server.api("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # (the worker is the module's)
     assert (sent[-1]["model"], sent[-1]["metadata"]) == (ckpt, {})
     assert (job["model"], job["metadata"]) == (ckpt, {"tuneforge.method": "full"})
+
+
+def test_chart_steps_are_formatted(page, server, data):
+    """The charts' step axis read 1000 where every other count on the page reads 1,000. A job of 1,200
+    steps takes minutes here: its history (job and step events, as the worker writes them) is written
+    into the server's database."""
+    from tuneforge.store.database import EventRow, JobRow, new_id, session
+
+    good = server.upload(data["good"])
+    job_id = new_id("ftjob-")
+    with session(f"sqlite:///{server.home / 'tuneforge.db'}") as s:
+        s.add(JobRow(id=job_id, project="ui-e2e", model="tiny-llama", training_file=good["id"], status="succeeded",
+                     hyperparameters={"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}, seed=1,
+                     meta={"tuneforge.method": "lora"}, trained_tokens=1200 * 81, finished_at=1_800_000_000))
+        s.flush()
+        s.add_all(EventRow(id=new_id("ftevent-"), job_id=job_id, type="metrics", created_at=1_700_000_000 + step,
+                           message=f"Step {step}/1200: training loss={5 - step / 1000:.4f}",
+                           data={"step": step, "total_steps": 1200, "train_loss": 5 - step / 1000,
+                                 "train_mean_token_accuracy": step / 2400, "trained_tokens": 81 * step})
+                  for step in range(1, 1201))
+        s.commit()
+    page.goto(server.url + f"/#/jobs/{job_id}")
+    chart = page.locator("[data-test=loss-chart] .chart")
+    expect(chart).to_have_attribute("data-points", "1200")
+    ticks = chart.locator("svg text")
+    expect(ticks.filter(has_text=re.compile(r"^1,000$"))).to_have_count(1)
+    expect(ticks.filter(has_text=re.compile(r"^\d{4,}$"))).to_have_count(0)

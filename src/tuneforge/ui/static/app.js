@@ -311,7 +311,7 @@ function lineChart({ title, series, yFormat = (v) => v.toFixed(2), yMin, yMax, x
   const Y = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
   yGrid(svg, niceTicks(y0, y1, 4), Y, W, m, yFormat);
   for (const v of niceTicks(x0, x1, W < 420 ? 4 : 6, true)) {
-    svg.append(s("text", { x: X(v), y: H - m.b + 16, "text-anchor": "middle" }, v));
+    svg.append(s("text", { x: X(v), y: H - m.b + 16, "text-anchor": "middle" }, fmt.int(v)));  // steps, counted as elsewhere
   }
   svg.append(s("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "axis" }));
   svg.append(s("text", { x: W - m.r, y: H - 2, "text-anchor": "end" }, xLabel));
