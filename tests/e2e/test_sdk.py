@@ -326,7 +326,9 @@ def test_cancel_pause_resume(server):
     one_by_one = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}}
     # enough steps that neither job can finish between two polls of this test, however fast training is
     a = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 400).id, method=one_by_one)
-    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 60).id, method=one_by_one)
+    # (b at 60 examples: its 54 tiny steps could all run between the test seeing step 3 and its pause,
+    # and the job succeeded unpaused)
+    b = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, 200).id, method=one_by_one)
 
     # b is still waiting behind a: pausing and resuming a queued job needs no worker at all.
     assert client.fine_tuning.jobs.pause(b.id).status == "paused"
@@ -349,7 +351,7 @@ def test_cancel_pause_resume(server):
     client.fine_tuning.jobs.resume(b.id)
     done = wait_for(client, b.id, {"succeeded", "failed"})
     assert done.status == "succeeded", done.error
-    assert len(metrics()) == 54  # 60 examples less a 10% validation split: no step lost or repeated
+    assert len(metrics()) == 180  # 200 examples less a 10% validation split: no step lost or repeated
     assert any("Resuming from the checkpoint at step" in e.message
                for e in client.fine_tuning.jobs.list_events(b.id, limit=1000))
 
@@ -429,13 +431,13 @@ def test_killed_server_resumes_the_job(tmp_path):
     srv = Server(tmp_path / "home").start()
     try:
         client = srv.client()
-        f = upload(client, 60)  # 54 training examples, batch 2: 27 steps an epoch
+        f = upload(client, 200)  # 180 training examples, batch 2: 90 steps an epoch
         job = client.fine_tuning.jobs.create(
             model=BASE, training_file=f.id,
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
         )
-        wait_event(client, job.id, "Checkpoint created at step 27")
-        wait_event(client, job.id, "Step 28/")
+        wait_event(client, job.id, "Checkpoint created at step 90")
+        wait_event(client, job.id, "Step 91/")
         srv.kill()  # server and worker, SIGKILL: no chance to save anything more
 
         srv.start()
@@ -444,8 +446,8 @@ def test_killed_server_resumes_the_job(tmp_path):
         assert done.status == "succeeded", done.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500)]
         resumed = [m for m in messages if "resuming from the checkpoint at step" in m]
-        assert resumed and resumed[0].endswith(("step 27", "step 54")), messages[:10]
-        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [81, 54, 27]
+        assert resumed and resumed[0].endswith(("step 90", "step 180")), messages[:10]
+        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [270, 180, 90]
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         )
