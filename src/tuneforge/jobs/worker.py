@@ -24,9 +24,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,9 +45,6 @@ from ..store.database import (
 from . import queue
 from .queue import METHOD_KEY, QUANTIZE_KEY
 from .validation import JobFailed, job_paths, validate_files
-
-if TYPE_CHECKING:  # (training's modules are imported where used, as in _run)
-    from ..train.config import TrainConfig
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -112,14 +108,6 @@ class JobLost(Exception):
     limit: a paused process, a partitioned host). Raised from should_stop rather than answered as a
     stop reason: the loop writes a checkpoint for a stop, and the run folder is now the other
     worker's (its checkpoint pruning would delete the new holder's optimizer state)."""
-
-
-def _as_run_was(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
-    """`cfg` with the model the run folder's checkpoints were made on: its base, method, quantisation
-    and LoRA shape as the run saved them. A continued run took these from its source (which may be gone
-    by now), and a job made before its metadata named the source's method would resume as LoRA."""
-    keep = ("base", "method", "quantize", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-    return replace(cfg, **{k: getattr(saved, k) for k in keep})
 
 
 def _resolved(config: dict) -> dict:
@@ -275,8 +263,6 @@ class JobRunner:
         )
         if hp.get("beta", "auto") != "auto":
             cfg.dpo_beta = float(hp["beta"])
-        if ckpts:  # the model is built as the run was: a continued run's shape is its source's, not the defaults
-            cfg = _as_run_was(cfg, TrainConfig.load(self.run_dir))
         try:
             result = train(cfg, on_event=self._on_event, should_stop=self._should_stop, resume=bool(ckpts))
         except TrainingStopped as stop:

@@ -126,8 +126,8 @@ def _check_same_shape(name: str, run, metadata: dict | None) -> None:
 def _with_shape(metadata: dict | None, run) -> dict | None:
     """A continued job's metadata with the method (and quantisation) it trains with, its source's. The
     job object and its page show the method from there: one given none showed "lora" (a job on a base
-    model's default), on a full model too. The worker reads them back when it resumes the job from its
-    own checkpoint, where it no longer reads the source's settings."""
+    model's default), on a full model too. (What it trains with is the source's all the same: the
+    loop takes it from the source's config, and from its own run's config when it resumes.)"""
     if run is None:
         return metadata
     return (metadata or {}) | {METHOD_KEY: run.method} | ({QUANTIZE_KEY: run.quantize} if run.quantize else {})

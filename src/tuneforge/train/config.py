@@ -138,8 +138,13 @@ class TrainConfig:
                 newest = f", or continue from its newest checkpoint: --init-from {ckpts[-1]}" if ckpts else ""
                 raise ValueError(f"{source}: has not finished training, so it has no weights to continue from "
                                  f"(finish it first: tuneforge train --resume {source}{newest})")
-        return replace(self, init_from=str(source), base=prev.base, method=prev.method, quantize=prev.quantize,
-                       lora_rank=prev.lora_rank, lora_alpha=prev.lora_alpha, lora_targets=prev.lora_targets)
+        return replace(self.shaped_as(prev), init_from=str(source))
+
+    def shaped_as(self, saved: TrainConfig) -> TrainConfig:
+        """This config on the model `saved` (a run's own config) was trained on: its base, method,
+        quantisation and LoRA shape, which its checkpoints' weights fit and no others."""
+        return replace(self, base=saved.base, method=saved.method, quantize=saved.quantize,
+                       lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha, lora_targets=saved.lora_targets)
 
     def save(self, run_dir: Path) -> None:
         (run_dir / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

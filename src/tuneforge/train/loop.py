@@ -154,10 +154,14 @@ def _train(cfg: TrainConfig, group: distributed.Group, on_event, should_stop, re
     dtype = autocast_dtype(cfg.precision, device)
 
     emit({"type": "message", "message": describe(device, dtype, cfg.precision)})
-    # continued fine-tuning starts from the earlier run's weights; a resumed run from its own checkpoint
-    # (its config holds the earlier run's base and shape already: the earlier run may be gone by now)
-    init_from = cfg.init_from if not (resume and checkpoint_dirs(run_dir)) else None
-    if init_from:
+    # continued fine-tuning starts from the earlier run's weights; a resumed run from its own checkpoint,
+    # built as its checkpoints were made: its saved config has the earlier run's base and shape (that
+    # run may be gone by now), which a caller's fresh settings (a job's defaults) would not
+    resuming = resume and bool(checkpoint_dirs(run_dir))
+    init_from = cfg.init_from if not resuming else None
+    if resuming:
+        cfg = cfg.shaped_as(TrainConfig.load(run_dir))
+    elif init_from:
         cfg = cfg.continued_from()
     _check_before_loading(cfg)
     emit({"type": "message", "message": f"Loading base model {cfg.base}" + (f" ({cfg.quantize})" if cfg.quantize else "")})
