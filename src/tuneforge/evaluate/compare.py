@@ -31,7 +31,7 @@ import torch
 from ..data.example import Example
 from ..data.render import Rendered, encode, message_text, render_sequences
 from ..data.validate import load_examples
-from ..models.adapters import ADAPTER_FILE, FULL_FILE
+from ..models.adapters import holds_weights
 from ..models.generate import Sampling, complete
 from ..models.load import load_base, load_tuned, tokenizer_from, weights_dir
 from ..train import dpo
@@ -197,7 +197,7 @@ def _started_from(cfg: TrainConfig) -> Path | None:
     if not cfg.init_from:
         return None
     weights = weights_dir(cfg.init_from)
-    if any((weights / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+    if holds_weights(weights):
         return weights
     log.warning("%s: the weights this run continued training from are gone: comparing with the base model %s "
                 "instead", cfg.init_from, cfg.base)

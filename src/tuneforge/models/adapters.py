@@ -21,6 +21,11 @@ FULL_FILE = "model.safetensors"
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in an adapter file's keys
 
 
+def holds_weights(folder: Path) -> bool:
+    """Whether `folder` holds trained weights: a LoRA adapter or a full model."""
+    return any((Path(folder) / f).is_file() for f in (ADAPTER_FILE, FULL_FILE))
+
+
 def prepare_for_training(model, method: str, *, rank: int, alpha: int, dropout: float, targets):
     """Full fine-tuning trains every weight; LoRA freezes them and adds adapters (train.lora)."""
     if method == "full":

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..settings import get_settings
 from ..train.device import inference_dtype, pick_device
-from .adapters import ADAPTER_FILE, FULL_FILE, attach, merged
+from .adapters import ADAPTER_FILE, FULL_FILE, attach, holds_weights, merged
 from .catalogue import ModelSpec, resolve
 from .quantize import Quantize, to_nf4
 
@@ -155,7 +155,7 @@ def load_tuned(run_dir: str | Path, weights: str | Path | None = None, dtype: to
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir)  # says so when run_dir is not a run folder
     found = Path(weights) if weights else weights_dir(run_dir)
-    if not any((found / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+    if not holds_weights(found):
         from ..train.loop import RESULT_FILE
 
         if weights:

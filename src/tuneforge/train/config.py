@@ -120,7 +120,7 @@ class TrainConfig:
         that run's base, method, quantisation and LoRA shape (the trained weights fit only those), the
         path made absolute (a checkpoint's: its folder). ValueError when there are no weights to start
         from: a run that has not finished, a checkpoint without its weights."""
-        from ..models.adapters import ADAPTER_FILE, FULL_FILE
+        from ..models.adapters import ADAPTER_FILE, FULL_FILE, holds_weights
         from .checkpoint import CHECKPOINTS, checkpoint_dirs
 
         given = Path(self.init_from).resolve()
@@ -128,7 +128,7 @@ class TrainConfig:
         if source.parent.name == CHECKPOINTS:  # its run's settings, and its own weights (the run may go on)
             prev = TrainConfig.load(source.parents[1])
             weights = source / "weights"
-            if not any((weights / f).is_file() for f in (ADAPTER_FILE, FULL_FILE)):
+            if not holds_weights(weights):
                 raise ValueError(f"{weights}: the checkpoint's trained weights are missing (no {ADAPTER_FILE} or "
                                  f"{FULL_FILE}), so there is nothing to continue from")
         else:
