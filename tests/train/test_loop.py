@@ -295,3 +295,12 @@ def test_a_run_continues_from_a_checkpoint_of_an_unfinished_run(tmp_path, chat_f
     with pytest.raises(ValueError, match=rf"^{interrupt / 'weights'}: the checkpoint's trained weights are missing"):
         train(dataclasses.replace(cfg, out=str(tmp_path / "fifth"), init_from=str(interrupt)))
     assert not (tmp_path / "fifth").exists()
+
+
+def test_init_from_a_folder_that_is_not_there_names_it(tmp_path):
+    """A checkpoint path under a missing run said "RUN: not a tuneforge run folder" (its run's config
+    was read first): the path given is named, as given."""
+    given = str(tmp_path / "gone" / "checkpoints" / "step-000002")
+    cfg = TrainConfig(data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "out"), init_from=given)
+    with pytest.raises(FileNotFoundError, match=rf"^{given}: no such folder"):
+        cfg.continued_from()

@@ -124,6 +124,8 @@ class TrainConfig:
         from .checkpoint import CHECKPOINTS, checkpoint_dirs
 
         given = Path(self.init_from).resolve()
+        if not given.is_dir():  # (said of the path given: read on, a checkpoint's missing run was named instead)
+            raise FileNotFoundError(f"{self.init_from}: no such folder (a run, or a checkpoint of one, to continue)")
         source = given.parent if given.name == "weights" and given.parent.parent.name == CHECKPOINTS else given
         if source.parent.name == CHECKPOINTS:  # its run's settings, and its own weights (the run may go on)
             prev = TrainConfig.load(source.parents[1])
